@@ -1,0 +1,160 @@
+"""The Caffe release's evaluation protocol around a PSPNet: crops, flip, sliding window, scales.
+
+This follows evaluation/{eval_sub,scale_process,pre_img,caffe_process}.m of
+hszhao/PSPNet: the image is scaled so that its longer side is a given length,
+padded with the mean colour to the crop size, cut into overlapping crops, each
+crop's probabilities are softmax(logits + mirrored logits of the mirrored crop),
+overlaps are averaged, and the map is resized back to the image and renormalised.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+DATA_MEAN_RGB = np.array([123.68, 116.779, 103.939], dtype=np.float32)
+MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+STRIDE_RATE = 2 / 3
+
+
+def matlab_round(value):
+    """Rounds half away from zero, as MATLAB's round does for positive values."""
+    return int(math.floor(value + 0.5))
+
+
+def scaled_size(height, width, long_side):
+    """The (height, width) with the longer side `long_side` and the aspect ratio kept."""
+    if height >= width:
+        return long_side, matlab_round(long_side / height * width)
+    return matlab_round(long_side / width * height), long_side
+
+
+def resize_image(image, height, width):
+    """`image` (uint8 RGB) resized bilinearly to (height, width), antialiased when shrinking."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def preprocess(image):
+    """The network input for a uint8 RGB image: float32 BGR with the training mean subtracted."""
+    return (image.astype(np.float32) - DATA_MEAN_RGB)[..., ::-1]
+
+
+def window_starts(length, crop_size, stride):
+    """The start offsets of the sliding windows along a padded side of `length` pixels."""
+    count = math.ceil((length - crop_size) / stride) + 1
+    return [min(i * stride, length - crop_size) for i in range(count)]
+
+
+def resize_probabilities(probabilities, height, width):
+    """A (h, w, classes) probability map resized bilinearly to (height, width) and renormalised.
+
+    Antialiased when shrinking, with half-pixel centres, as MATLAB's imresize.
+    """
+    if probabilities.shape[:2] == (height, width):
+        return probabilities
+    resized = tf.image.resize(probabilities, (height, width), method="bilinear", antialias=True)
+    return (resized / tf.reduce_sum(resized, axis=-1, keepdims=True)).numpy()
+
+
+class Predictor:
+    """Class probabilities of whole images from a network that maps crops to logits.
+
+    `model` maps (N, crop_size, crop_size, 3) preprocessed crops to
+    (N, crop_size, crop_size, classes) logits; `base_size` is the longer side the
+    single-scale protocol rescales images to (plus one pixel, as the release does).
+    """
+
+    def __init__(self, model, crop_size, base_size, classes):
+        self.model = model
+        self.crop_size = crop_size
+        self.base_size = base_size
+        self.classes = classes
+        self.stride = math.ceil(crop_size * STRIDE_RATE)
+        self._crop_functions = {}
+
+    def crop_function(self, flip):
+        """The compiled crop -> probabilities function, with or without the mirrored pass."""
+        if flip not in self._crop_functions:
+            spec = tf.TensorSpec((self.crop_size, self.crop_size, 3), tf.float32)
+
+            @tf.function(input_signature=[spec])
+            def crop_probabilities(crop):
+                if flip:
+                    logits = self.model(tf.stack([crop, crop[:, ::-1]]), training=False)
+                    logits = logits[0] + logits[1, :, ::-1]
+                else:
+                    logits = self.model(crop[tf.newaxis], training=False)[0]
+                return tf.nn.softmax(logits, axis=-1)
+
+            self._crop_functions[flip] = crop_probabilities
+        return self._crop_functions[flip]
+
+    def long_sides(self, sliding, multi_scale):
+        """The longer side of the image at each scale of the protocol."""
+        if multi_scale:
+            return [int(self.base_size * scale) + 1 for scale in MULTI_SCALES]
+        if sliding:
+            return [self.base_size + 1]
+        return [self.crop_size]
+
+    def crop_grid(self, height, width):
+        """The (top, left) corners of the crops covering a (height, width) scaled image."""
+        if max(height, width) <= self.crop_size:
+            return [(0, 0)]
+        rows = window_starts(max(height, self.crop_size), self.crop_size, self.stride)
+        columns = window_starts(max(width, self.crop_size), self.crop_size, self.stride)
+        return [(top, left) for top in rows for left in columns]
+
+    def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
+        """The number of forward passes `predict` makes for an image of (height, width)."""
+        crops = 0
+        for long_side in self.long_sides(sliding, multi_scale):
+            crops += len(self.crop_grid(*scaled_size(height, width, long_side)))
+        return crops * (2 if flip else 1)
+
+    def scale_probabilities(self, image, flip, progress):
+        """The averaged crop probabilities of an image already at its protocol scale."""
+        height, width = image.shape[:2]
+        padded_height, padded_width = max(height, self.crop_size), max(width, self.crop_size)
+        data = np.zeros((padded_height, padded_width, 3), dtype=np.float32)
+        data[:height, :width] = preprocess(image)
+        crop_probabilities = self.crop_function(flip)
+        grid = self.crop_grid(height, width)
+        size = self.crop_size
+        if len(grid) == 1:
+            probabilities = crop_probabilities(data[:size, :size]).numpy()
+            progress(2 if flip else 1)
+            return probabilities[:height, :width]
+        total = np.zeros((padded_height, padded_width, self.classes), dtype=np.float32)
+        count = np.zeros((padded_height, padded_width, 1), dtype=np.float32)
+        for top, left in grid:
+            window = (slice(top, top + size), slice(left, left + size))
+            total[window] += crop_probabilities(data[window]).numpy()
+            count[window] += 1
+            progress(2 if flip else 1)
+        return (total / count)[:height, :width]
+
+    def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
+        """The (H, W, classes) float32 class probabilities of a uint8 RGB image.
+
+        Default: one crop, the image scaled so its longer side is the crop size.
+        `sliding`: the single-scale protocol, longer side base_size + 1, sliding crops.
+        `multi_scale`: the sliding protocol at 0.5 to 1.75 of base_size, averaged.
+        `flip`: each crop's logits plus the mirrored logits of its mirror image.
+        `progress` is called with the number of forward passes after each crop.
+        """
+        progress = progress or (lambda passes: None)
+        height, width = image.shape[:2]
+        long_sides = self.long_sides(sliding, multi_scale)
+        result = None
+        for long_side in long_sides:
+            scaled = resize_image(image, *scaled_size(height, width, long_side))
+            probabilities = self.scale_probabilities(scaled, flip, progress)
+            probabilities = resize_probabilities(probabilities, height, width)
+            result = probabilities if result is None else result + probabilities
+        if len(long_sides) > 1:
+            result /= len(long_sides)
+        return result

@@ -1,0 +1,315 @@
+"""The three released PSPNet networks in Keras 3, as the Caffe deploy nets compute them.
+
+Reference: Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, and the Caffe
+release (hszhao/PSPNet, evaluation/prototxt). Layer names are the Caffe names with
+`/bn` replaced by `_bn`, so weights load by name from the published Keras-2 `.h5`
+files and from `weight_converter.py`'s output.
+
+The networks take a (S, S, 3) float32 image in BGR order with the training mean
+subtracted and return (S, S, classes) logits, as the deploy nets do; the softmax
+belongs to inference.
+"""
+
+import h5py
+import numpy as np
+import keras
+from keras import layers
+from keras import ops
+
+MODEL_CONFIGS = {
+    "pspnet50_ade20k": {"depth": 50, "classes": 150, "input_size": 473},
+    "pspnet101_voc2012": {"depth": 101, "classes": 21, "input_size": 473},
+    "pspnet101_cityscapes": {"depth": 101, "classes": 19, "input_size": 713},
+}
+MODEL_NAMES = tuple(MODEL_CONFIGS)
+
+BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)
+STAGE_DILATIONS = (1, 1, 2, 4)
+PYRAMID_BINS = (6, 3, 2, 1)
+PYRAMID_CHANNELS = 512
+HEAD_CHANNELS = 512
+OUTPUT_STRIDE = 8
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.95
+DROPOUT_RATE = 0.1
+
+
+class WeightsError(ValueError):
+    """A weights file that does not fit the network it is loaded into."""
+
+
+class Interp(layers.Layer):
+    """Caffe's `Interp` layer: bilinear resizing with aligned corners.
+
+    The output size is either given (`height`, `width`) or follows from
+    `zoom_factor`: out = in + (in - 1) * (zoom_factor - 1). Output pixel i samples
+    the input at s = i * (in - 1) / (out - 1), computed in float32 exactly as
+    Caffe's `caffe_cpu_interp2` does, so corners map onto corners.
+    """
+
+    def __init__(self, height=None, width=None, zoom_factor=None, **kwargs):
+        super().__init__(**kwargs)
+        if (height is None) != (width is None):
+            raise ValueError("Interp needs both height and width, or neither.")
+        if (height is None) == (zoom_factor is None):
+            raise ValueError("Interp needs either height and width or zoom_factor.")
+        self.height = height
+        self.width = width
+        self.zoom_factor = zoom_factor
+
+    def output_size(self, in_height, in_width):
+        """The (height, width) this layer produces from an input of the given size."""
+        if self.zoom_factor is None:
+            return self.height, self.width
+        zoom = self.zoom_factor
+        return in_height + (in_height - 1) * (zoom - 1), in_width + (in_width - 1) * (zoom - 1)
+
+    def build(self, input_shape):
+        out_height, out_width = self.output_size(input_shape[1], input_shape[2])
+        self.row_weights = ops.convert_to_tensor(
+            interpolation_matrix(input_shape[1], out_height), dtype=self.compute_dtype
+        )
+        self.column_weights = ops.convert_to_tensor(
+            interpolation_matrix(input_shape[2], out_width), dtype=self.compute_dtype
+        )
+
+    def call(self, inputs):
+        rows = ops.einsum("oh,bhwc->bowc", self.row_weights, inputs)
+        return ops.einsum("pw,bowc->bopc", self.column_weights, rows)
+
+    def compute_output_shape(self, input_shape):
+        out_height, out_width = self.output_size(input_shape[1], input_shape[2])
+        return (input_shape[0], out_height, out_width, input_shape[3])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(height=self.height, width=self.width, zoom_factor=self.zoom_factor)
+        return config
+
+
+def interpolation_matrix(in_size, out_size):
+    """The (out_size, in_size) matrix of Caffe's align-corners linear interpolation."""
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    if out_size == in_size:
+        np.fill_diagonal(matrix, 1.0)
+        return matrix
+    ratio = np.float32((in_size - 1) / (out_size - 1)) if out_size > 1 else np.float32(0)
+    positions = ratio * np.arange(out_size, dtype=np.float32)
+    lower = positions.astype(np.int64)
+    upper = np.where(lower < in_size - 1, lower + 1, lower)
+    fraction = positions - lower.astype(np.float32)
+    rows = np.arange(out_size)
+    np.add.at(matrix, (rows, lower), np.float32(1) - fraction)
+    np.add.at(matrix, (rows, upper), fraction)
+    return matrix
+
+
+def feature_size(input_size):
+    """The side of the conv5_3 feature map for a square input of side `input_size`."""
+    stem = (input_size - 1) // 2 + 1
+    pooled = -(-(stem - 1) // 2) + 1
+    return (pooled - 1) // 2 + 1
+
+
+def check_input_size(input_size):
+    """Refuses input sizes at which the network is not the Caffe network scaled.
+
+    The pyramid pools the conv5_3 map of side F into 1, 2, 3 and 6 bins exactly, so F
+    must be a multiple of 6, and the final 8x Interp returns 8F - 7 pixels, which must
+    be the input size: S = 8F - 7 (41, 89, ..., 233, 281, ..., 473, ..., 713, ...).
+    """
+    side = feature_size(input_size)
+    if input_size < 41 or side % 6 or OUTPUT_STRIDE * side - 7 != input_size:
+        below = max(41, 48 * ((input_size + 7) // 48) - 7)
+        raise ValueError(
+            f"input size {input_size} is not supported: PSPNet needs S = 48k - 7 "
+            f"(for example {below} or {below + 48}); the released models use 473 and 713."
+        )
+
+
+def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True):
+    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`."""
+    pad = dilation * (kernel_size - 1) // 2
+    if strides > 1 and pad:
+        x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    x = layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        dilation_rate=dilation,
+        use_bias=False,
+        name=name,
+    )(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    if relu:
+        x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return x
+
+
+def max_pool_ceil(x, name):
+    """Caffe's 3x3 stride-2 pad-1 max pooling with its ceil-mode output size.
+
+    The input follows a ReLU, so zero padding gives the same maxima as Caffe's
+    padding, which windows never take.
+    """
+    size = x.shape[1]
+    out = -(-(size - 1) // 2) + 1
+    extra = 2 * (out - 1) + 3 - size - 1
+    x = layers.ZeroPadding2D(((1, extra), (1, extra)), name=f"{name}_pad")(x)
+    return layers.MaxPooling2D(3, strides=2, name=name)(x)
+
+
+def stem(x):
+    """conv1_1..conv1_3 and pool1: the deep stem, output stride 4."""
+    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2)
+    x = conv_bn(x, 64, 3, "conv1_2_3x3")
+    x = conv_bn(x, 128, 3, "conv1_3_3x3")
+    return max_pool_ceil(x, "pool1_3x3_s2")
+
+
+def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False):
+    """Residual bottleneck `name` (e.g. conv3_1): 1x1 reduce, 3x3, 1x1 increase, plus shortcut.
+
+    A strided block puts the stride on the 1x1 reduce (ResNet-50) or on the 3x3
+    (`stride_on_3x3`, ResNet-101), as the released prototxts do.
+    """
+    reduce_strides, middle_strides = (1, strides) if stride_on_3x3 else (strides, 1)
+    shortcut = x
+    if project:
+        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False)
+    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides)
+    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation)
+    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False)
+    x = layers.Add(name=name)([shortcut, x])
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def residual_stages(x, depth):
+    """Stages conv2..conv5 of the dilated ResNet: output stride 8, dilations 2 and 4."""
+    stride_on_3x3 = depth == 101
+    for stage, (blocks, width, dilation) in enumerate(
+        zip(BLOCKS_PER_STAGE[depth], STAGE_WIDTHS, STAGE_DILATIONS), start=2
+    ):
+        for block in range(1, blocks + 1):
+            x = bottleneck(
+                x,
+                width,
+                f"conv{stage}_{block}",
+                strides=2 if stage == 3 and block == 1 else 1,
+                dilation=dilation,
+                project=block == 1,
+                stride_on_3x3=stride_on_3x3,
+            )
+    return x
+
+
+def pyramid_pooling_module(x):
+    """Pools conv5_3 into 6x6, 3x3, 2x2 and 1x1 bins and concatenates them, upsampled, to it."""
+    side = x.shape[1]
+    branches = [x]
+    for bins in PYRAMID_BINS:
+        name = f"conv5_3_pool{bins}"
+        kernel = side // bins
+        branch = layers.AveragePooling2D(kernel, strides=kernel, name=name)(x)
+        branch = conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv")
+        branches.append(Interp(height=side, width=side, name=f"{name}_interp")(branch))
+    return layers.Concatenate(name="conv5_3_concat")(branches)
+
+
+def head(x, classes):
+    """conv5_4, dropout, the conv6 classifier and the 8x upsampling of its logits."""
+    x = conv_bn(x, HEAD_CHANNELS, 3, "conv5_4")
+    x = layers.Dropout(DROPOUT_RATE, name="conv5_4_dropout")(x)
+    x = layers.Conv2D(classes, 1, name="conv6")(x)
+    return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
+
+
+def build_pspnet(model_name, input_size=None):
+    """The Keras model of `model_name` (one of MODEL_NAMES), returning logits.
+
+    `input_size` defaults to the released crop size (473, or 713 for Cityscapes),
+    where the network is exactly the Caffe deploy net. Other sizes S = 48k - 7 give
+    the same network scaled (pyramid kernels F/bins for a conv5_3 map of side F);
+    any other size raises ValueError.
+    """
+    if model_name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    config = MODEL_CONFIGS[model_name]
+    input_size = input_size or config["input_size"]
+    check_input_size(input_size)
+    inputs = keras.Input((input_size, input_size, 3), name="data")
+    x = stem(inputs)
+    x = residual_stages(x, config["depth"])
+    x = pyramid_pooling_module(x)
+    outputs = head(x, config["classes"])
+    return keras.Model(inputs, outputs, name=model_name)
+
+
+def weighted_layers(model):
+    """The layers of `model` that hold weights, by name."""
+    return {layer.name: layer for layer in model.layers if layer.weights}
+
+
+def weighted_layer_count(depth):
+    """The number of weighted layers (convolutions and BNs) of PSPNet-50 or -101."""
+    return 121 if depth == 50 else 223
+
+
+def read_weights(path):
+    """The arrays of every weighted layer of a Keras-2 HDF5 weights file, by layer name.
+
+    Accepts `save_weights` files and full-model files (a `model_weights` group);
+    arrays are listed in the order of the group's `weight_names` attribute.
+    """
+    try:
+        with h5py.File(path, "r") as handle:
+            root = handle["model_weights"] if "model_weights" in handle else handle
+            weights = {}
+            for name, group in root.items():
+                if not isinstance(group, h5py.Group):
+                    continue
+                names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs.get("weight_names", [])]
+                if names:
+                    weights[name] = [np.asarray(group[n], dtype=np.float32) for n in names]
+            return weights
+    except OSError as error:
+        raise WeightsError(f"{path}: not a readable HDF5 weights file ({error})") from None
+    except KeyError as error:
+        raise WeightsError(f"{path}: a dataset named in weight_names is missing ({error})") from None
+
+
+def load_weights(model, path):
+    """Fills every weighted layer of `model` from the HDF5 file at `path`, by layer name.
+
+    Raises WeightsError naming the file and the layer when a layer of the model is
+    missing from the file, the file holds a layer the model does not have, or an
+    array's shape does not match.
+    """
+    arrays = read_weights(path)
+    targets = weighted_layers(model)
+    unknown = sorted(set(arrays) - set(targets))
+    if unknown:
+        raise WeightsError(
+            f"{path}: layer {unknown[0]} is not in {model.name}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+        )
+    missing = [name for name in targets if name not in arrays]
+    if missing:
+        raise WeightsError(
+            f"{path}: no weights for layer {missing[0]} of {model.name}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    for name, layer in targets.items():
+        expected = [tuple(w.shape) for w in layer.weights]
+        given = [a.shape for a in arrays[name]]
+        if expected != given:
+            raise WeightsError(
+                f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {expected}"
+            )
+    for name, layer in targets.items():
+        layer.set_weights(arrays[name])
