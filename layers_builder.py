@@ -10,6 +10,8 @@ subtracted and return (S, S, classes) logits, as the deploy nets do; the softmax
 belongs to inference.
 """
 
+import os
+
 import h5py
 import numpy as np
 import keras
@@ -128,24 +130,54 @@ def check_input_size(input_size):
         )
 
 
-def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True):
-    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`."""
+class FoldedConvBN(layers.Conv2D):
+    """A Caffe `Convolution` whose frozen `BN` is folded into its kernel and a bias.
+
+    Computes what the convolution followed by the BN computes at inference, in one
+    convolution. Its weights come from the `<name>` and `<name>_bn` layers of a
+    weights file.
+    """
+
+    def file_weight_shapes(self):
+        """The shapes of the arrays a weights file holds for this layer, by layer name."""
+        kernel_shape = tuple(self.kernel.shape)
+        channels = (kernel_shape[-1],)
+        return {self.name: [kernel_shape], f"{self.name}_bn": [channels] * 4}
+
+    def set_file_weights(self, arrays):
+        """Sets the folded kernel and bias from a convolution kernel and its BN arrays."""
+        (kernel,) = arrays[self.name]
+        gamma, beta, mean, variance = (a.astype(np.float64) for a in arrays[f"{self.name}_bn"])
+        scale = gamma / np.sqrt(variance + BN_EPSILON)
+        self.set_weights([
+            (kernel.astype(np.float64) * scale).astype(np.float32),
+            (beta - mean * scale).astype(np.float32),
+        ])
+
+
+def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True, fold=False):
+    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`.
+
+    With `fold`, the BN is folded into the convolution (FoldedConvBN).
+    """
     pad = dilation * (kernel_size - 1) // 2
     if strides > 1 and pad:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
         padding = "valid"
     else:
         padding = "same"
-    x = layers.Conv2D(
+    convolution = FoldedConvBN if fold else layers.Conv2D
+    x = convolution(
         filters,
         kernel_size,
         strides=strides,
         padding=padding,
         dilation_rate=dilation,
-        use_bias=False,
+        use_bias=fold,
         name=name,
     )(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    if not fold:
+        x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     if relu:
         x = layers.Activation("relu", name=f"{name}_relu")(x)
     return x
@@ -164,15 +196,15 @@ def max_pool_ceil(x, name):
     return layers.MaxPooling2D(3, strides=2, name=name)(x)
 
 
-def stem(x):
+def stem(x, fold=False):
     """conv1_1..conv1_3 and pool1: the deep stem, output stride 4."""
-    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2)
-    x = conv_bn(x, 64, 3, "conv1_2_3x3")
-    x = conv_bn(x, 128, 3, "conv1_3_3x3")
+    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2, fold=fold)
+    x = conv_bn(x, 64, 3, "conv1_2_3x3", fold=fold)
+    x = conv_bn(x, 128, 3, "conv1_3_3x3", fold=fold)
     return max_pool_ceil(x, "pool1_3x3_s2")
 
 
-def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False):
+def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False, fold=False):
     """Residual bottleneck `name` (e.g. conv3_1): 1x1 reduce, 3x3, 1x1 increase, plus shortcut.
 
     A strided block puts the stride on the 1x1 reduce (ResNet-50) or on the 3x3
@@ -181,15 +213,15 @@ def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3
     reduce_strides, middle_strides = (1, strides) if stride_on_3x3 else (strides, 1)
     shortcut = x
     if project:
-        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False)
-    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides)
-    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation)
-    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False)
+        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False, fold=fold)
+    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides, fold=fold)
+    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation, fold=fold)
+    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False, fold=fold)
     x = layers.Add(name=name)([shortcut, x])
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
-def residual_stages(x, depth):
+def residual_stages(x, depth, fold=False):
     """Stages conv2..conv5 of the dilated ResNet: output stride 8, dilations 2 and 4."""
     stride_on_3x3 = depth == 101
     for stage, (blocks, width, dilation) in enumerate(
@@ -204,11 +236,12 @@ def residual_stages(x, depth):
                 dilation=dilation,
                 project=block == 1,
                 stride_on_3x3=stride_on_3x3,
+                fold=fold,
             )
     return x
 
 
-def pyramid_pooling_module(x):
+def pyramid_pooling_module(x, fold=False):
     """Pools conv5_3 into 6x6, 3x3, 2x2 and 1x1 bins and concatenates them, upsampled, to it."""
     side = x.shape[1]
     branches = [x]
@@ -216,21 +249,25 @@ def pyramid_pooling_module(x):
         name = f"conv5_3_pool{bins}"
         kernel = side // bins
         branch = layers.AveragePooling2D(kernel, strides=kernel, name=name)(x)
-        branch = conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv")
+        branch = conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv", fold=fold)
         branches.append(Interp(height=side, width=side, name=f"{name}_interp")(branch))
     return layers.Concatenate(name="conv5_3_concat")(branches)
 
 
-def head(x, classes):
+def head(x, classes, fold=False):
     """conv5_4, dropout, the conv6 classifier and the 8x upsampling of its logits."""
-    x = conv_bn(x, HEAD_CHANNELS, 3, "conv5_4")
+    x = conv_bn(x, HEAD_CHANNELS, 3, "conv5_4", fold=fold)
     x = layers.Dropout(DROPOUT_RATE, name="conv5_4_dropout")(x)
     x = layers.Conv2D(classes, 1, name="conv6")(x)
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model_name, input_size=None):
+def build_pspnet(model_name, input_size=None, fold_batch_norm=False):
     """The Keras model of `model_name` (one of MODEL_NAMES), returning logits.
+
+    With `fold_batch_norm` every BN is folded into its convolution (FoldedConvBN):
+    the same function in fewer operations, for inference; weights load from the
+    same files.
 
     `input_size` defaults to the released crop size (473, or 713 for Cityscapes),
     where the network is exactly the Caffe deploy net. Other sizes S = 48k - 7 give
@@ -243,16 +280,22 @@ def build_pspnet(model_name, input_size=None):
     input_size = input_size or config["input_size"]
     check_input_size(input_size)
     inputs = keras.Input((input_size, input_size, 3), name="data")
-    x = stem(inputs)
-    x = residual_stages(x, config["depth"])
-    x = pyramid_pooling_module(x)
-    outputs = head(x, config["classes"])
+    x = stem(inputs, fold_batch_norm)
+    x = residual_stages(x, config["depth"], fold_batch_norm)
+    x = pyramid_pooling_module(x, fold_batch_norm)
+    outputs = head(x, config["classes"], fold_batch_norm)
     return keras.Model(inputs, outputs, name=model_name)
 
 
-def weighted_layers(model):
-    """The layers of `model` that hold weights, by name."""
-    return {layer.name: layer for layer in model.layers if layer.weights}
+def file_weight_shapes(model):
+    """The shapes of the arrays a weights file holds for `model`, by layer name."""
+    shapes = {}
+    for layer in model.layers:
+        if isinstance(layer, FoldedConvBN):
+            shapes.update(layer.file_weight_shapes())
+        elif layer.weights:
+            shapes[layer.name] = [tuple(weight.shape) for weight in layer.weights]
+    return shapes
 
 
 def weighted_layer_count(depth):
@@ -266,6 +309,8 @@ def read_weights(path):
     Accepts `save_weights` files and full-model files (a `model_weights` group);
     arrays are listed in the order of the group's `weight_names` attribute.
     """
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: no such weights file")
     try:
         with h5py.File(path, "r") as handle:
             root = handle["model_weights"] if "model_weights" in handle else handle
@@ -283,6 +328,11 @@ def read_weights(path):
         raise WeightsError(f"{path}: a dataset named in weight_names is missing ({error})") from None
 
 
+def and_more(names):
+    """` (and N more)` for a list of more than one name, else nothing."""
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
 def load_weights(model, path):
     """Fills every weighted layer of `model` from the HDF5 file at `path`, by layer name.
 
@@ -291,25 +341,19 @@ def load_weights(model, path):
     array's shape does not match.
     """
     arrays = read_weights(path)
-    targets = weighted_layers(model)
-    unknown = sorted(set(arrays) - set(targets))
+    expected = file_weight_shapes(model)
+    unknown = sorted(set(arrays) - set(expected))
     if unknown:
-        raise WeightsError(
-            f"{path}: layer {unknown[0]} is not in {model.name}"
-            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-        )
-    missing = [name for name in targets if name not in arrays]
+        raise WeightsError(f"{path}: layer {unknown[0]} is not in {model.name}{and_more(unknown)}")
+    missing = [name for name in expected if name not in arrays]
     if missing:
-        raise WeightsError(
-            f"{path}: no weights for layer {missing[0]} of {model.name}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
-    for name, layer in targets.items():
-        expected = [tuple(w.shape) for w in layer.weights]
-        given = [a.shape for a in arrays[name]]
-        if expected != given:
-            raise WeightsError(
-                f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {expected}"
-            )
-    for name, layer in targets.items():
-        layer.set_weights(arrays[name])
+        raise WeightsError(f"{path}: no weights for layer {missing[0]} of {model.name}{and_more(missing)}")
+    for name, shapes in expected.items():
+        given = [array.shape for array in arrays[name]]
+        if given != shapes:
+            raise WeightsError(f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {shapes}")
+    for layer in model.layers:
+        if isinstance(layer, FoldedConvBN):
+            layer.set_file_weights(arrays)
+        elif layer.weights:
+            layer.set_weights(arrays[layer.name])
