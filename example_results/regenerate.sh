@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates example_results/ from example_images/ with the published PSPNet
 # weights: one run of pspnet.py per (model, image) pair below, each writing
-# example_results/<image stem>_<model>_{seg,seg_blended,probs,seg_read}.*
+# example_results/<image stem>_<model>_seg.jpg, _seg_blended.jpg, _probs.jpg
+# and _seg_read.png.
 # Arguments are passed on to every pspnet.py run (e.g. --sliding).
 # Set PYTHON to choose the interpreter (default: python).
 set -euo pipefail

@@ -1,0 +1,502 @@
+"""Tests of evaluate.py on tiny synthetic datasets in the ADE20K, Cityscapes and VOC 2012 layouts.
+
+A stand-in for pspnet.PSPNet predicts the class whose colour code each pixel
+carries (class = R // 64 + 4 * (G // 64) + 16 * (B // 64)); the tests paint
+images in those colours, on 8-pixel-aligned rectangles so that even JPEG keeps
+them, and paint labels by hand. Every confusion count and metric expected below
+is worked out by hand from those rectangles.
+"""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+import pspnet
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+HEIGHT, WIDTH = 30, 40
+MODEL_DATASETS = {
+    "pspnet50_ade20k": ("ade20k", 150),
+    "pspnet101_voc2012": ("voc2012", 21),
+    "pspnet101_cityscapes": ("cityscapes", 19),
+}
+
+# cityscapesScripts labels.py, (labelId: name, trainId), typed in from the official table.
+OFFICIAL_CITYSCAPES_TRAIN_IDS = {
+    0: ("unlabeled", 255), 1: ("ego vehicle", 255), 2: ("rectification border", 255),
+    3: ("out of roi", 255), 4: ("static", 255), 5: ("dynamic", 255), 6: ("ground", 255),
+    7: ("road", 0), 8: ("sidewalk", 1), 9: ("parking", 255), 10: ("rail track", 255),
+    11: ("building", 2), 12: ("wall", 3), 13: ("fence", 4), 14: ("guard rail", 255),
+    15: ("bridge", 255), 16: ("tunnel", 255), 17: ("pole", 5), 18: ("polegroup", 255),
+    19: ("traffic light", 6), 20: ("traffic sign", 7), 21: ("vegetation", 8), 22: ("terrain", 9),
+    23: ("sky", 10), 24: ("person", 11), 25: ("rider", 12), 26: ("car", 13), 27: ("truck", 14),
+    28: ("bus", 15), 29: ("caravan", 255), 30: ("trailer", 255), 31: ("train", 16),
+    32: ("motorcycle", 17), 33: ("bicycle", 18),
+}
+
+
+def colour_coded(class_ids):
+    """The RGB image whose pixels carry `class_ids` in the stand-in network's colour code."""
+    class_ids = np.asarray(class_ids)
+    channels = [class_ids % 4, (class_ids // 4) % 4, class_ids // 16]
+    return (32 + 64 * np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+class ColourCodedNetwork:
+    """Stands in for pspnet.PSPNet: 0.9 probability on the class coded in each pixel's colour."""
+
+    calls = None
+    interrupt_at_call = None
+
+    def __init__(self, model_name, weights=None):
+        self.model_name = model_name
+        self.dataset, self.classes = MODEL_DATASETS[model_name]
+        self.weights_path = Path(weights)
+
+    def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
+        """Records the call (raising KeyboardInterrupt at call number `interrupt_at_call`) and
+        returns (H, W, classes) probabilities peaking at each pixel's coded class."""
+        self.calls.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})
+        if len(self.calls) == self.interrupt_at_call:
+            raise KeyboardInterrupt
+        levels = image.astype(np.int64) // 64
+        class_ids = levels[..., 0] + 4 * levels[..., 1] + 16 * levels[..., 2]
+        probabilities = np.full(image.shape[:2] + (self.classes,), 0.1 / (self.classes - 1), np.float32)
+        np.put_along_axis(probabilities, class_ids[..., np.newaxis], 0.9, axis=2)
+        return probabilities
+
+
+@pytest.fixture
+def network(monkeypatch):
+    """Puts a fresh ColourCodedNetwork class in place of pspnet.PSPNet and returns it."""
+    stand_in = type("StandIn", (ColourCodedNetwork,), {"calls": [], "interrupt_at_call": None})
+    monkeypatch.setattr(pspnet, "PSPNet", stand_in)
+    return stand_in
+
+
+@pytest.fixture
+def weights(tmp_path):
+    """A dummy weights file (the stand-in network ignores it) and its SHA-256 computed here."""
+    path = tmp_path / "weights.h5"
+    path.write_bytes(b"not really weights")
+    return path, hashlib.sha256(b"not really weights").hexdigest()
+
+
+def save_colour_image(path, class_ids):
+    """Writes the colour-coded image of `class_ids` as PNG, or as JPEG at quality 100 for .jpg."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {"quality": 100, "subsampling": 0} if path.suffix == ".jpg" else {}
+    Image.fromarray(colour_coded(class_ids)).save(path, **options)
+
+
+def save_label(path, values, mode="L"):
+    """Writes label values as an 8-bit grayscale PNG, or as a palette PNG for mode 'P'."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label = Image.fromarray(np.asarray(values, np.uint8))
+    if mode == "P":
+        label = label.convert("P")
+        label.putpalette([channel for value in range(256) for channel in (value, 255 - value, value // 2)])
+    label.save(path)
+
+
+def run(*argv):
+    """Runs evaluate.main in this process; returns its exit code."""
+    return evaluate.main([str(arg) for arg in argv])
+
+
+def read_report(path):
+    """The JSON report at `path`."""
+    return json.loads(Path(path).read_text())
+
+
+def run_cli(*argv, cwd):
+    """Runs `python evaluate.py` as a subprocess in `cwd`; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "evaluate.py"), *map(str, argv)],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def by_class(report, key):
+    """{class id: value} of `key` in the report's per-class rows where it is defined."""
+    return {row["id"]: row[key] for row in report["per_class"] if row[key] is not None}
+
+
+# VOC set used by several tests: two 40x30 images (rows x columns below are 0-based, inclusive).
+# 2007_000001: predicted 0 in columns 0-15, 1 in 16-39; labelled 0 in columns 0-11, 1 elsewhere,
+#              row 29 is 255 (ignored).
+# 2007_000002: predicted 3 in rows 0-7, 2 in rows 8-29; labelled 0 in rows 0-7, 2 below, except a
+#              255 box (rows 20-29, columns 0-9) and a class-5 box (rows 10-14, columns 30-39).
+# Confusion [label, prediction]: [0,0] = 29*12 = 348, [1,0] = 29*4 = 116, [1,1] = 29*24 = 696,
+# [0,3] = 8*40 = 320, [2,2] = 22*40 - 100 - 50 = 730, [5,2] = 5*10 = 50. Labelled pixels: 2260.
+# Labelled per class: 0 668, 1 812, 2 730, 5 50. Predicted per class: 0 464, 1 696, 2 780, 3 320.
+# Classes 4 and 6-20: empty union (null, left out of the means); class 3: IoU 0, accuracy null.
+VOC_IOU = {0: 348 / (668 + 464 - 348), 1: 696 / (812 + 696 - 696), 2: 730 / (730 + 780 - 730), 3: 0.0, 5: 0.0}
+VOC_ACC = {0: 348 / 668, 1: 696 / 812, 2: 730 / 730, 5: 0 / 50}
+VOC_PIXEL_ACC = (348 + 696 + 730) / 2260
+VOC_PREDICTIONS = {
+    "2007_000001": np.where(np.arange(WIDTH) < 16, 0, 1)[np.newaxis, :].repeat(HEIGHT, axis=0),
+    "2007_000002": np.where(np.arange(HEIGHT) < 8, 3, 2)[:, np.newaxis].repeat(WIDTH, axis=1),
+}
+
+
+def make_voc(root, names=("2007_000001", "2007_000002")):
+    """Writes the VOC set described above under root/VOCdevkit/VOC2012, plus an image outside val."""
+    base = root / "VOCdevkit" / "VOC2012"
+    label = np.ones((HEIGHT, WIDTH), np.uint8)
+    label[:, :12] = 0
+    label[29, :] = 255
+    labels = {"2007_000001": label}
+    label = np.full((HEIGHT, WIDTH), 2, np.uint8)
+    label[:8, :] = 0
+    label[20:, :10] = 255
+    label[10:15, 30:] = 5
+    labels["2007_000002"] = label
+    for name, predicted in VOC_PREDICTIONS.items():
+        save_colour_image(base / "JPEGImages" / f"{name}.jpg", predicted)
+        save_label(base / "SegmentationClass" / f"{name}.png", labels[name], mode="P")
+    save_colour_image(base / "JPEGImages" / "2007_000009.jpg", np.full((HEIGHT, WIDTH), 7))
+    save_label(base / "SegmentationClass" / "2007_000009.png", np.zeros((HEIGHT, WIDTH)), mode="P")
+    listing = base / "ImageSets" / "Segmentation"
+    listing.mkdir(parents=True)
+    (listing / "val.txt").write_text("".join(f"{name}\n" for name in names))
+    (listing / "train.txt").write_text("2007_000009\n")
+    return base
+
+
+def assert_voc_metrics(report):
+    assert by_class(report, "iou") == pytest.approx(VOC_IOU)
+    assert by_class(report, "acc") == pytest.approx(VOC_ACC)
+    assert report["miou"] == pytest.approx(sum(VOC_IOU.values()) / 5)
+    assert report["mean_acc"] == pytest.approx(sum(VOC_ACC.values()) / 4)
+    assert report["pixel_acc"] == pytest.approx(VOC_PIXEL_ACC)
+
+
+@pytest.mark.parametrize("nesting", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
+def test_voc_metrics_by_hand(tmp_path, network, weights, nesting):
+    make_voc(tmp_path / "data")
+    report_path = tmp_path / "out.json"
+    code = run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data" / nesting,
+               "-s", "--no-flip", "--report", report_path)
+    assert code == 0
+    report = read_report(report_path)
+    assert_voc_metrics(report)
+    assert [row["id"] for row in report["per_class"]] == list(range(21))
+    assert report["per_class"][1]["name"] == "aeroplane"
+    assert report["per_class"][20]["name"] == "tvmonitor"
+    empty_union = [row for row in report["per_class"] if row["id"] in (4, *range(6, 21))]
+    assert all(row["iou"] is None and row["acc"] is None for row in empty_union)
+    assert report["per_class"][3]["iou"] == 0.0 and report["per_class"][3]["acc"] is None
+    assert report["images"] == 2 and report["partial"] is False and report["skipped"] == []
+    assert report["published"] is None
+    assert report["settings"] == {
+        "model": "pspnet101_voc2012",
+        "weights": str(weights[0]),
+        "weights_sha256": weights[1],
+        "sliding": True,
+        "multi_scale": False,
+        "flip": False,
+        "split": "val",
+        "data_root": str(tmp_path / "data" / nesting),
+        "limit": None,
+    }
+    assert network.calls == [{"sliding": True, "flip": False, "multi_scale": False}] * 2
+
+
+def make_ade20k(root):
+    """One validation image, ADE_val_00000001: predicted 0 in columns 0-15, 1 in 16-39; labelled
+    1 (class 0) in columns 0-19 and 2 (class 1) in 20-39, 0 (ignored) in rows 0-9 and 150 (class 149)
+    in rows 20-29 x columns 30-39. Plus a training image that must not be evaluated."""
+    base = root / "ADEChallengeData2016"
+    predicted = np.where(np.arange(WIDTH) < 16, 0, 1)[np.newaxis, :].repeat(HEIGHT, axis=0)
+    label = np.where(np.arange(WIDTH) < 20, 1, 2)[np.newaxis, :].repeat(HEIGHT, axis=0)
+    label[:10, :] = 0
+    label[20:, 30:] = 150
+    save_colour_image(base / "images" / "validation" / "ADE_val_00000001.jpg", predicted)
+    save_label(base / "annotations" / "validation" / "ADE_val_00000001.png", label)
+    save_colour_image(base / "images" / "training" / "ADE_train_00000001.jpg", np.full((HEIGHT, WIDTH), 5))
+    save_label(base / "annotations" / "training" / "ADE_train_00000001.png", np.ones((HEIGHT, WIDTH)))
+    return base
+
+
+@pytest.mark.parametrize("root_is_challenge_folder", [False, True])
+def test_ade20k_metrics_by_hand(tmp_path, network, weights, root_is_challenge_folder):
+    base = make_ade20k(tmp_path / "data")
+    root = base if root_is_challenge_folder else tmp_path / "data"
+    code = run("-m", "pspnet50_ade20k", "-w", weights[0], "--data", root, "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    # Labelled rows 10-29. Class 0: 20 x 20 = 400 labelled, 320 predicted right, 80 predicted 1.
+    # Class 1: 400 - 100 = 300 labelled, all right. Class 149: 100 labelled, predicted 1.
+    # Predicted 1 on labelled pixels: 80 + 300 + 100 = 480.
+    assert by_class(report, "iou") == pytest.approx({0: 320 / 400, 1: 300 / 480, 149: 0.0})
+    assert by_class(report, "acc") == pytest.approx({0: 320 / 400, 1: 1.0, 149: 0.0})
+    assert report["miou"] == pytest.approx((0.8 + 0.625 + 0.0) / 3)
+    assert report["mean_acc"] == pytest.approx((0.8 + 1.0 + 0.0) / 3)
+    assert report["pixel_acc"] == pytest.approx(620 / 800)
+    assert len(report["per_class"]) == 150
+    assert report["per_class"][0]["name"] == "wall"
+    assert report["per_class"][149]["name"] == "flag"
+    assert report["images"] == 1
+    assert network.calls == [{"sliding": False, "flip": True, "multi_scale": False}]
+
+
+def test_published_numbers_shown_for_the_caffe_protocol_only(tmp_path, network, weights, capsys):
+    make_ade20k(tmp_path / "data")
+    common = ("-m", "pspnet50_ade20k", "-w", weights[0], "--data", tmp_path / "data")
+    assert run(*common, "-s", "--report", tmp_path / "ss.json") == 0
+    assert read_report(tmp_path / "ss.json")["published"] == {"miou": 0.4168, "pixel_acc": 0.8004}
+    shown = capsys.readouterr().out
+    assert "41.68" in shown and "80.04" in shown and "47.50" in shown
+    assert run(*common, "-ms", "--report", tmp_path / "ms.json") == 0
+    assert read_report(tmp_path / "ms.json")["published"] == {"miou": 0.4278, "pixel_acc": 0.8076}
+    assert "42.78" in capsys.readouterr().out
+    assert run(*common, "-s", "--no-flip", "--report", tmp_path / "noflip.json") == 0
+    assert read_report(tmp_path / "noflip.json")["published"] is None
+    assert "41.68" not in capsys.readouterr().out
+
+
+def test_cityscapes_metrics_by_hand(tmp_path, network, weights):
+    images = tmp_path / "data" / "leftImg8bit" / "val"
+    labels = tmp_path / "data" / "gtFine" / "val"
+    # aachen: labelTrainIds (preferred over a decoy labelIds file). Predicted 0 in columns 0-15,
+    # 1 in 16-39; labelled 0 in columns 0-23, 1 in 24-39, row 0 is 255.
+    predicted = np.where(np.arange(WIDTH) < 16, 0, 1)[np.newaxis, :].repeat(HEIGHT, axis=0)
+    save_colour_image(images / "aachen" / "aachen_000000_000019_leftImg8bit.png", predicted)
+    train_ids = np.where(np.arange(WIDTH) < 24, 0, 1)[np.newaxis, :].repeat(HEIGHT, axis=0)
+    train_ids[0, :] = 255
+    save_label(labels / "aachen" / "aachen_000000_000019_gtFine_labelTrainIds.png", train_ids)
+    save_label(labels / "aachen" / "aachen_000000_000019_gtFine_labelIds.png", np.full((HEIGHT, WIDTH), 26))
+    # bochum: labelIds only. Predicted 0 in rows 0-14, 13 in rows 15-29 x columns 0-19, 1 in rows
+    # 15-29 x columns 20-39; labelled road (7) in rows 0-14, car (26) in rows 15-29, unlabeled (0) in
+    # columns 0-4, static (4) in rows 0-14 x columns 35-39.
+    predicted = np.zeros((HEIGHT, WIDTH), np.int64)
+    predicted[15:, :20] = 13
+    predicted[15:, 20:] = 1
+    save_colour_image(images / "bochum" / "bochum_000000_000313_leftImg8bit.png", predicted)
+    label_ids = np.full((HEIGHT, WIDTH), 7)
+    label_ids[15:, :] = 26
+    label_ids[:, :5] = 0
+    label_ids[:15, 35:] = 4
+    save_label(labels / "bochum" / "bochum_000000_000313_gtFine_labelIds.png", label_ids)
+
+    code = run("-m", "pspnet101_cityscapes", "-w", weights[0], "--data", tmp_path / "data",
+               "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    # aachen: [0,0] = 29*16 = 464, [0,1] = 29*8 = 232, [1,1] = 29*16 = 464.
+    # bochum: [0,0] = 15*30 = 450, [13,13] = 15*15 = 225, [13,1] = 15*20 = 300.
+    # Labelled: class 0 1146, class 1 464, class 13 525; predicted: 0 914, 1 996, 13 225.
+    assert by_class(report, "iou") == pytest.approx({0: 914 / 1146, 1: 464 / 996, 13: 225 / 525})
+    assert by_class(report, "acc") == pytest.approx({0: 914 / 1146, 1: 1.0, 13: 225 / 525})
+    assert report["miou"] == pytest.approx((914 / 1146 + 464 / 996 + 225 / 525) / 3)
+    assert report["mean_acc"] == pytest.approx((914 / 1146 + 1.0 + 225 / 525) / 3)
+    assert report["pixel_acc"] == pytest.approx((914 + 464 + 225) / 2135)
+    assert report["per_class"][13]["name"] == "car"
+    assert report["images"] == 2
+
+
+def test_cityscapes_label_ids_follow_the_official_train_id_table(tmp_path, network, weights):
+    """Column x of the labels holds labelId x (plus a 255 column); the image predicts the official
+    trainId of each column, and class 0 (first city) or 1 (second city) on ignored columns, so any
+    labelId mapped to the wrong trainId, or wrongly kept, costs accuracy in at least one city."""
+    label_ids = np.array([*OFFICIAL_CITYSCAPES_TRAIN_IDS, 255])[np.newaxis, :].repeat(8, axis=0)
+    for city, filler in (("aachen", 0), ("bochum", 1)):
+        expected = [
+            OFFICIAL_CITYSCAPES_TRAIN_IDS.get(label_id, (None, 255))[1] for label_id in label_ids[0]
+        ]
+        predicted = np.array([filler if train_id == 255 else train_id for train_id in expected])
+        stem = f"{city}_000000_000001"
+        save_colour_image(tmp_path / "data" / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png",
+                          predicted[np.newaxis, :].repeat(8, axis=0))
+        save_label(tmp_path / "data" / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png", label_ids)
+    code = run("-m", "pspnet101_cityscapes", "-w", weights[0], "--data", tmp_path / "data",
+               "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    assert report["pixel_acc"] == 1.0
+    assert by_class(report, "iou") == {train_id: 1.0 for train_id in range(19)}
+    assert by_class(report, "acc") == {train_id: 1.0 for train_id in range(19)}
+
+
+def test_predictions_saved_and_reused_on_rerun(tmp_path, network, weights):
+    make_voc(tmp_path / "data")
+    save_dir = tmp_path / "predictions"
+    arguments = ("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--save-dir", save_dir)
+    assert run(*arguments) == 0
+    assert len(network.calls) == 2
+    for name, expected in VOC_PREDICTIONS.items():
+        with Image.open(save_dir / f"{name}.png") as saved:
+            assert saved.format == "PNG" and saved.mode == "L"
+            np.testing.assert_array_equal(np.asarray(saved), expected)
+    assert sorted(path.name for path in save_dir.iterdir()) == [
+        "2007_000001.png", "2007_000002.png", "metrics.json", "predictions.json"
+    ]
+    assert_voc_metrics(read_report(save_dir / "metrics.json"))
+
+    network.calls.clear()
+    (save_dir / "metrics.json").unlink()
+    assert run(*arguments) == 0
+    assert network.calls == []
+    assert_voc_metrics(read_report(save_dir / "metrics.json"))
+
+    (save_dir / "2007_000002.png").unlink()
+    assert run(*arguments) == 0
+    assert len(network.calls) == 1
+    assert_voc_metrics(read_report(save_dir / "metrics.json"))
+
+
+def test_save_dir_of_other_settings_is_refused(tmp_path, network, weights, capsys):
+    make_voc(tmp_path / "data")
+    save_dir = tmp_path / "predictions"
+    arguments = ("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--save-dir", save_dir)
+    assert run(*arguments) == 0
+    network.calls.clear()
+    capsys.readouterr()
+    assert run(*arguments, "-ms") == 1
+    assert network.calls == []
+    error = capsys.readouterr().err
+    assert str(save_dir) in error and "multi_scale" in error
+    assert error.count("\n") == 1
+
+
+def test_interrupt_reports_partial_metrics_and_rerun_resumes(tmp_path, network, weights):
+    make_voc(tmp_path / "data")
+    save_dir = tmp_path / "predictions"
+    arguments = ("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--save-dir", save_dir)
+    network.interrupt_at_call = 2
+    assert run(*arguments) == 130
+    report = read_report(save_dir / "metrics.json")
+    assert report["partial"] is True
+    assert report["images"] == 1
+    # 2007_000001 alone: [0,0] = 348, [1,0] = 116, [1,1] = 696.
+    assert by_class(report, "iou") == pytest.approx({0: 348 / 464, 1: 696 / 812})
+    assert report["pixel_acc"] == pytest.approx((348 + 696) / 1160)
+    assert report["miou"] == pytest.approx((348 / 464 + 696 / 812) / 2)
+
+    network.calls.clear()
+    network.interrupt_at_call = None
+    assert run(*arguments) == 0
+    assert len(network.calls) == 1
+    report = read_report(save_dir / "metrics.json")
+    assert report["partial"] is False and report["images"] == 2
+    assert_voc_metrics(report)
+
+
+def test_corrupt_image_and_missing_label_are_skipped(tmp_path, network, weights, capsys):
+    base = make_voc(tmp_path / "data", names=("2007_000001", "2007_000003", "2007_000002", "2007_000004"))
+    (base / "JPEGImages" / "2007_000003.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    save_label(base / "SegmentationClass" / "2007_000003.png", np.zeros((HEIGHT, WIDTH)), mode="P")
+    save_colour_image(base / "JPEGImages" / "2007_000004.jpg", np.zeros((HEIGHT, WIDTH), np.int64))
+    code = run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data",
+               "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    assert report["images"] == 2 and report["partial"] is False
+    assert_voc_metrics(report)
+    assert [entry["file"] for entry in report["skipped"]] == [
+        str(base / "JPEGImages" / "2007_000003.jpg"), str(base / "SegmentationClass" / "2007_000004.png")
+    ]
+    assert all(entry["problem"] for entry in report["skipped"])
+    error_lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in error_lines if "2007_000003.jpg" in line]) == 1
+    assert len([line for line in error_lines if "2007_000004.png" in line and "missing" in line]) == 1
+    assert len(network.calls) == 2
+
+
+def test_limit_evaluates_the_first_images(tmp_path, network, weights):
+    make_voc(tmp_path / "data")
+    code = run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--limit", 1,
+               "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    assert report["images"] == 1 and report["settings"]["limit"] == 1
+    assert by_class(report, "iou") == pytest.approx({0: 348 / 464, 1: 696 / 812})
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("pspnet50_ade20k", ["ADEChallengeData2016/images/validation", "ADEChallengeData2016/annotations/validation"]),
+    ("pspnet101_cityscapes", ["leftImg8bit/val", "gtFine/val"]),
+    ("pspnet101_voc2012", ["ImageSets/Segmentation/val.txt", "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"]),
+])
+def test_wrong_root_is_a_clear_error(tmp_path, model, expected):
+    root = tmp_path / "not_a_dataset"
+    root.mkdir()
+    result = run_cli("-m", model, "--data", root, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("evaluate: ") and result.stderr.count("\n") == 1
+    for path in expected:
+        assert str(root / path) in result.stderr
+    assert sorted(tmp_path.iterdir()) == [root]
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    make_voc(tmp_path / "data")
+    result = run_cli("-m", "pspnet101_voc2012", "-w", tmp_path / "absent.h5", "--data", tmp_path / "data",
+                     "--report", tmp_path / "r.json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert str(tmp_path / "absent.h5") in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_model_of_another_dataset_is_refused(tmp_path):
+    images = tmp_path / "cityscapes" / "leftImg8bit" / "val" / "aachen"
+    save_colour_image(images / "aachen_000000_000019_leftImg8bit.png", np.zeros((HEIGHT, WIDTH), np.int64))
+    (tmp_path / "cityscapes" / "gtFine" / "val").mkdir(parents=True)
+    result = run_cli("-m", "pspnet50_ade20k", "--data", tmp_path / "cityscapes", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "Cityscapes" in result.stderr and "pspnet101_cityscapes" in result.stderr
+
+
+def test_end_to_end_with_synthetic_weights(tmp_path, synthetic_model):
+    """The real network (synthetic weights) on two small ADE20K images; the metrics must be
+    those computed here, class by class, from the saved predictions and the labels."""
+    base = tmp_path / "data" / "ADEChallengeData2016"
+    rng = np.random.default_rng(5)
+    labels = {}
+    for stem in ("ADE_val_00000001", "ADE_val_00000002"):
+        image = Image.fromarray(rng.integers(0, 256, (36, 52, 3), dtype=np.uint8))
+        (base / "images" / "validation").mkdir(parents=True, exist_ok=True)
+        image.save(base / "images" / "validation" / f"{stem}.jpg")
+        labels[stem] = rng.integers(0, 151, (36, 52)).astype(np.uint8)
+        save_label(base / "annotations" / "validation" / f"{stem}.png", labels[stem])
+    save_dir = tmp_path / "predictions"
+    result = run_cli("-m", "pspnet50_ade20k", "-w", synthetic_model("pspnet50_ade20k").converted_h5,
+                     "--data", tmp_path / "data", "--no-flip", "--save-dir", save_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = read_report(save_dir / "metrics.json")
+    assert report["images"] == 2 and report["partial"] is False and report["skipped"] == []
+
+    predicted = {}
+    for stem in labels:
+        with Image.open(save_dir / f"{stem}.png") as saved:
+            assert saved.mode == "L"
+            predicted[stem] = np.asarray(saved).astype(np.int64)
+    pred = np.concatenate([predicted[stem].ravel() for stem in labels])
+    label = np.concatenate([labels[stem].ravel() for stem in labels]).astype(np.int64)
+    assert pred.max() < 150
+    expected_iou, expected_acc = {}, {}
+    for class_id in range(150):
+        is_label = label == class_id + 1
+        is_pred = (pred == class_id) & (label != 0)
+        true_positives = np.sum(is_label & is_pred)
+        if np.sum(is_label | is_pred):
+            expected_iou[class_id] = true_positives / np.sum(is_label | is_pred)
+        if np.sum(is_label):
+            expected_acc[class_id] = true_positives / np.sum(is_label)
+    assert by_class(report, "iou") == pytest.approx(expected_iou)
+    assert by_class(report, "acc") == pytest.approx(expected_acc)
+    assert report["miou"] == pytest.approx(np.mean(list(expected_iou.values())))
+    assert report["mean_acc"] == pytest.approx(np.mean(list(expected_acc.values())))
+    assert report["pixel_acc"] == pytest.approx(np.sum((pred + 1 == label) & (label != 0)) / np.sum(label != 0))
+    assert report["settings"]["flip"] is False
