@@ -24,17 +24,33 @@ def matlab_round(value):
 
 
 def scaled_size(height, width, long_side):
-    """The (height, width) with the longer side `long_side` and the aspect ratio kept."""
-    if height >= width:
-        return long_side, matlab_round(long_side / height * width)
-    return matlab_round(long_side / width * height), long_side
+    """The (height, width) with the longer side `long_side` and the aspect ratio kept.
+
+    The shorter side is rounded from a single-precision ratio, as eval_sub.m does,
+    and is at least one pixel.
+    """
+    if height > width:
+        return long_side, max(1, matlab_round(np.float32(long_side) / np.float32(height) * np.float32(width)))
+    return max(1, matlab_round(np.float32(long_side) / np.float32(width) * np.float32(height))), long_side
+
+
+def resize_margin(in_size, out_size):
+    """Pixels of mirrored border that a bilinear resize from in_size to out_size can reach."""
+    return math.ceil(in_size / out_size) + 2
 
 
 def resize_image(image, height, width):
-    """`image` (uint8 RGB) resized bilinearly to (height, width), antialiased when shrinking."""
+    """`image` (uint8 RGB) resized as MATLAB's imresize(..., 'bilinear') does.
+
+    Half-pixel centres, a triangle kernel widened when shrinking (antialiasing), and
+    a mirrored border, which Pillow reads from a symmetric pad around the box.
+    """
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    rows, columns = resize_margin(image.shape[0], height), resize_margin(image.shape[1], width)
+    padded = np.pad(image, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    box = (columns, rows, columns + image.shape[1], rows + image.shape[0])
+    return np.asarray(Image.fromarray(padded).resize((width, height), Image.BILINEAR, box=box))
 
 
 def preprocess(image):
@@ -49,13 +65,24 @@ def window_starts(length, crop_size, stride):
 
 
 def resize_probabilities(probabilities, height, width):
-    """A (h, w, classes) probability map resized bilinearly to (height, width) and renormalised.
+    """A (h, w, classes) probability map resized to (height, width) and renormalised.
 
-    Antialiased when shrinking, with half-pixel centres, as MATLAB's imresize.
+    Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image).
     """
-    if probabilities.shape[:2] == (height, width):
+    in_height, in_width = probabilities.shape[:2]
+    if (in_height, in_width) == (height, width):
         return probabilities
-    resized = tf.image.resize(probabilities, (height, width), method="bilinear", antialias=True)
+    rows, columns = resize_margin(in_height, height), resize_margin(in_width, width)
+    padded = np.pad(probabilities, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    scale = (height / in_height, width / in_width)
+    resized = tf.raw_ops.ScaleAndTranslate(
+        images=padded[tf.newaxis],
+        size=(height, width),
+        scale=scale,
+        translation=(-rows * scale[0], -columns * scale[1]),
+        kernel_type="triangle",
+        antialias=True,
+    )[0]
     return (resized / tf.reduce_sum(resized, axis=-1, keepdims=True)).numpy()
 
 

@@ -277,7 +277,7 @@ def build_pspnet(model_name, input_size=None, fold_batch_norm=False):
     if model_name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
     config = MODEL_CONFIGS[model_name]
-    input_size = input_size or config["input_size"]
+    input_size = config["input_size"] if input_size is None else input_size
     check_input_size(input_size)
     inputs = keras.Input((input_size, input_size, 3), name="data")
     x = stem(inputs, fold_batch_norm)
@@ -298,11 +298,6 @@ def file_weight_shapes(model):
     return shapes
 
 
-def weighted_layer_count(depth):
-    """The number of weighted layers (convolutions and BNs) of PSPNet-50 or -101."""
-    return 121 if depth == 50 else 223
-
-
 def read_weights(path):
     """The arrays of every weighted layer of a Keras-2 HDF5 weights file, by layer name.
 
@@ -319,13 +314,14 @@ def read_weights(path):
                 if not isinstance(group, h5py.Group):
                     continue
                 names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs.get("weight_names", [])]
+                missing = [n for n in names if n not in group]
+                if missing:
+                    raise WeightsError(f"{path}: layer {name} lists {missing[0]} but the file has no such dataset")
                 if names:
                     weights[name] = [np.asarray(group[n], dtype=np.float32) for n in names]
             return weights
     except OSError as error:
         raise WeightsError(f"{path}: not a readable HDF5 weights file ({error})") from None
-    except KeyError as error:
-        raise WeightsError(f"{path}: a dataset named in weight_names is missing ({error})") from None
 
 
 def and_more(names):
