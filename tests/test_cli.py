@@ -1,0 +1,596 @@
+"""Tests of pspnet.py: the command line, its output files and its Python API.
+
+End-to-end runs use pspnet50_ade20k with synthetic weights converted by
+weight_converter.py (conftest), on small images. Expected outputs are computed
+here from the saved probabilities, the spec's palette and formulas, and from
+the Keras network called directly (not through inference.py). Argument, file
+and progress handling is checked quickly with a stand-in network.
+"""
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import pspnet
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODEL = "pspnet50_ade20k"
+CROP_SIZE = 473
+ADE20K_CLASSES = 150
+# Spec D: the training mean, subtracted from RGB before the channels become BGR.
+MEAN_RGB = np.array([123.68, 116.779, 103.939])
+# Spec D: a few ADE20K palette entries, 0-based class id -> colour.
+ADE20K_COLOURS = {0: (120, 120, 120), 2: (6, 230, 230), 12: (150, 5, 61), 149: (92, 0, 255)}
+EVERY_FLAG = (
+    "-m", "--model", "-w", "--weights", "-i", "--input_path", "-g", "--glob_path", "-o", "--output_path",
+    "--id", "-s", "--sliding", "-ms", "--multi_scale", "-f", "--flip", "--no-flip", "--save-probs",
+    "-q", "--quiet", "-v", "--verbose",
+)
+
+
+def smooth_image(height, width, seed):
+    """A uint8 RGB image of smooth colour blobs, so the network sees some structure."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8))
+    return np.asarray(coarse.resize((width, height), Image.BICUBIC))
+
+
+def save_image(path, pixels):
+    """Writes uint8 pixels with Pillow and returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def decoded(path):
+    """The pixels of an image file, as Pillow decodes them."""
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def softmax(logits):
+    """Softmax over the last axis, in float64."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def run_main(*args):
+    """Runs pspnet.main in this process; returns its exit code, stdout and stderr."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with redirect_stdout(stdout), redirect_stderr(stderr):
+        code = pspnet.main([str(arg) for arg in args])
+    return SimpleNamespace(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def run_cli(*args, cwd=None):
+    """Runs `python pspnet.py *args` as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "pspnet.py"), *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def error_lines(stderr):
+    """The error lines pspnet.py printed."""
+    return [line for line in stderr.splitlines() if line.startswith("pspnet.py: error:")]
+
+
+def check_outputs(image, probabilities, outputs, exact_pictures=True):
+    """Asserts that the output files of one image are what its probabilities make them."""
+    class_ids = probabilities.argmax(axis=-1)
+    with Image.open(outputs["seg_read"]) as seg_read:
+        assert seg_read.format == "PNG" and seg_read.mode == "L"
+        np.testing.assert_array_equal(np.asarray(seg_read), class_ids)
+    if not exact_pictures:
+        for kind in ("seg", "seg_blended", "probs"):
+            assert decoded(outputs[kind]).shape[:2] == image.shape[:2]
+        return
+    palette = np.array(pspnet.utils.palette("ade20k"))
+    for class_id, colour in ADE20K_COLOURS.items():
+        assert tuple(palette[class_id]) == colour
+    colour = decoded(outputs["seg"])
+    np.testing.assert_array_equal(colour, palette[class_ids])
+    expected_blend = np.floor((image.astype(np.float64) + colour) / 2 + 0.5)
+    np.testing.assert_array_equal(decoded(outputs["seg_blended"]), expected_blend)
+    expected_grey = np.floor(255 * probabilities.max(axis=-1).astype(np.float64) + 0.5)
+    np.testing.assert_array_equal(decoded(outputs["probs"]), expected_grey)
+
+
+def output_files(stem, ext, probs=True):
+    """The output files pspnet.py writes for an output stem and picture extension."""
+    files = {
+        "seg": f"{stem}_seg{ext}", "seg_blended": f"{stem}_seg_blended{ext}",
+        "probs": f"{stem}_probs{ext}", "seg_read": f"{stem}_seg_read.png",
+    }
+    if probs:
+        files["probs_npy"] = f"{stem}_probs.npy"
+    return {kind: Path(name) for kind, name in files.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# End to end, with the real network and converted synthetic weights
+
+
+@pytest.fixture(scope="module")
+def weights_h5(synthetic_model):
+    return synthetic_model(MODEL).converted_h5
+
+
+@pytest.fixture(scope="module")
+def network(weights_h5):
+    """The network the cached end-to-end runs share (built once)."""
+    return pspnet.PSPNet(MODEL, weights=weights_h5)
+
+
+@pytest.fixture
+def reuse_network(monkeypatch, network):
+    """Makes pspnet.main use the already built network instead of building its own."""
+    def construct(model_name, weights=None, show_progress=True):
+        assert model_name == MODEL
+        return network
+
+    monkeypatch.setattr(pspnet, "PSPNet", construct)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, weights_h5):
+    """One -g run over a folder of two small images, a crop-sized one and a broken file."""
+    folder = tmp_path_factory.mktemp("batch")
+    images = {
+        "small.png": smooth_image(90, 120, 1),
+        "portrait.jpg": smooth_image(120, 90, 2),
+        "square.png": smooth_image(CROP_SIZE, CROP_SIZE, 3),
+    }
+    for name, pixels in images.items():
+        save_image(folder / "in" / name, pixels)
+    (folder / "in" / "broken.png").write_bytes(b"this is not an image\n")
+    result = run_main(
+        "-m", MODEL, "-w", weights_h5, "-g", folder / "in" / "*", "-o", folder / "out", "--save-probs", "--no-flip",
+        "-q",
+    )
+    return SimpleNamespace(result=result, folder=folder, out=folder / "out")
+
+
+def test_batch_skips_the_broken_file_and_fails_at_the_end(batch):
+    assert batch.result.code == 1
+    assert error_lines(batch.result.stderr) == [
+        f"pspnet.py: error: {batch.folder / 'in' / 'broken.png'}: not an image Pillow can read"
+    ]
+    assert batch.result.stdout == ""
+    written = sorted(path.name for path in batch.out.iterdir())
+    expected = sorted(
+        path.name
+        for stem, ext in (("small", ".png"), ("portrait", ".jpg"), ("square", ".png"))
+        for path in output_files(stem, ext).values()
+    )
+    assert written == expected
+
+
+@pytest.mark.parametrize("stem, ext, shape", [("small", ".png", (90, 120)), ("portrait", ".jpg", (120, 90))])
+def test_batch_outputs_follow_the_saved_probabilities(batch, stem, ext, shape):
+    probabilities = np.load(batch.out / f"{stem}_probs.npy")
+    assert probabilities.dtype == np.float32 and probabilities.shape == (*shape, ADE20K_CLASSES)
+    assert np.all(probabilities >= 0)
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1, atol=1e-5)
+    image = decoded(batch.folder / "in" / f"{stem}{ext}")
+    outputs = {kind: batch.out / path for kind, path in output_files(stem, ext).items()}
+    check_outputs(image, probabilities, outputs, exact_pictures=ext == ".png")
+    if ext == ".jpg":
+        for kind in ("seg", "seg_blended", "probs"):
+            with Image.open(outputs[kind]) as picture:
+                assert picture.format == "JPEG"
+
+
+@pytest.fixture(scope="module")
+def square_logits(network):
+    """Logits of the crop-sized test image and of its mirror image, from the Keras model itself."""
+    image = smooth_image(CROP_SIZE, CROP_SIZE, 3)
+    network_input = (image - MEAN_RGB)[..., ::-1].astype(np.float32)
+    logits = network.model(np.stack([network_input, network_input[:, ::-1]]), training=False)
+    return np.asarray(logits, dtype=np.float64)
+
+
+def test_crop_sized_image_gets_the_plain_network_softmax(batch, square_logits):
+    image = decoded(batch.folder / "in" / "square.png")
+    np.testing.assert_array_equal(image, smooth_image(CROP_SIZE, CROP_SIZE, 3))
+    probabilities = np.load(batch.out / "square_probs.npy")
+    np.testing.assert_allclose(probabilities, softmax(square_logits[0]), atol=1e-5)
+    outputs = {kind: batch.out / path for kind, path in output_files("square", ".png").items()}
+    check_outputs(image, probabilities, outputs)
+
+
+def test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class(tmp_path, reuse_network, square_logits):
+    image = smooth_image(CROP_SIZE, CROP_SIZE, 3)
+    source = save_image(tmp_path / "square.png", image)
+    result = run_main("-i", source, "-o", tmp_path / "out" / "square.png", "--save-probs", "-v")
+    assert result.code == 0, result.stderr
+    probabilities = np.load(tmp_path / "out" / "square_probs.npy")
+    flipped = softmax(square_logits[0] + square_logits[1, :, ::-1])
+    np.testing.assert_allclose(probabilities, flipped, atol=1e-5)
+    assert np.abs(flipped - softmax(square_logits[0])).max() > 0.01
+    outputs = {kind: tmp_path / "out" / path for kind, path in output_files("square", ".png").items()}
+    check_outputs(image, probabilities, outputs)
+
+    class_ids = probabilities.argmax(axis=-1)
+    present, counts = np.unique(class_ids, return_counts=True)
+    names = pspnet.utils.class_names("ade20k")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{source}: {len(present)} classes"
+    listed = {int(line.split()[0]): line for line in lines[1:]}
+    assert sorted(listed) == sorted(present.tolist())
+    for class_id, count in zip(present, counts):
+        assert names[class_id] in listed[class_id]
+        assert f"{count / class_ids.size:.2%}" in listed[class_id]
+
+
+def test_predict_passes_the_protocol_to_the_predictor(network, monkeypatch):
+    calls = []
+
+    class RecordingPredictor:
+        def predict(self, img, **protocol):
+            calls.append((img, protocol))
+            return "probabilities"
+
+    monkeypatch.setattr(network, "predictor", RecordingPredictor())
+    image = smooth_image(9, 12, 5)
+    assert network.predict(image, sliding=True, flip=False, multi_scale=True) == "probabilities"
+    assert network.predict(image) == "probabilities"
+    assert calls[0][0] is image
+    assert calls[0][1] == {"sliding": True, "flip": False, "multi_scale": True, "progress": None}
+    assert calls[1][1] == {"sliding": False, "flip": True, "multi_scale": False, "progress": None}
+
+
+def test_api_attributes(network):
+    assert (network.model_name, network.dataset) == (MODEL, "ade20k")
+    assert (network.classes, network.crop_size, network.base_size) == (150, 473, 512)
+    assert network.forward_count(90, 120, sliding=True, flip=True) == 4
+    assert network.forward_count(90, 120) == 2
+
+
+def test_model_tables_match_layers_builder():
+    import layers_builder
+
+    assert pspnet.MODEL_NAMES == layers_builder.MODEL_NAMES
+    assert pspnet.BASE_SIZES == {"pspnet50_ade20k": 512, "pspnet101_voc2012": 512, "pspnet101_cityscapes": 2048}
+    assert pspnet.DATASETS == {
+        "pspnet50_ade20k": "ade20k", "pspnet101_voc2012": "voc2012", "pspnet101_cityscapes": "cityscapes",
+    }
+
+
+def test_missing_weights_file_is_one_clear_error(tmp_path):
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 6))
+    result = run_main("-i", source, "-w", tmp_path / "absent.h5", "-q")
+    assert result.code == 1
+    assert result.stderr == f"pspnet.py: error: {tmp_path / 'absent.h5'}: no such weights file\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_weights_that_do_not_fit_are_one_clear_error(tmp_path):
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 6))
+    weights = tmp_path / "voc_classifier.h5"
+    with h5py.File(weights, "w") as handle:
+        handle.attrs["layer_names"] = np.array([b"conv6"])
+        group = handle.create_group("conv6")
+        group.attrs["weight_names"] = np.array([b"conv6/kernel:0", b"conv6/bias:0"])
+        group.create_dataset("conv6/kernel:0", data=np.zeros((1, 1, 512, 21), np.float32))
+        group.create_dataset("conv6/bias:0", data=np.zeros(21, np.float32))
+    result = run_main("-i", source, "-w", weights, "-q")
+    assert result.code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"pspnet.py: error: {weights}: ") and "conv1_1_3x3_s2" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "voc_classifier.h5"]
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments, files and progress, with a stand-in network
+
+
+class StandInNetwork:
+    """Stands in for pspnet.PSPNet: ADE20K class 2 (sky) where red >= 128, else 12 (person).
+
+    The winning class gets probability 0.7, the others share the rest. Every
+    construction and prediction is recorded on the class.
+    """
+
+    constructions = []
+    predictions = []
+
+    def __init__(self, model_name=MODEL, weights=None, show_progress=True):
+        StandInNetwork.constructions.append((model_name, weights))
+        self.model_name, self.dataset, self.classes = model_name, "ade20k", ADE20K_CLASSES
+
+    def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
+        return (12 if multi_scale else 4 if sliding else 1) * (2 if flip else 1)
+
+    def predict(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
+        StandInNetwork.predictions.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})
+        for _ in range(self.forward_count(*img.shape[:2], sliding, flip, multi_scale)):
+            progress(1)
+        winner = np.where(img[..., 0] >= 128, 2, 12)
+        probabilities = np.full((*img.shape[:2], self.classes), 0.3 / (self.classes - 1), np.float32)
+        np.put_along_axis(probabilities, winner[..., np.newaxis], 0.7, axis=-1)
+        return probabilities
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(StandInNetwork, "constructions", [])
+    monkeypatch.setattr(StandInNetwork, "predictions", [])
+    monkeypatch.setattr(pspnet, "PSPNet", StandInNetwork)
+    return StandInNetwork
+
+
+def sky_and_person(height=40, width=60, sky_columns=45):
+    """An image whose left `sky_columns` columns the stand-in calls sky, the rest person."""
+    pixels = np.full((height, width, 3), 40, np.uint8)
+    pixels[:, :sky_columns, 0] = 200
+    return pixels
+
+
+@pytest.mark.parametrize(
+    "flags, protocol",
+    [
+        ([], (False, True, False)),
+        (["-f"], (False, True, False)),
+        (["--no-flip"], (False, False, False)),
+        (["-s"], (True, True, False)),
+        (["--sliding", "--no-flip"], (True, False, False)),
+        (["-ms"], (False, True, True)),
+        (["-s", "--multi_scale", "--flip"], (True, True, True)),
+    ],
+)
+def test_protocol_flags_reach_the_network(tmp_path, stand_in, flags, protocol):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    result = run_main("-i", source, "-q", *flags)
+    assert result.code == 0, result.stderr
+    assert stand_in.predictions == [dict(zip(("sliding", "flip", "multi_scale"), protocol))]
+
+
+def test_model_and_weights_flags_reach_the_network(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    assert run_main("-i", source, "-q").code == 0
+    assert run_main("-i", source, "-q", "-m", "pspnet101_voc2012", "-w", "mine.h5").code == 0
+    assert stand_in.constructions == [(MODEL, None), ("pspnet101_voc2012", "mine.h5")]
+
+
+def test_glob_loads_the_network_once_and_names_outputs_after_inputs(tmp_path, stand_in):
+    save_image(tmp_path / "in" / "one.png", sky_and_person())
+    save_image(tmp_path / "in" / "two.jpg", sky_and_person())
+    save_image(tmp_path / "in" / "sub" / "three.bmp", sky_and_person())
+    out = tmp_path / "deep" / "new" / "out"
+    result = run_main("-g", tmp_path / "in" / "**" / "*", "-o", out, "-q")
+    assert result.code == 1  # the folder "sub" matches the pattern too and is not an image
+    assert error_lines(result.stderr) == [
+        f"pspnet.py: error: {tmp_path / 'in' / 'sub'}: is a directory, not an image file"
+    ]
+    assert len(stand_in.constructions) == 1 and len(stand_in.predictions) == 3
+    expected = [path.name for stem, ext in (("one", ".png"), ("two", ".jpg"), ("three", ".bmp"))
+                for path in output_files(stem, ext, probs=False).values()]
+    assert sorted(path.name for path in out.iterdir()) == sorted(expected)
+
+
+def test_outputs_next_to_the_input_by_default(tmp_path, stand_in):
+    source = save_image(tmp_path / "photo.png", sky_and_person())
+    assert run_main("-i", source, "-q", "--save-probs").code == 0
+    expected = ["photo.png"] + [path.name for path in output_files("photo", ".png").values()]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(expected)
+
+
+def test_output_without_extension_takes_the_input_one(tmp_path, stand_in):
+    source = save_image(tmp_path / "photo.jpg", sky_and_person())
+    assert run_main("-i", source, "-o", tmp_path / "out" / "result", "-q").code == 0
+    expected = [path.name for path in output_files("result", ".jpg", probs=False).values()]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(expected)
+
+
+def test_output_directory_with_single_input(tmp_path, stand_in):
+    source = save_image(tmp_path / "photo.png", sky_and_person())
+    (tmp_path / "out").mkdir()
+    assert run_main("-i", source, "-o", tmp_path / "out", "-q").code == 0
+    expected = [path.name for path in output_files("photo", ".png", probs=False).values()]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(expected)
+
+
+def test_stand_in_outputs_are_exact(tmp_path, stand_in):
+    image = sky_and_person()
+    source = save_image(tmp_path / "a.png", image)
+    assert run_main("-i", source, "-o", tmp_path / "b.png", "-q", "--save-probs").code == 0
+    outputs = {kind: tmp_path / path for kind, path in output_files("b", ".png").items()}
+    probabilities = np.load(outputs["probs_npy"])
+    np.testing.assert_array_equal(probabilities.argmax(axis=-1), np.where(image[..., 0] >= 128, 2, 12))
+    check_outputs(image, probabilities, outputs)
+    np.testing.assert_array_equal(decoded(outputs["probs"]), np.full(image.shape[:2], 178))  # round(0.7 * 255)
+
+
+def test_default_summary_is_one_line_per_image(tmp_path, stand_in):
+    save_image(tmp_path / "a.png", sky_and_person(sky_columns=45))
+    save_image(tmp_path / "b.png", sky_and_person(sky_columns=15))
+    result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out")
+    assert result.code == 0
+    assert result.stdout.splitlines() == [
+        f"{tmp_path / 'a.png'}: sky 75.0%, person 25.0%",
+        f"{tmp_path / 'b.png'}: person 75.0%, sky 25.0%",
+    ]
+
+
+def test_quiet_prints_nothing(tmp_path, stand_in):
+    save_image(tmp_path / "a.png", sky_and_person())
+    save_image(tmp_path / "b.png", sky_and_person())
+    result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out", "-ms", "-q")
+    assert (result.code, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_progress_counts_images_and_forward_passes(tmp_path, stand_in):
+    save_image(tmp_path / "a.png", sky_and_person())
+    save_image(tmp_path / "b.png", sky_and_person())
+    result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out", "-ms")
+    assert result.code == 0
+    assert "2/2" in result.stderr and "image" in result.stderr
+    assert "forward passes:" in result.stderr and "/24 [" in result.stderr
+    few_passes = run_main("-i", tmp_path / "a.png", "-o", tmp_path / "out2" / "a.png")
+    assert "forward passes" not in few_passes.stderr and "image/s" not in few_passes.stderr
+
+
+def test_unwritable_output_is_one_clear_error(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    (tmp_path / "out" / "b_seg.png").mkdir(parents=True)
+    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "-q")
+    assert result.code == 1
+    (line,) = result.stderr.splitlines()
+    assert line == f"pspnet.py: error: {tmp_path / 'out' / 'b_seg.png'}: cannot write (Is a directory)"
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["b_seg.png"]
+
+
+def test_outputs_of_two_inputs_colliding_are_refused(tmp_path, stand_in):
+    save_image(tmp_path / "a.png", sky_and_person())
+    save_image(tmp_path / "a.jpg", sky_and_person())
+    result = run_main("-g", tmp_path / "a.*", "-o", tmp_path / "out", "-q")
+    assert result.code == 1
+    (line,) = result.stderr.splitlines()
+    assert "a.png" in line and "a.jpg" in line
+    assert stand_in.constructions == [] and not (tmp_path / "out").exists()
+
+
+def test_pspnet50_and_pspnet101_conveniences(stand_in):
+    pspnet.PSPNet50(weights="a.h5")
+    pspnet.PSPNet101(weights="b.h5")
+    pspnet.PSPNet101("cityscapes")
+    assert stand_in.constructions == [
+        ("pspnet50_ade20k", "a.h5"), ("pspnet101_voc2012", "b.h5"), ("pspnet101_cityscapes", None),
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# The command line as a user runs it (errors found before TensorFlow is imported)
+
+
+def test_help_lists_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    options = {word.strip(",") for line in result.stdout.splitlines() for word in line.split()}
+    for flag in EVERY_FLAG:
+        assert flag in options, flag
+
+
+def zero_pixel_png():
+    """A PNG whose header declares 0 x 0 pixels."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def truncated_png():
+    """The first half of a valid PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(smooth_image(60, 80, 7)).save(buffer, format="PNG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, content, problem",
+    [
+        ("missing.png", None, "no such file"),
+        ("text.png", b"hello\n", "not an image"),
+        ("truncated.png", "truncated", "truncated"),
+        ("zero.png", "zero", "not an image"),
+        ("empty.jpg", b"", "empty file"),
+        ("folder.png", "folder", "directory"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file(tmp_path, name, content, problem):
+    source = tmp_path / name
+    if content == "folder":
+        source.mkdir()
+    elif content == "truncated":
+        source.write_bytes(truncated_png())
+    elif content == "zero":
+        source.write_bytes(zero_pixel_png())
+    elif content is not None:
+        source.write_bytes(content)
+    before = sorted(tmp_path.iterdir())
+    result = run_cli("-i", source, "-o", tmp_path / "out" / "x.png")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"pspnet.py: error: {source}: ") and problem in line
+    assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("glob_mode", [False, True])
+def test_run_that_would_overwrite_its_input_is_refused(tmp_path, glob_mode):
+    source = save_image(tmp_path / "a_seg.png", smooth_image(30, 40, 8))
+    content = source.read_bytes()
+    if glob_mode:
+        save_image(tmp_path / "a.png", smooth_image(30, 40, 9))
+        result = run_cli("-g", tmp_path / "*.png", "-o", tmp_path)
+    else:
+        result = run_cli("-i", source, "-o", tmp_path / "a.png")
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert "overwrite" in line and str(source) in line
+    assert source.read_bytes() == content
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["a.png", "a_seg.png"] if glob_mode else ["a_seg.png"])
+
+
+def test_overwrite_refusal_sees_through_relative_paths(tmp_path):
+    source = save_image(tmp_path / "a_seg.png", smooth_image(30, 40, 8))
+    (tmp_path / "sub").mkdir()
+    result = run_cli("-i", "a_seg.png", "-o", "sub/../a.png", cwd=tmp_path)
+    assert result.returncode == 1 and "overwrite" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a_seg.png", "sub"]
+    assert decoded(source).shape == (30, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "output, problem",
+    [("out.xyz", "cannot write images with the extension '.xyz'"), ("file.txt/out.png", "is not a directory")],
+)
+def test_bad_output_path_is_refused_before_any_work(tmp_path, output, problem):
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 8))
+    (tmp_path / "file.txt").write_text("a file\n")
+    result = run_cli("-i", source, "-o", tmp_path / output)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("pspnet.py: error: ") and problem in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "file.txt"]
+
+
+def test_glob_output_must_be_a_directory(tmp_path):
+    save_image(tmp_path / "a.png", smooth_image(30, 40, 8))
+    (tmp_path / "file.txt").write_text("a file\n")
+    result = run_cli("-g", tmp_path / "*.png", "-o", tmp_path / "file.txt")
+    assert result.returncode == 1 and "-o names a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_glob_matching_nothing_is_an_error(tmp_path):
+    result = run_cli("-g", tmp_path / "*.png", "-o", tmp_path / "out")
+    assert result.returncode == 1
+    assert result.stderr == f"pspnet.py: error: {tmp_path / '*.png'}: no files match\n"
+
+
+@pytest.mark.parametrize("flags", [[], ["-i", "a.png", "-g", "*.png"], ["-i", "a.png", "-q", "-v"]])
+def test_wrong_command_lines_are_usage_errors(tmp_path, flags):
+    result = run_cli(*flags, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: pspnet.py") and "Traceback" not in result.stderr
+
+
+def test_missing_gpu_is_a_warning(tmp_path):
+    source = tmp_path / "absent.png"
+    result = run_cli("-i", source, "--id", "97")
+    assert result.returncode == 1
+    assert "pspnet.py: warning: GPU 97 not found; running on the CPU" in result.stderr.splitlines()
+    assert error_lines(result.stderr) == [f"pspnet.py: error: {source}: no such file"]
