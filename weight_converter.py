@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 PROG = "weight_converter"
-DEFAULT_OUTPUT_DIR = os.path.join("weights", "keras")
+DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "keras")
 KERAS_VERSION = np.bytes_(b"2.1.5")
 KERAS_BACKEND = np.bytes_(b"tensorflow")
 
@@ -810,8 +810,8 @@ def current_umask():
 def convert(prototxt_path, caffemodel_path, output_path=None):
     """Converts a Caffe PSPNet (deploy prototxt + caffemodel) to a Keras-2 HDF5 weights file.
 
-    `output_path` defaults to weights/keras/<model name>.h5 (relative to the working
-    directory). Returns a Conversion; raises ConversionError naming the faulty file.
+    `output_path` defaults to weights/keras/<model name>.h5 beside this script, where
+    pspnet.py looks for weights. Returns a Conversion; raises ConversionError naming the faulty file.
     """
     definition = read_prototxt(prototxt_path)
     caffe_layers = read_caffemodel(caffemodel_path)
@@ -844,8 +844,8 @@ def parse_args(argv):
         "-o",
         "--output",
         metavar="OUT.h5",
-        help="output file (default: weights/keras/<model>.h5 under the working directory, "
-        "e.g. weights/keras/pspnet50_ade20k.h5); missing directories are created",
+        help="output file (default: weights/keras/<model>.h5 beside weight_converter.py, where "
+        "pspnet.py looks for it, e.g. weights/keras/pspnet50_ade20k.h5); missing directories are created",
     )
     return parser.parse_args(argv)
 

@@ -1,5 +1,6 @@
 """Shared, lazily built test artefacts: synthetic Caffe weights and their conversions per model."""
 
+import shutil
 import subprocess
 import sys
 from functools import cached_property
@@ -33,8 +34,9 @@ def converter_process(*args, cwd=None):
 class SyntheticModel:
     """One released PSPNet with synthetic weights; every artefact is built on first use.
 
-    `converted_h5` is made by running the converter without -o in `directory`, so it
-    also exercises the default output path weights/keras/<model>.h5.
+    `converted_h5` is made by running a copy of the converter placed in `directory`
+    without -o, so it also exercises the default output path weights/keras/<model>.h5
+    beside the script.
     """
 
     def __init__(self, name, directory):
@@ -56,8 +58,11 @@ class SyntheticModel:
 
     @cached_property
     def conversion(self):
-        """The CompletedProcess of `weight_converter.py <prototxt> <caffemodel>` run in `directory`."""
-        return converter_process(self.prototxt, self.caffemodel, cwd=self.directory)
+        """The CompletedProcess of `weight_converter.py <prototxt> <caffemodel>` for a copy in `directory`."""
+        converter = shutil.copy(CONVERTER, self.directory)
+        return subprocess.run(
+            [sys.executable, converter, self.prototxt, self.caffemodel], capture_output=True, text=True, timeout=300
+        )
 
     @cached_property
     def converted_h5(self):

@@ -74,7 +74,7 @@ def test_converts_release_net(name, synthetic_model):
     """Each released prototxt converts to weights/keras/<model>.h5 holding every weighted layer."""
     model = synthetic_model(name)
     result = model.conversion
-    default_output = os.path.join("weights", "keras", f"{name}.h5")
+    default_output = model.directory / "weights" / "keras" / f"{name}.h5"
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"wrote {default_output} ({WEIGHTED_LAYER_COUNTS[name]} layers)\n"
     assert result.stderr == ""
