@@ -110,10 +110,10 @@ class Predictor:
             @tf.function(input_signature=[spec])
             def crop_probabilities(crop):
                 if flip:
-                    logits = self.model(tf.stack([crop, crop[:, ::-1]]), training=False)
+                    logits = tf.cast(self.model(tf.stack([crop, crop[:, ::-1]]), training=False), tf.float32)
                     logits = logits[0] + logits[1, :, ::-1]
                 else:
-                    logits = self.model(crop[tf.newaxis], training=False)[0]
+                    logits = tf.cast(self.model(crop[tf.newaxis], training=False)[0], tf.float32)
                 return tf.nn.softmax(logits, axis=-1)
 
             self._crop_functions[flip] = crop_probabilities

@@ -24,6 +24,8 @@ MODEL_CONFIGS = {
     "pspnet101_cityscapes": {"depth": 101, "classes": 19, "input_size": 713},
 }
 MODEL_NAMES = tuple(MODEL_CONFIGS)
+# Keras dtype policy of each precision: weights stay float32, mixed ones compute in 16 bits.
+PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -262,29 +264,37 @@ def head(x, classes, fold=False):
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model_name, input_size=None, fold_batch_norm=False):
+def build_pspnet(model_name, input_size=None, fold_batch_norm=False, precision="float32"):
     """The Keras model of `model_name` (one of MODEL_NAMES), returning logits.
-
-    With `fold_batch_norm` every BN is folded into its convolution (FoldedConvBN):
-    the same function in fewer operations, for inference; weights load from the
-    same files.
 
     `input_size` defaults to the released crop size (473, or 713 for Cityscapes),
     where the network is exactly the Caffe deploy net. Other sizes S = 48k - 7 give
     the same network scaled (pyramid kernels F/bins for a conv5_3 map of side F);
     any other size raises ValueError.
+
+    With `fold_batch_norm` every BN is folded into its convolution (FoldedConvBN):
+    the same function in fewer operations, for inference; weights load from the
+    same files. `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
+    policy; the mixed ones keep float32 weights and compute in 16 bits.
     """
     if model_name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if precision not in PRECISION_POLICIES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_POLICIES)}")
     config = MODEL_CONFIGS[model_name]
     input_size = config["input_size"] if input_size is None else input_size
     check_input_size(input_size)
-    inputs = keras.Input((input_size, input_size, 3), name="data")
-    x = stem(inputs, fold_batch_norm)
-    x = residual_stages(x, config["depth"], fold_batch_norm)
-    x = pyramid_pooling_module(x, fold_batch_norm)
-    outputs = head(x, config["classes"], fold_batch_norm)
-    return keras.Model(inputs, outputs, name=model_name)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
+    try:
+        inputs = keras.Input((input_size, input_size, 3), name="data")
+        x = stem(inputs, fold_batch_norm)
+        x = residual_stages(x, config["depth"], fold_batch_norm)
+        x = pyramid_pooling_module(x, fold_batch_norm)
+        outputs = head(x, config["classes"], fold_batch_norm)
+        return keras.Model(inputs, outputs, name=model_name)
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 def file_weight_shapes(model):

@@ -39,6 +39,7 @@ DATASETS = {
 MODEL_NAMES = tuple(DATASETS)
 DEFAULT_MODEL = "pspnet50_ade20k"
 BASE_SIZES = {"pspnet50_ade20k": 512, "pspnet101_voc2012": 512, "pspnet101_cityscapes": 2048}
+PRECISIONS = ("float32", "bfloat16", "float16")
 
 # The published Keras weights (README of the 2017 Keras port).
 WEIGHTS_URLS = {
@@ -167,17 +168,25 @@ class PSPNet:
     `model_name` is one of MODEL_NAMES. `weights` is the path of a Keras-2 HDF5
     weights file; by default `weights/keras/<model_name>.h5` in the directory of
     this file, downloaded from the published URL when missing (`show_progress`
-    shows that download's progress bar on stderr). Raises WeightsNotFound when
-    the weights cannot be found or downloaded and layers_builder.WeightsError
-    when they do not fit the network.
+    shows that download's progress bar on stderr). `precision` is float32, or
+    bfloat16 / float16 mixed precision on a GPU. Raises WeightsNotFound when
+    the weights cannot be found or downloaded, layers_builder.WeightsError
+    when they do not fit the network, and ValueError for an unknown model or a
+    mixed precision without a GPU.
     """
 
-    def __init__(self, model_name=DEFAULT_MODEL, weights=None, show_progress=True):
+    def __init__(self, model_name=DEFAULT_MODEL, weights=None, show_progress=True, precision="float32"):
+        import tensorflow as tf
+
         from inference import Predictor
         from layers_builder import MODEL_CONFIGS, build_pspnet, load_weights
 
         if model_name not in DATASETS:
             raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision != "float32" and not tf.config.list_physical_devices("GPU"):
+            raise ValueError(f"precision {precision} needs a GPU and none is visible; use float32 on the CPU")
         config = MODEL_CONFIGS[model_name]
         self.model_name = model_name
         self.dataset = DATASETS[model_name]
@@ -187,7 +196,8 @@ class PSPNet:
         self.weights_path = Path(weights) if weights is not None else default_weights_path(model_name)
         if weights is not None and not self.weights_path.exists():
             raise WeightsNotFound(f"{self.weights_path}: no such weights file")
-        self.model = build_pspnet(model_name)
+        self.precision = precision
+        self.model = build_pspnet(model_name, precision=precision)
         if self.weights_path.exists():
             load_weights(self.model, self.weights_path)
         else:
@@ -354,8 +364,8 @@ def load_network(args):
     from layers_builder import WeightsError
 
     try:
-        return PSPNet(args.model, weights=args.weights, show_progress=not args.quiet)
-    except (WeightsError, WeightsNotFound) as error:
+        return PSPNet(args.model, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
+    except (WeightsError, WeightsNotFound, ValueError) as error:
         raise CommandError(str(error)) from None
 
 
@@ -432,6 +442,11 @@ def argument_parser():
         "--id", metavar="N",
         help="GPU to run on (sets CUDA_VISIBLE_DEVICES before TensorFlow starts); without a GPU N, "
              "a warning is printed and the CPU is used (default: TensorFlow's choice)",
+    )
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="float32",
+        help="arithmetic of the network: float32, or bfloat16 / float16 mixed precision (float32 "
+             "weights, 16-bit compute; GPU only) (default: %(default)s)",
     )
     parser.add_argument(
         "-s", "--sliding", action="store_true",

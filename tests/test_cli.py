@@ -34,7 +34,7 @@ ADE20K_COLOURS = {0: (120, 120, 120), 2: (6, 230, 230), 12: (150, 5, 61), 149: (
 EVERY_FLAG = (
     "-m", "--model", "-w", "--weights", "-i", "--input_path", "-g", "--glob_path", "-o", "--output_path",
     "--id", "-s", "--sliding", "-ms", "--multi_scale", "-f", "--flip", "--no-flip", "--save-probs",
-    "-q", "--quiet", "-v", "--verbose",
+    "-q", "--quiet", "-v", "--verbose", "--precision",
 )
 
 
@@ -594,3 +594,16 @@ def test_missing_gpu_is_a_warning(tmp_path):
     assert result.returncode == 1
     assert "pspnet.py: warning: GPU 97 not found; running on the CPU" in result.stderr.splitlines()
     assert error_lines(result.stderr) == [f"pspnet.py: error: {source}: no such file"]
+
+
+def test_mixed_precision_without_a_gpu_is_refused(tmp_path, weights_h5):
+    """On this CPU-only machine, bfloat16/float16 stop with one clear line and exit 1, writing nothing."""
+    source = tmp_path / "photo.png"
+    Image.fromarray(smooth_image(40, 50, 3)).save(source)
+    for precision in ("bfloat16", "float16"):
+        result = run_main("-i", source, "-o", tmp_path / "out" / "photo.png", "-w", weights_h5, "--precision", precision)
+        assert result.code == 1
+        assert error_lines(result.stderr) == [
+            f"pspnet.py: error: precision {precision} needs a GPU and none is visible; use float32 on the CPU"
+        ]
+    assert not (tmp_path / "out").exists()
