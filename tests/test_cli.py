@@ -135,8 +135,8 @@ def network(weights_h5):
 @pytest.fixture
 def reuse_network(monkeypatch, network):
     """Makes pspnet.main use the already built network instead of building its own."""
-    def construct(model_name, weights=None, show_progress=True):
-        assert model_name == MODEL
+    def construct(model_name, weights=None, show_progress=True, precision="float32"):
+        assert (model_name, precision) == (MODEL, "float32")
         return network
 
     monkeypatch.setattr(pspnet, "PSPNet", construct)
@@ -305,7 +305,7 @@ class StandInNetwork:
     constructions = []
     predictions = []
 
-    def __init__(self, model_name=MODEL, weights=None, show_progress=True):
+    def __init__(self, model_name=MODEL, weights=None, show_progress=True, precision="float32"):
         StandInNetwork.constructions.append((model_name, weights))
         self.model_name, self.dataset, self.classes = model_name, "ade20k", ADE20K_CLASSES
 
