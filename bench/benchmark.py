@@ -55,6 +55,10 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
 
 import pspnet  # noqa: E402
 import utils  # noqa: E402
+from inference import Predictor  # noqa: E402
+from layers_builder import FoldedConvBN  # noqa: E402
+from layers_builder import build_pspnet  # noqa: E402
+from layers_builder import load_weights  # noqa: E402
 from onnx_from_caffe import build_onnx_net  # noqa: E402
 from synthetic_caffe import caffemodel_layers  # noqa: E402
 from synthetic_caffe import opencv_logits  # noqa: E402
@@ -221,11 +225,6 @@ def measure_ours(net, crop, reference, args):
     with layers_builder and wrapped in an inference.Predictor the same way.
     Returns (whether the CLI folds BN, timings, agreement with OpenCV).
     """
-    from inference import Predictor
-    from layers_builder import FoldedConvBN
-    from layers_builder import build_pspnet
-    from layers_builder import load_weights
-
     cli_fold = any(isinstance(layer, FoldedConvBN) for layer in net.model.layers)
     start = time.perf_counter()
     other_model = build_pspnet(net.model_name, fold_batch_norm=not cli_fold)
