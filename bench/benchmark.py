@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import pstats
+import signal
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,12 @@ PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "onnx", "onnxruntime", "op
 PEERS = ("onnxruntime", "opencv")
 OUR_VARIANTS = ("ours_fold_bn_false", "ours_fold_bn_true")
 PROFILE_LINES = 12
+KIB = 1024
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+STDERR_TAIL_CHARS = 2000
+# Exit status on SIGTERM, after the temporary directory (synthetic weights) is removed.
+EXIT_TERMINATED = 143
+RESULT_FILE_MODE = 0o644
 
 
 # --------------------------------------------------------------------------------------
@@ -377,15 +384,17 @@ def measure_memory(weights, image_path, work_dir):
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     width, height = Image.open(image_path).size
-    return {
+    memory = {
         "model": CITYSCAPES_MODEL,
         "flags": " ".join(MEMORY_FLAGS),
         "image_size": [width, height],
         "exit_code": process.returncode,
-        "stderr_tail": stderr_path.read_text()[-2000:],
-        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "peak_rss_mib": usage.ru_maxrss / KIB,
         "wall_s": wall,
     }
+    if process.returncode:
+        memory["stderr_tail"] = stderr_path.read_text()[-STDERR_TAIL_CHARS:]
+    return memory
 
 
 # --------------------------------------------------------------------------------------
@@ -394,13 +403,14 @@ def measure_memory(weights, image_path, work_dir):
 
 def machine_info(args):
     """The machine, the package versions and the load average at the start."""
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
     return {
-        "cpu": cpu,
+        "cpu": fields.get("model name", platform.processor()),
+        "simd": " ".join(flag for flag in SIMD_FLAGS if flag in fields.get("flags", "").split()),
         "cores": os.cpu_count(),
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
@@ -497,8 +507,11 @@ def report_text(results):
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
     start, end = machine["loadavg_start"], machine.get("loadavg_end", machine["loadavg_start"])
     settings = results["settings"]
+    simd = f" ({machine['simd']})" if "simd" in machine else ""
+    memory = f"{machine['memory_gib']:.0f} GiB, " if "memory_gib" in machine else ""
     lines = [
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}, Python {machine['python']}",
+        f"Machine: {machine['cpu']}{simd}, {machine['cores']} cores, {memory}"
+        f"{machine['platform']}, Python {machine['python']}",
         f"Packages: {packages}",
         f"Load average (1/5/15 min): start {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f}, "
         f"end {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}; {machine['date']}",
@@ -537,6 +550,8 @@ def report_text(results):
             f"{memory['image_size'][0]}x{memory['image_size'][1]} image: {memory['peak_rss_mib']:.0f} MiB "
             f"(wall {memory['wall_s']:.0f} s, exit code {memory['exit_code']})",
         ]
+        if memory["exit_code"]:
+            lines.append(f"The run failed; the end of its stderr:\n{memory['stderr_tail']}")
     return "\n".join(lines)
 
 
@@ -547,6 +562,7 @@ def write_json_atomic(path, results):
     try:
         with os.fdopen(descriptor, "w") as file:
             json.dump(results, file, indent=1)
+        os.chmod(temporary, RESULT_FILE_MODE)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -584,7 +600,8 @@ def argument_parser():
     parser.add_argument("--cityscapes-image", type=Path,
                         help="image for the Cityscapes CLI and memory runs (default: --image resized to 2048x1024)")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one image per CLI mode and list the functions with the most own time")
+                        help="also profile one more image per CLI mode: the project's functions by cumulative "
+                        "time, then all functions by own time")
     parser.add_argument("--skip-memory", action="store_true",
                         help="skip the peak memory of pspnet.py -s -ms on pspnet101_cityscapes (a run of minutes)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON to FILE")
@@ -667,6 +684,7 @@ def main(argv=None):
             return 1
         return 0
     cv2.setNumThreads(args.threads)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
     with tempfile.TemporaryDirectory(prefix="pspnet-bench-") as work_dir:
         results = run_benchmark(args, work_dir)
     print(report_text(results))
