@@ -481,7 +481,7 @@ def test_scaled_size_is_rounded_as_eval_sub_does(position_network, predictors, m
 )
 def test_network_receives_the_protocols_crops(image_network, predictors, mode, shape, grey_levels):
     """Every crop is MATLAB's: the imresize'd image padded with the mean colour, mean subtracted,
-    BGR, taken in eval_sub.m's order (scales, then rows, then columns), sent together with its
+    BGR, taken in eval_sub.m's order (scales, then rows, then columns), each followed by its
     mirror image. Where the image is resized, one grey level of uint8 rounding is allowed."""
     image = make_image(*shape, seed=12)
     expected = protocol_crops(image, CROP_SIZE, BASE_SIZE, **MODES[mode])
@@ -490,10 +490,10 @@ def test_network_receives_the_protocols_crops(image_network, predictors, mode, s
     predictors(image_network).predict(image, flip=True, **MODES[mode])
 
     batches = image_network.batches
-    assert [batch.shape for batch in batches] == [(2, CROP_SIZE, CROP_SIZE, 3)] * len(expected)
-    for batch, expected_crop in zip(batches, expected):
-        assert np.array_equal(batch[1], batch[0][:, ::-1])
-        assert_close(batch[0], expected_crop, grey_levels + EXACT)
+    assert [batch.shape for batch in batches] == [(1, CROP_SIZE, CROP_SIZE, 3)] * (2 * len(expected))
+    for crop, mirrored, expected_crop in zip(batches[0::2], batches[1::2], expected):
+        assert np.array_equal(mirrored[0], crop[0][:, ::-1])
+        assert_close(crop[0], expected_crop, grey_levels + EXACT)
 
 
 @pytest.mark.parametrize(
