@@ -242,8 +242,10 @@ def predict_class_ids(network, sample, shape, protocol):
             sample.image,
             f"image is {image.shape[1]}x{image.shape[0]} but its label {sample.label.name} is {shape[1]}x{shape[0]}",
         )
-    probabilities = network.predict(image, **protocol)
-    return np.argmax(probabilities, axis=2).astype(np.uint8)
+    from inference import best_classes
+
+    class_ids, _ = best_classes(network.probability_map(image, **protocol))
+    return class_ids
 
 
 def confusion_matrix(label_ids, predicted_ids, classes):

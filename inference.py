@@ -64,16 +64,29 @@ def window_starts(length, crop_size, stride):
     return [min(i * stride, length - crop_size) for i in range(count)]
 
 
-def resize_probabilities(probabilities, height, width):
-    """A (h, w, classes) probability map resized to (height, width) and renormalised.
+def best_classes(probabilities):
+    """The class id (uint8) and its probability (float32) at every pixel of an (H, W, classes) map."""
+    class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+    return tf.cast(class_ids, tf.uint8).numpy(), tf.reduce_max(probabilities, axis=-1).numpy()
 
-    Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image).
+
+def mirrored_indices(length, margin):
+    """Indices 0..length-1 extended by `margin` on each side with MATLAB's mirrored border."""
+    return np.pad(np.arange(length), margin, mode="symmetric")
+
+
+def resize_probabilities(probabilities, height, width):
+    """A (h, w, classes) probability map resized to (height, width) and renormalised, as a tensor.
+
+    Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image), by
+    TensorFlow's ScaleAndTranslate on the map with a mirrored border.
     """
     in_height, in_width = probabilities.shape[:2]
     if (in_height, in_width) == (height, width):
-        return probabilities
+        return tf.convert_to_tensor(probabilities)
     rows, columns = resize_margin(in_height, height), resize_margin(in_width, width)
-    padded = np.pad(probabilities, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    padded = tf.gather(probabilities, mirrored_indices(in_height, rows), axis=0)
+    padded = tf.gather(padded, mirrored_indices(in_width, columns), axis=1)
     scale = (height / in_height, width / in_width)
     resized = tf.raw_ops.ScaleAndTranslate(
         images=padded[tf.newaxis],
@@ -83,19 +96,24 @@ def resize_probabilities(probabilities, height, width):
         kernel_type="triangle",
         antialias=True,
     )[0]
-    return (resized / tf.reduce_sum(resized, axis=-1, keepdims=True)).numpy()
+    return resized / tf.reduce_sum(resized, axis=-1, keepdims=True)
 
 
 class Predictor:
     """Class probabilities of whole images from a network that maps crops to logits.
 
-    `model` maps (N, crop_size, crop_size, 3) preprocessed crops to
-    (N, crop_size, crop_size, classes) logits; `base_size` is the longer side the
-    single-scale protocol rescales images to (plus one pixel, as the release does).
+    `network` maps (N, crop_size, crop_size, 3) preprocessed crops to
+    (N, crop_size, crop_size, classes) logits, or, with `upsampling`, to logits that
+    `upsampling.upsample(logits, height, width)` brings to the first height x width
+    pixels of the crop (the network's final Interp, layers_builder.split_upsampling;
+    it must commute with mirroring, as the x8 Interp does). `base_size` is the longer
+    side the single-scale protocol rescales images to (plus one pixel, as the
+    release does).
     """
 
-    def __init__(self, model, crop_size, base_size, classes):
-        self.model = model
+    def __init__(self, network, crop_size, base_size, classes, upsampling=None):
+        self.network = network
+        self.upsampling = upsampling
         self.crop_size = crop_size
         self.base_size = base_size
         self.classes = classes
@@ -103,21 +121,28 @@ class Predictor:
         self._crop_functions = {}
 
     def crop_function(self, flip):
-        """The compiled crop -> probabilities function, with or without the mirrored pass.
+        """The compiled (crop, height, width) -> probabilities function, with or without the mirror.
 
-        The mirrored pass is a second batch-of-one call: on the CPU one batch of two
-        costs more than two calls (bench/README.md: 7.34 s against 2 x 3.21 s).
+        Returns the (height, width, classes) probabilities of the top-left part of
+        the crop. The mirrored pass is a second batch-of-one call (on the CPU one
+        batch of two costs more than two calls, bench/README.md); its mirrored
+        logits are added before the upsampling, which commutes with mirroring.
         """
         if flip not in self._crop_functions:
-            spec = tf.TensorSpec((self.crop_size, self.crop_size, 3), tf.float32)
+            crop_spec = tf.TensorSpec((self.crop_size, self.crop_size, 3), tf.float32)
+            side_spec = tf.TensorSpec((), tf.int32)
 
-            @tf.function(input_signature=[spec])
-            def crop_probabilities(crop):
-                logits = tf.cast(self.model(crop[tf.newaxis], training=False)[0], tf.float32)
+            @tf.function(input_signature=[crop_spec, side_spec, side_spec])
+            def crop_probabilities(crop, height, width):
+                logits = tf.cast(self.network(crop[tf.newaxis], training=False), tf.float32)
                 if flip:
-                    mirrored = tf.cast(self.model(crop[tf.newaxis, :, ::-1], training=False)[0], tf.float32)
-                    logits += mirrored[:, ::-1]
-                return tf.nn.softmax(logits, axis=-1)
+                    mirrored = tf.cast(self.network(crop[tf.newaxis, :, ::-1], training=False), tf.float32)
+                    logits += mirrored[:, :, ::-1]
+                if self.upsampling is None:
+                    logits = logits[:, :height, :width]
+                else:
+                    logits = self.upsampling.upsample(logits, height, width)
+                return tf.nn.softmax(logits[0], axis=-1)
 
             self._crop_functions[flip] = crop_probabilities
         return self._crop_functions[flip]
@@ -148,33 +173,30 @@ class Predictor:
     def scale_probabilities(self, image, flip, progress):
         """The averaged crop probabilities of an image already at its protocol scale."""
         height, width = image.shape[:2]
-        padded_height, padded_width = max(height, self.crop_size), max(width, self.crop_size)
-        data = np.zeros((padded_height, padded_width, 3), dtype=np.float32)
+        size = self.crop_size
+        data = np.zeros((max(height, size), max(width, size), 3), dtype=np.float32)
         data[:height, :width] = preprocess(image)
         crop_probabilities = self.crop_function(flip)
         grid = self.crop_grid(height, width)
-        size = self.crop_size
         if len(grid) == 1:
-            probabilities = crop_probabilities(data[:size, :size]).numpy()
+            probabilities = crop_probabilities(data[:size, :size], height, width)
             progress(2 if flip else 1)
-            return probabilities[:height, :width]
-        total = np.zeros((padded_height, padded_width, self.classes), dtype=np.float32)
-        count = np.zeros((padded_height, padded_width, 1), dtype=np.float32)
+            return probabilities
+        total = np.zeros((height, width, self.classes), dtype=np.float32)
+        count = np.zeros((height, width, 1), dtype=np.float32)
         for top, left in grid:
-            window = (slice(top, top + size), slice(left, left + size))
-            total[window] += crop_probabilities(data[window]).numpy()
+            rows, columns = min(size, height - top), min(size, width - left)
+            window = (slice(top, top + rows), slice(left, left + columns))
+            total[window] += crop_probabilities(data[top : top + size, left : left + size], rows, columns).numpy()
             count[window] += 1
             progress(2 if flip else 1)
-        return (total / count)[:height, :width]
+        total /= count
+        return total
 
-    def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
-        """The (H, W, classes) float32 class probabilities of a uint8 RGB image.
+    def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
+        """The (H, W, classes) float32 class probabilities of a uint8 RGB image, as a tensor.
 
-        Default: one crop, the image scaled so its longer side is the crop size.
-        `sliding`: the single-scale protocol, longer side base_size + 1, sliding crops.
-        `multi_scale`: the sliding protocol at 0.5 to 1.75 of base_size, averaged.
-        `flip`: each crop's logits plus the mirrored logits of its mirror image.
-        `progress` is called with the number of forward passes after each crop.
+        See `predict`.
         """
         progress = progress or (lambda passes: None)
         height, width = image.shape[:2]
@@ -188,3 +210,14 @@ class Predictor:
         if len(long_sides) > 1:
             result /= len(long_sides)
         return result
+
+    def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
+        """The (H, W, classes) float32 class probabilities of a uint8 RGB image.
+
+        Default: one crop, the image scaled so its longer side is the crop size.
+        `sliding`: the single-scale protocol, longer side base_size + 1, sliding crops.
+        `multi_scale`: the sliding protocol at 0.5 to 1.75 of base_size, averaged.
+        `flip`: each crop's logits plus the mirrored logits of its mirror image.
+        `progress` is called with the number of forward passes after each crop.
+        """
+        return self.probability_map(image, sliding, flip, multi_scale, progress).numpy()

@@ -79,8 +79,15 @@ class Interp(layers.Layer):
         )
 
     def call(self, inputs):
-        rows = ops.einsum("oh,bhwc->bowc", self.row_weights, inputs)
-        return ops.einsum("pw,bowc->bopc", self.column_weights, rows)
+        return self.upsample(inputs, self.row_weights.shape[0], self.column_weights.shape[0])
+
+    def upsample(self, inputs, height, width):
+        """The first `height` rows and `width` columns of this layer's output for `inputs`."""
+        column_weights = ops.cast(self.column_weights[:width], inputs.dtype)
+        row_weights = ops.cast(self.row_weights[:height], inputs.dtype)
+        columns = ops.einsum("pw,bhwc->bhpc", column_weights, inputs)
+        rows = ops.tensordot(row_weights, columns, axes=[[1], [1]])
+        return ops.transpose(rows, (1, 0, 2, 3))
 
     def compute_output_shape(self, input_shape):
         out_height, out_width = self.output_size(input_shape[1], input_shape[2])
@@ -109,6 +116,56 @@ def interpolation_matrix(in_size, out_size):
     return matrix
 
 
+class PyramidConvolution(layers.Conv2D):
+    """Caffe's `conv5_3_concat` + `conv5_4`: a 3x3 convolution of a map and its upsampled pyramid.
+
+    Takes [features, branch, ...]: an (H, W) feature map and pyramid branches at
+    their bin resolution. Computes the 3x3 convolution (pad 1, no bias) of the
+    concatenation of the features and the branches upsampled to (H, W) by `Interp`,
+    in that order, with the kernel of that convolution over all channels. The
+    upsampled branches are never formed: for each kernel tap, a branch's share is
+    the branch times the tap's weights, upsampled by interpolation matrices shifted
+    by the tap's offset (rows that reach into the zero padding are zero), which
+    costs a small fraction of convolving the upsampled branches.
+    """
+
+    def __init__(self, filters, **kwargs):
+        kwargs.update(kernel_size=3, padding="same", use_bias=False)
+        super().__init__(filters, **kwargs)
+        self.input_spec = None
+
+    def build(self, input_shape):
+        features, *branches = input_shape
+        channels = features[-1] + sum(branch[-1] for branch in branches)
+        super().build((*features[:-1], channels))
+        self.input_spec = None
+        self.row_taps = [self.shifted_interpolation(branch[1], features[1]) for branch in branches]
+        self.column_taps = [self.shifted_interpolation(branch[2], features[2]) for branch in branches]
+
+    def shifted_interpolation(self, in_size, out_size):
+        """(3, out_size, in_size): the interpolation matrix read at offsets -1, 0, +1, zero outside."""
+        padded = np.pad(interpolation_matrix(in_size, out_size), ((1, 1), (0, 0)))
+        taps = np.stack([padded[tap : tap + out_size] for tap in range(3)])
+        return ops.convert_to_tensor(taps, dtype=self.compute_dtype)
+
+    def call(self, inputs):
+        features, *branches = inputs
+        kernel = self.kernel
+        start = features.shape[-1]
+        outputs = self.convolution_op(features, kernel[:, :, :start])
+        for branch, rows, columns in zip(branches, self.row_taps, self.column_taps):
+            end = start + branch.shape[-1]
+            taps = ops.einsum("bijc,uvck->buvijk", branch, kernel[:, :, start:end])
+            taps = ops.einsum("vxj,buvijk->buixk", columns, taps)
+            outputs = outputs + ops.einsum("uyi,buixk->byxk", rows, taps)
+            start = end
+        return outputs
+
+    def compute_output_shape(self, input_shape):
+        pyramid = isinstance(input_shape[0], (list, tuple))
+        return super().compute_output_shape(input_shape[0] if pyramid else input_shape)
+
+
 def feature_size(input_size):
     """The side of the conv5_3 feature map for a square input of side `input_size`."""
     stem = (input_size - 1) // 2 + 1
@@ -132,57 +189,26 @@ def check_input_size(input_size):
         )
 
 
-class FoldedConvBN(layers.Conv2D):
-    """A Caffe `Convolution` whose frozen `BN` is folded into its kernel and a bias.
-
-    Computes what the convolution followed by the BN computes at inference, in one
-    convolution. Its weights come from the `<name>` and `<name>_bn` layers of a
-    weights file.
-    """
-
-    def file_weight_shapes(self):
-        """The shapes of the arrays a weights file holds for this layer, by layer name."""
-        kernel_shape = tuple(self.kernel.shape)
-        channels = (kernel_shape[-1],)
-        return {self.name: [kernel_shape], f"{self.name}_bn": [channels] * 4}
-
-    def set_file_weights(self, arrays):
-        """Sets the folded kernel and bias from a convolution kernel and its BN arrays."""
-        (kernel,) = arrays[self.name]
-        gamma, beta, mean, variance = (a.astype(np.float64) for a in arrays[f"{self.name}_bn"])
-        scale = gamma / np.sqrt(variance + BN_EPSILON)
-        self.set_weights([
-            (kernel.astype(np.float64) * scale).astype(np.float32),
-            (beta - mean * scale).astype(np.float32),
-        ])
+def batch_norm(x, name, relu=True):
+    """Caffe `BN` named `name` (+ `ReLU`) on the output of convolution `name`."""
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    if relu:
+        x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return x
 
 
-def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True, fold=False):
-    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`.
-
-    With `fold`, the BN is folded into the convolution (FoldedConvBN).
-    """
+def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True):
+    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`."""
     pad = dilation * (kernel_size - 1) // 2
     if strides > 1 and pad:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
         padding = "valid"
     else:
         padding = "same"
-    convolution = FoldedConvBN if fold else layers.Conv2D
-    x = convolution(
-        filters,
-        kernel_size,
-        strides=strides,
-        padding=padding,
-        dilation_rate=dilation,
-        use_bias=fold,
-        name=name,
+    x = layers.Conv2D(
+        filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation, use_bias=False, name=name
     )(x)
-    if not fold:
-        x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
-    if relu:
-        x = layers.Activation("relu", name=f"{name}_relu")(x)
-    return x
+    return batch_norm(x, name, relu)
 
 
 def max_pool_ceil(x, name):
@@ -198,15 +224,15 @@ def max_pool_ceil(x, name):
     return layers.MaxPooling2D(3, strides=2, name=name)(x)
 
 
-def stem(x, fold=False):
+def stem(x):
     """conv1_1..conv1_3 and pool1: the deep stem, output stride 4."""
-    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2, fold=fold)
-    x = conv_bn(x, 64, 3, "conv1_2_3x3", fold=fold)
-    x = conv_bn(x, 128, 3, "conv1_3_3x3", fold=fold)
+    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2)
+    x = conv_bn(x, 64, 3, "conv1_2_3x3")
+    x = conv_bn(x, 128, 3, "conv1_3_3x3")
     return max_pool_ceil(x, "pool1_3x3_s2")
 
 
-def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False, fold=False):
+def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False):
     """Residual bottleneck `name` (e.g. conv3_1): 1x1 reduce, 3x3, 1x1 increase, plus shortcut.
 
     A strided block puts the stride on the 1x1 reduce (ResNet-50) or on the 3x3
@@ -215,15 +241,15 @@ def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3
     reduce_strides, middle_strides = (1, strides) if stride_on_3x3 else (strides, 1)
     shortcut = x
     if project:
-        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False, fold=fold)
-    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides, fold=fold)
-    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation, fold=fold)
-    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False, fold=fold)
+        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False)
+    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides)
+    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation)
+    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False)
     x = layers.Add(name=name)([shortcut, x])
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
-def residual_stages(x, depth, fold=False):
+def residual_stages(x, depth):
     """Stages conv2..conv5 of the dilated ResNet: output stride 8, dilations 2 and 4."""
     stride_on_3x3 = depth == 101
     for stage, (blocks, width, dilation) in enumerate(
@@ -238,33 +264,37 @@ def residual_stages(x, depth, fold=False):
                 dilation=dilation,
                 project=block == 1,
                 stride_on_3x3=stride_on_3x3,
-                fold=fold,
             )
     return x
 
 
-def pyramid_pooling_module(x, fold=False):
-    """Pools conv5_3 into 6x6, 3x3, 2x2 and 1x1 bins and concatenates them, upsampled, to it."""
+def pyramid_pooling_module(x):
+    """conv5_3 and its pyramid: [conv5_3, pool6, pool3, pool2, pool1] branches at bin resolution.
+
+    Each branch is conv5_3 average-pooled into bins x bins and passed through its
+    1x1 convolution. Caffe then upsamples the branches to conv5_3's size and
+    concatenates them to it; conv5_4 (PyramidConvolution) computes that from these.
+    """
     side = x.shape[1]
-    branches = [x]
+    pyramid = [x]
     for bins in PYRAMID_BINS:
         name = f"conv5_3_pool{bins}"
         kernel = side // bins
         branch = layers.AveragePooling2D(kernel, strides=kernel, name=name)(x)
-        branch = conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv", fold=fold)
-        branches.append(Interp(height=side, width=side, name=f"{name}_interp")(branch))
-    return layers.Concatenate(name="conv5_3_concat")(branches)
+        pyramid.append(conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv"))
+    return pyramid
 
 
-def head(x, classes, fold=False):
-    """conv5_4, dropout, the conv6 classifier and the 8x upsampling of its logits."""
-    x = conv_bn(x, HEAD_CHANNELS, 3, "conv5_4", fold=fold)
+def head(pyramid, classes):
+    """conv5_4 over the pyramid, dropout, the conv6 classifier and the 8x upsampling of its logits."""
+    x = PyramidConvolution(HEAD_CHANNELS, name="conv5_4")(pyramid)
+    x = batch_norm(x, "conv5_4")
     x = layers.Dropout(DROPOUT_RATE, name="conv5_4_dropout")(x)
     x = layers.Conv2D(classes, 1, name="conv6")(x)
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model_name, input_size=None, fold_batch_norm=False, precision="float32"):
+def build_pspnet(model_name, input_size=None, precision="float32"):
     """The Keras model of `model_name` (one of MODEL_NAMES), returning logits.
 
     `input_size` defaults to the released crop size (473, or 713 for Cityscapes),
@@ -272,9 +302,7 @@ def build_pspnet(model_name, input_size=None, fold_batch_norm=False, precision="
     the same network scaled (pyramid kernels F/bins for a conv5_3 map of side F);
     any other size raises ValueError.
 
-    With `fold_batch_norm` every BN is folded into its convolution (FoldedConvBN):
-    the same function in fewer operations, for inference; weights load from the
-    same files. `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
+    `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
     policy; the mixed ones keep float32 weights and compute in 16 bits.
     """
     if model_name not in MODEL_CONFIGS:
@@ -288,24 +316,27 @@ def build_pspnet(model_name, input_size=None, fold_batch_norm=False, precision="
     keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
     try:
         inputs = keras.Input((input_size, input_size, 3), name="data")
-        x = stem(inputs, fold_batch_norm)
-        x = residual_stages(x, config["depth"], fold_batch_norm)
-        x = pyramid_pooling_module(x, fold_batch_norm)
-        outputs = head(x, config["classes"], fold_batch_norm)
+        x = stem(inputs)
+        x = residual_stages(x, config["depth"])
+        x = pyramid_pooling_module(x)
+        outputs = head(x, config["classes"])
         return keras.Model(inputs, outputs, name=model_name)
     finally:
         keras.config.set_dtype_policy(policy)
 
 
+def split_upsampling(model):
+    """(a model of the same weights returning conv6's logits at feature resolution, conv6_interp).
+
+    For inference that upsamples only the part of a crop it needs.
+    """
+    logits = keras.Model(model.input, model.get_layer("conv6").output, name=f"{model.name}_conv6")
+    return logits, model.get_layer("conv6_interp")
+
+
 def file_weight_shapes(model):
     """The shapes of the arrays a weights file holds for `model`, by layer name."""
-    shapes = {}
-    for layer in model.layers:
-        if isinstance(layer, FoldedConvBN):
-            shapes.update(layer.file_weight_shapes())
-        elif layer.weights:
-            shapes[layer.name] = [tuple(weight.shape) for weight in layer.weights]
-    return shapes
+    return {layer.name: [tuple(weight.shape) for weight in layer.weights] for layer in model.layers if layer.weights}
 
 
 def read_weights(path):
@@ -359,7 +390,5 @@ def load_weights(model, path):
         if given != shapes:
             raise WeightsError(f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {shapes}")
     for layer in model.layers:
-        if isinstance(layer, FoldedConvBN):
-            layer.set_file_weights(arrays)
-        elif layer.weights:
+        if layer.weights:
             layer.set_weights(arrays[layer.name])

@@ -27,6 +27,10 @@ from tqdm import tqdm
 
 import utils
 
+# TensorFlow's default CPU allocator maps fresh pages for every large tensor and pays
+# a page fault per 4 KiB at each use; its BFC allocator keeps them (bench/README.md).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
 PROG = "pspnet.py"
 PROJECT_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PROJECT_DIR / "weights" / "keras"
@@ -179,7 +183,7 @@ class PSPNet:
         import tensorflow as tf
 
         from inference import Predictor
-        from layers_builder import MODEL_CONFIGS, build_pspnet, load_weights
+        from layers_builder import MODEL_CONFIGS, build_pspnet, load_weights, split_upsampling
 
         if model_name not in DATASETS:
             raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -202,7 +206,8 @@ class PSPNet:
             load_weights(self.model, self.weights_path)
         else:
             download_weights(self.model, model_name, self.weights_path, show_progress)
-        self.predictor = Predictor(self.model, self.crop_size, self.base_size, self.classes)
+        logits, upsampling = split_upsampling(self.model)
+        self.predictor = Predictor(logits, self.crop_size, self.base_size, self.classes, upsampling)
 
     def predict(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 (H, W, 3) RGB image.
@@ -211,6 +216,12 @@ class PSPNet:
         is called with the number of forward passes after each crop.
         """
         return self.predictor.predict(img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress)
+
+    def probability_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
+        """What `predict` returns, as a TensorFlow tensor (no copy to NumPy)."""
+        return self.predictor.probability_map(
+            img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress
+        )
 
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
         """The number of forward passes `predict` makes for an image of (height, width)."""
@@ -335,18 +346,19 @@ def segment(net, image, outputs, args):
         total=passes, unit="pass", desc="forward passes", leave=False,
         disable=args.quiet or passes < FORWARD_BAR_MIN_PASSES,
     ) as bar:
-        probabilities = net.predict(
+        probabilities = net.probability_map(
             image, sliding=args.sliding, flip=args.flip, multi_scale=args.multi_scale, progress=bar.update
         )
-    probabilities = probabilities.astype(np.float32, copy=False)
-    class_ids = probabilities.argmax(axis=-1).astype(np.uint8)
+    from inference import best_classes
+
+    class_ids, confidence = best_classes(probabilities)
     colour = utils.colorize(class_ids, net.dataset)
     write_outputs(outputs, {
         "seg": colour,
         "seg_blended": utils.blend(image, colour),
-        "probs": utils.probability_image(probabilities.max(axis=-1)),
+        "probs": utils.probability_image(confidence),
         "seg_read": class_ids,
-        "probs_npy": probabilities,
+        "probs_npy": np.asarray(probabilities, dtype=np.float32) if "probs_npy" in outputs else None,
     })
     return class_ids
 

@@ -7,8 +7,8 @@ runtimes (tests/synthetic_caffe.py), it measures:
 
 1. The forward pass of each model at its crop size (473 / 473 / 713): this
    project's compiled crop function (`inference.Predictor.crop_function`, the one
-   the CLI calls: one crop -> softmax probabilities, read back to NumPy), with BN
-   folded and not, single crop and batched flip pair; ONNX Runtime running an ONNX
+   the CLI calls: one crop -> softmax probabilities, read back to NumPy), single
+   crop and flip pair; ONNX Runtime running an ONNX
    graph built from the Caffe prototxt (bench/onnx_from_caffe.py; fp32,
    ORT_ENABLE_ALL, --threads intra-op threads); OpenCV's dnn running the prototxt.
    Medians of --runs calls after --warmup calls, GFLOP/s against the convolution
@@ -56,10 +56,6 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
 
 import pspnet  # noqa: E402
 import utils  # noqa: E402
-from inference import Predictor  # noqa: E402
-from layers_builder import FoldedConvBN  # noqa: E402
-from layers_builder import build_pspnet  # noqa: E402
-from layers_builder import load_weights  # noqa: E402
 from onnx_from_caffe import build_onnx_net  # noqa: E402
 from synthetic_caffe import caffemodel_layers  # noqa: E402
 from synthetic_caffe import opencv_logits  # noqa: E402
@@ -96,7 +92,6 @@ CITYSCAPES_SIZE = (2048, 1024)
 MEMORY_FLAGS = ["-s", "-ms"]
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "onnx", "onnxruntime", "opencv-python-headless")
 PEERS = ("onnxruntime", "opencv")
-OUR_VARIANTS = ("ours_fold_bn_false", "ours_fold_bn_true")
 PROFILE_LINES = 12
 KIB = 1024
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
@@ -226,56 +221,35 @@ def measure_crop_function(predictor, crop, flip, args):
 
 
 def measure_ours(net, crop, reference, args):
-    """This project's forward timings, BN folded and not, single crop and flip pair.
+    """This project's forward timings, single crop and flip pair, with the CLI's network.
 
-    `net` is the CLI's network (`pspnet.PSPNet`); the other BN setting is built
-    with layers_builder and wrapped in an inference.Predictor the same way.
-    Returns (whether the CLI folds BN, timings, agreement with OpenCV).
+    Returns (timings, agreement with OpenCV).
     """
-    cli_fold = any(isinstance(layer, FoldedConvBN) for layer in net.model.layers)
-    start = time.perf_counter()
-    other_model = build_pspnet(net.model_name, fold_batch_norm=not cli_fold)
-    load_weights(other_model, net.weights_path)
-    other_load = time.perf_counter() - start
-    predictors = {
-        cli_fold: net.predictor,
-        not cli_fold: Predictor(other_model, net.crop_size, net.base_size, net.classes),
-    }
     timings = {}
-    parity = {}
-    for fold in (False, True):
-        variant = f"ours_fold_bn_{str(fold).lower()}"
-        timings[variant], probabilities = measure_crop_function(predictors[fold], crop, False, args)
-        timings[f"{variant}_flip_pair"], _ = measure_crop_function(predictors[fold], crop, True, args)
-        parity[f"{variant}_vs_opencv"] = probability_agreement(probabilities, reference)
-    timings[f"ours_fold_bn_{str(not cli_fold).lower()}"]["build_load_s"] = other_load
-    return cli_fold, timings, parity
+    timings["ours"], probabilities = measure_crop_function(net.predictor, crop, False, args)
+    timings["ours_flip_pair"], _ = measure_crop_function(net.predictor, crop, True, args)
+    return timings, {"ours_vs_opencv": probability_agreement(probabilities, reference)}
 
 
 def measure_forward(model_name, synthetic, net, args):
     """Section 1 for one model: every runtime's timing, GFLOP/s, ratios and agreement."""
     image = synthetic_image(net.crop_size, INPUT_SEED)
     peer_timings, onnx_parity, reference, conv_flops = measure_peers(synthetic, image, args)
-    cli_fold, timings, parity = measure_ours(net, image[0], reference, args)
+    timings, parity = measure_ours(net, image[0], reference, args)
     timings |= peer_timings
     for name, timing in timings.items():
         timing["passes"] = 2 if name.endswith("_flip_pair") else 1
         timing["per_pass_s"] = timing["median_s"] / timing["passes"]
         timing["gflop_per_s"] = SPEC_GFLOP[model_name] / timing["per_pass_s"]
-    cli_variant = f"ours_fold_bn_{str(cli_fold).lower()}"
-    best_variant = min(OUR_VARIANTS, key=lambda name: timings[name]["per_pass_s"])
     ratios = {
-        f"{label}_vs_{peer}": timings[variant]["per_pass_s"] / timings[peer]["per_pass_s"]
-        for label, variant in (("cli", cli_variant), ("best", best_variant))
+        f"{variant}_vs_{peer}": timings[variant]["per_pass_s"] / timings[peer]["per_pass_s"]
+        for variant in ("ours", "ours_flip_pair")
         for peer in PEERS
     }
     return {
         "crop_size": net.crop_size,
         "spec_gflop": SPEC_GFLOP[model_name],
         "onnx_graph_gflop": conv_flops / 1e9,
-        "cli_fold_batch_norm": cli_fold,
-        "cli_variant": cli_variant,
-        "best_variant": best_variant,
         "timings": timings,
         "ratios": ratios,
         "parity": {"onnxruntime_vs_opencv": onnx_parity} | parity,
@@ -328,9 +302,8 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward, args):
         height, width, sliding=cli_args.sliding, flip=cli_args.flip, multi_scale=cli_args.multi_scale
     )
     crop_calls = passes // 2 if cli_args.flip else passes
-    variant = forward["cli_variant"]
-    single = forward["timings"][variant]["median_s"]
-    call = forward["timings"][f"{variant}_flip_pair"]["median_s"] if cli_args.flip else single
+    single = forward["timings"]["ours"]["median_s"]
+    call = forward["timings"]["ours_flip_pair"]["median_s"] if cli_args.flip else single
     passes_time = passes * single
     calls_time = crop_calls * call
     timing |= {
@@ -436,12 +409,7 @@ def runtime_label(name, forward):
     labels = {"onnxruntime": "ONNX Runtime", "opencv": "OpenCV dnn"}
     if name in labels:
         return labels[name]
-    label = "ours, BN folded" if "fold_bn_true" in name else "ours, BN unfolded"
-    if name.endswith("_flip_pair"):
-        label += ", flip pair (2 passes)"
-    if name.startswith(forward["cli_variant"]):
-        label += " [CLI]"
-    return label
+    return "ours, flip pair (2 passes)" if name.endswith("_flip_pair") else "ours"
 
 
 def parity_text(name, forward):
@@ -450,8 +418,8 @@ def parity_text(name, forward):
     if name == "onnxruntime":
         agreement = parity["onnxruntime_vs_opencv"]
         return f"max abs logit diff {agreement['relative_diff']:.1e} of range, argmax {agreement['argmax_agreement']:.2%}"
-    if name in OUR_VARIANTS:
-        agreement = parity[f"{name}_vs_opencv"]
+    if name == "ours":
+        agreement = parity["ours_vs_opencv"]
         return f"max abs prob diff {agreement['max_abs_diff']:.1e}, argmax {agreement['argmax_agreement']:.2%}"
     return "reference" if name == "opencv" else ""
 
@@ -524,16 +492,14 @@ def report_text(results):
         ratios = forward["ratios"]
         lines.append(
             f"{model_name}: graph {forward['onnx_graph_gflop']:.1f} GFLOP (spec M {forward['spec_gflop']}); "
-            f"CLI uses BN {'folded' if forward['cli_fold_batch_norm'] else 'unfolded'}: "
-            f"ours/ORT {ratios['cli_vs_onnxruntime']:.2f}, ours/OpenCV {ratios['cli_vs_opencv']:.2f}; "
-            f"best ({forward['best_variant']}): ours/ORT {ratios['best_vs_onnxruntime']:.2f}, "
-            f"ours/OpenCV {ratios['best_vs_opencv']:.2f}"
+            f"ours/ORT {ratios['ours_vs_onnxruntime']:.2f}, ours/OpenCV {ratios['ours_vs_opencv']:.2f}; "
+            f"flip pair per pass: ours/ORT {ratios['ours_flip_pair_vs_onnxruntime']:.2f}"
         )
         cli_timings = forward["timings"]
         lines.append(
             f"{model_name}: once per CLI process: network build + load {forward['cli_net_load_s']:.1f} s, "
-            f"first (tracing) crop call {cli_timings[forward['cli_variant']]['first_call_s']:.1f} s, "
-            f"first flip-pair call {cli_timings[forward['cli_variant'] + '_flip_pair']['first_call_s']:.1f} s"
+            f"first (tracing) crop call {cli_timings['ours']['first_call_s']:.1f} s, "
+            f"first flip-pair call {cli_timings['ours_flip_pair']['first_call_s']:.1f} s"
         )
     if results["cli"]:
         lines += ["", cli_table(results)]

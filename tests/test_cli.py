@@ -312,7 +312,7 @@ class StandInNetwork:
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
         return (12 if multi_scale else 4 if sliding else 1) * (2 if flip else 1)
 
-    def predict(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
+    def probability_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
         StandInNetwork.predictions.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})
         for _ in range(self.forward_count(*img.shape[:2], sliding, flip, multi_scale)):
             progress(1)

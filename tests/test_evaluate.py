@@ -60,7 +60,7 @@ class ColourCodedNetwork:
         self.dataset, self.classes = MODEL_DATASETS[model_name]
         self.weights_path = Path(weights)
 
-    def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
+    def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
         """Records the call (raising KeyboardInterrupt at call number `interrupt_at_call`) and
         returns (H, W, classes) probabilities peaking at each pixel's coded class."""
         self.calls.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})

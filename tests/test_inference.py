@@ -551,3 +551,39 @@ def test_every_pixel_is_a_distribution_over_the_classes(image_network, predictor
     assert probabilities.dtype == np.float32
     assert np.all(probabilities >= 0)
     assert_close(probabilities.sum(axis=2, keepdims=True), np.ones(shape + (1,)), SUM_TOLERANCE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network's own upsampling, applied to the needed part of each crop only.
+
+
+@pytest.fixture(scope="module")
+def small_pspnet():
+    """PSPNet-50 at input size 89 with seeded random weights (BN statistics spread out)."""
+    from layers_builder import build_pspnet
+
+    model = build_pspnet("pspnet50_ade20k", 89)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([
+                (np.abs(rng.normal(1.0, 0.2, weight.shape)) if weight.ndim == 1
+                 else rng.normal(0.0, 1.0, weight.shape) / np.sqrt(np.prod(weight.shape[:-1]))).astype(np.float32)
+                for weight in layer.get_weights()
+            ])
+    return model
+
+
+@pytest.mark.parametrize("mode, flip", [("default", False), ("default", True), ("sliding", True), ("multi_scale", True)])
+def test_upsampling_only_the_needed_part_gives_what_the_whole_network_gives(small_pspnet, mode, flip):
+    """Predictor on conv6 + the x8 Interp (valid part of each crop, mirrored logits added before
+    it) against Predictor on the whole network's crop-size logits."""
+    from layers_builder import split_upsampling
+
+    logits, upsampling = split_upsampling(small_pspnet)
+    whole = inference.Predictor(small_pspnet, 89, 96, 150)
+    split = inference.Predictor(logits, 89, 96, 150, upsampling)
+    image = make_image(45, 100, seed=4)
+    expected = whole.predict(image, flip=flip, **MODES[mode])
+    assert_close(split.predict(image, flip=flip, **MODES[mode]), expected, EXACT)
+    assert expected.std() > 1e-3

@@ -21,6 +21,7 @@ import tensorflow as tf
 from layers_builder import (
     Interp,
     MODEL_NAMES,
+    PyramidConvolution,
     WeightsError,
     build_pspnet,
     load_weights,
@@ -56,9 +57,11 @@ SPOT_CHECKED_NAMES = (
 )
 SCRAMBLED = 0.25  # the value of every weight before a load (no file holds it)
 KERAS2_WEIGHT_NAMES = {
-    "Conv2D": ("kernel", "bias"),
-    "BatchNormalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    keras.layers.Conv2D: ("kernel", "bias"),
+    keras.layers.BatchNormalization: ("gamma", "beta", "moving_mean", "moving_variance"),
 }
+# Caffe blobs that conv5_4 (PyramidConvolution) computes with, without forming them.
+PYRAMID_BLOBS = tuple(f"conv5_3_pool{bins}_interp" for bins in (6, 3, 2, 1)) + ("conv5_3_concat",)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def weight_shapes(model):
     """{layer name: {Keras-2 weight name: shape}} of every weighted layer of `model`."""
     shapes = {}
     for layer in model.layers:
-        names = KERAS2_WEIGHT_NAMES.get(type(layer).__name__, ())
+        names = next((names for kind, names in KERAS2_WEIGHT_NAMES.items() if isinstance(layer, kind)), ())
         if layer.weights:
             shapes[layer.name] = dict(zip(names, (tuple(w.shape) for w in layer.weights)))
     return shapes
@@ -560,6 +563,37 @@ def test_interp_refuses_an_ambiguous_size(config):
 
 
 # ---------------------------------------------------------------------------------------
+# PyramidConvolution against Interp + Concat + Convolution formed explicitly
+
+
+@pytest.mark.parametrize(
+    "side, branch_sides",
+    [((60, 60), [(6, 6), (3, 3), (2, 2), (1, 1)]), ((12, 7), [(4, 7), (1, 1), (3, 2)]), ((5, 9), [(5, 9)])],
+)
+def test_pyramid_convolution_is_the_convolution_of_the_upsampled_concatenation(side, branch_sides):
+    rng = np.random.default_rng(7)
+    features = rng.standard_normal((2, *side, 5), dtype=np.float32)
+    branches = [rng.standard_normal((2, *branch_side, 3), dtype=np.float32) for branch_side in branch_sides]
+    kernel = rng.standard_normal((3, 3, 5 + 3 * len(branches), 4), dtype=np.float32)
+    layer = PyramidConvolution(4)
+    layer.build([array.shape for array in [features, *branches]])
+    layer.set_weights([kernel])
+    result = layer([features, *branches]).numpy()
+    upsampled = [caffe_interp_batch(branch, *side) for branch in branches]
+    concatenated = np.concatenate([features, *upsampled], axis=-1)
+    reference = tf.nn.conv2d(concatenated, kernel, 1, [[0, 0], [1, 1], [1, 1], [0, 0]]).numpy()
+    assert result.shape == (2, *side, 4)
+    np.testing.assert_allclose(result, reference, rtol=0, atol=2e-5 * np.abs(reference).max())
+
+
+def test_pyramid_convolution_output_shape_in_a_functional_model():
+    inputs = [keras.Input((12, 12, 8)), keras.Input((2, 2, 4)), keras.Input((1, 1, 4))]
+    layer = PyramidConvolution(6)
+    assert layer(inputs).shape == (None, 12, 12, 6)
+    assert tuple(layer.kernel.shape) == (3, 3, 16, 6)
+
+
+# ---------------------------------------------------------------------------------------
 # The networks against the prototxts and spec A
 
 
@@ -602,12 +636,15 @@ def test_convolutions_have_the_prototxt_settings(model_name, native_models):
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_every_caffe_blob_has_the_caffe_shape(model_name, native_models):
-    """Convolution, BN, Pooling, Eltwise, Interp and Concat outputs, by Caffe's size arithmetic."""
+    """Convolution, BN, Pooling, Eltwise and Interp outputs, by Caffe's size arithmetic.
+
+    The pyramid's upsampled branches and their concatenation exist only inside conv5_4.
+    """
     model = native_models[model_name]
     shapes = caffe_blob_shapes(deploy_layers(model_name), NATIVE_SIZES[model_name])
     checked = 0
     for layer in deploy_layers(model_name):
-        if layer["type"] in ("ReLU", "Dropout"):
+        if layer["type"] in ("ReLU", "Dropout") or layer["name"] in PYRAMID_BLOBS:
             continue
         output = model.get_layer(keras_name(layer["name"])).output
         assert tuple(output.shape[1:]) == shapes[layer["name"]], layer["name"]
@@ -630,7 +667,7 @@ def test_feature_map_sides_are_those_of_spec_a(model_name, native_models):
     for name, side in SPEC_SIDES[size].items():
         assert tuple(model.get_layer(name).output.shape[1:3]) == (side, side), name
     assert model.get_layer("conv5_3").output.shape[3] == 2048
-    assert model.get_layer("conv5_3_concat").output.shape[1:] == (SPEC_SIDES[size]["conv5_3"],) * 2 + (4096,)
+    assert model.get_layer("conv5_4").kernel.shape == (3, 3, 4096, 512)
     for bins in PYRAMID_BINS:
         assert model.get_layer(f"conv5_3_pool{bins}").output.shape[1:] == (bins, bins, 2048)
     assert model.output.shape == (None, size, size, CLASSES[model_name])
@@ -638,10 +675,13 @@ def test_feature_map_sides_are_those_of_spec_a(model_name, native_models):
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_pyramid_is_concatenated_in_caffe_order(model_name, native_models):
-    concat = native_models[model_name].get_layer("conv5_3_concat")
-    sources = [tensor._keras_history.operation.name for tensor in concat.input]
-    assert sources[1:] == [f"conv5_3_pool{bins}_interp" for bins in (6, 3, 2, 1)]
-    assert concat.input[0].shape[3] == 2048
+    conv5_4 = native_models[model_name].get_layer("conv5_4")
+    sources = [tensor._keras_history.operation.name for tensor in conv5_4.input]
+    assert sources == ["conv5_3_relu"] + [f"conv5_3_pool{bins}_conv_relu" for bins in (6, 3, 2, 1)]
+    side = SPEC_SIDES[NATIVE_SIZES[model_name]]["conv5_3"]
+    assert [tuple(tensor.shape[1:]) for tensor in conv5_4.input] == [
+        (side, side, 2048), (6, 6, 512), (3, 3, 512), (2, 2, 512), (1, 1, 512)
+    ]
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
@@ -692,7 +732,7 @@ def test_small_supported_size_builds_the_scaled_network(small_model50):
     assert small_model50.get_layer("conv5_3").output.shape[1:3] == (side, side)
     for bins in PYRAMID_BINS:
         assert small_model50.get_layer(f"conv5_3_pool{bins}").output.shape[1:3] == (bins, bins)
-        assert small_model50.get_layer(f"conv5_3_pool{bins}_interp").output.shape[1:3] == (side, side)
+        assert small_model50.get_layer(f"conv5_3_pool{bins}_conv").output.shape[1:3] == (bins, bins)
     assert small_model50.output.shape == (None, SMALL_SIZE, SMALL_SIZE, 150)
 
 
@@ -770,42 +810,6 @@ def test_keras_reads_the_test_files_alike(weights_file50, small_model50, weights
     scramble(small_model50)
     small_model50.load_weights(weights_file50, by_name=True)
     assert_holds(small_model50, weights50)
-
-
-@pytest.fixture(scope="module")
-def folded_model50():
-    """PSPNet-50 at the small size with every BN folded into its convolution."""
-    return build_pspnet("pspnet50_ade20k", SMALL_SIZE, fold_batch_norm=True)
-
-
-@pytest.mark.parametrize("weights_file50", ["save_weights"], indirect=True)
-def test_folded_model_loads_the_same_file_and_computes_the_same(
-    weights_file50, folded_model50, small_image, reference_logits50
-):
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded_model50.layers)
-    load_weights(folded_model50, weights_file50)
-    logits = logits_of(folded_model50, small_image)
-    scale = np.abs(reference_logits50).max()
-    np.testing.assert_allclose(logits, reference_logits50, rtol=1e-4, atol=1e-4 * scale)
-
-
-@pytest.mark.parametrize("layer_name", ["conv5_4_bn", "conv1_1_3x3_s2"])
-def test_folded_model_names_a_mismatched_layer(tmp_path, native_models, folded_model50, layer_name):
-    shapes = weight_shapes(native_models["pspnet50_ade20k"])
-    shapes[layer_name] = {weight: shape[:-1] + (7,) for weight, shape in shapes[layer_name].items()}
-    path = tmp_path / "mismatch.h5"
-    write_keras2_weights(path, keras2_layer_list(native_models["pspnet50_ade20k"], shapes))
-    message = raised_message(folded_model50, path)
-    assert str(path) in message and names_layer(message, layer_name), message
-
-
-def test_folded_model_names_a_missing_batch_norm(tmp_path, native_models, folded_model50):
-    shapes = weight_shapes(native_models["pspnet50_ade20k"])
-    del shapes["conv3_2_3x3_bn"]
-    path = tmp_path / "missing.h5"
-    write_keras2_weights(path, keras2_layer_list(native_models["pspnet50_ade20k"], shapes))
-    message = raised_message(folded_model50, path)
-    assert str(path) in message and names_layer(message, "conv3_2_3x3_bn"), message
 
 
 def test_load_weights_reaches_every_pspnet101_layer(tmp_path, native_models):
