@@ -182,16 +182,16 @@ class Predictor:
             probabilities = crop_probabilities(data[:size, :size], height, width)
             progress(2 if flip else 1)
             return probabilities
-        total = np.zeros((height, width, self.classes), dtype=np.float32)
+        total = None
         count = np.zeros((height, width, 1), dtype=np.float32)
         for top, left in grid:
             rows, columns = min(size, height - top), min(size, width - left)
-            window = (slice(top, top + rows), slice(left, left + columns))
-            total[window] += crop_probabilities(data[top : top + size, left : left + size], rows, columns).numpy()
-            count[window] += 1
+            probabilities = crop_probabilities(data[top : top + size, left : left + size], rows, columns)
+            placed = tf.pad(probabilities, [[top, height - top - rows], [left, width - left - columns], [0, 0]])
+            total = placed if total is None else total + placed
+            count[top : top + rows, left : left + columns] += 1
             progress(2 if flip else 1)
-        total /= count
-        return total
+        return total * (1 / count)
 
     def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 RGB image, as a tensor.

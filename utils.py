@@ -32,7 +32,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 # Pillow save options per format. JPEG: high quality and no chroma
 # subsampling, so that palette colours keep their edges.
-SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}}
+SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "PNG": {"compress_level": 1}}
 
 
 class ImageError(ValueError):

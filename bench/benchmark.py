@@ -6,10 +6,10 @@ In one run, on one machine, with the same seeded synthetic weights for all three
 runtimes (tests/synthetic_caffe.py), it measures:
 
 1. The forward pass of each model at its crop size (473 / 473 / 713): this
-   project's compiled crop function (`inference.Predictor.crop_function`, the one
-   the CLI calls: one crop -> softmax probabilities, read back to NumPy), single
-   crop and flip pair; ONNX Runtime running an ONNX
-   graph built from the Caffe prototxt (bench/onnx_from_caffe.py; fp32,
+   project's network, compiled (crop -> logits read back to NumPy, what the peers
+   compute), and the CLI's crop functions (`inference.Predictor.crop_function`:
+   crop -> softmax probabilities, without and with the mirrored pass); ONNX
+   Runtime running an ONNX graph built from the Caffe prototxt (bench/onnx_from_caffe.py; fp32,
    ORT_ENABLE_ALL, --threads intra-op threads); OpenCV's dnn running the prototxt.
    Medians of --runs calls after --warmup calls, GFLOP/s against the convolution
    counts of spec M, and ratios. Each runtime's output is checked once against
@@ -55,6 +55,7 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
         sys.path.insert(0, str(directory))
 
 import pspnet  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import utils  # noqa: E402
 from onnx_from_caffe import build_onnx_net  # noqa: E402
 from synthetic_caffe import caffemodel_layers  # noqa: E402
@@ -92,6 +93,12 @@ CITYSCAPES_SIZE = (2048, 1024)
 MEMORY_FLAGS = ["-s", "-ms"]
 PACKAGES = ("tensorflow", "keras", "numpy", "pillow", "onnx", "onnxruntime", "opencv-python-headless")
 PEERS = ("onnxruntime", "opencv")
+# This project's timed functions and their table labels.
+OUR_TIMINGS = {
+    "ours": "ours: the network, crop -> logits",
+    "ours_crop_function": "ours: CLI crop function (+ softmax)",
+    "ours_flip_pair": "ours: CLI crop function with flip (2 passes)",
+}
 PROFILE_LINES = 12
 KIB = 1024
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
@@ -105,14 +112,29 @@ RESULT_FILE_MODE = 0o644
 # Measuring
 
 
-def timed_calls(call, warmup, runs):
-    """Seconds of `warmup` calls of `call` then `runs` more: {"warmup_s", "runs_s", "median_s"}."""
-    times = []
+def interleaved_timings(calls, warmup, runs):
+    """Seconds of each of `calls` ({name: function}), taken in turns so that all see the same machine.
+
+    `warmup` rounds, then `runs` rounds, each calling every function once.
+    Returns {name: {"warmup_s", "runs_s", "median_s"}}.
+    """
+    times = {name: [] for name in calls}
     for _ in range(warmup + runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return {"warmup_s": times[:warmup], "runs_s": times[warmup:], "median_s": statistics.median(times[warmup:])}
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"warmup_s": spent[:warmup], "runs_s": spent[warmup:], "median_s": statistics.median(spent[warmup:])}
+        for name, spent in times.items()
+    }
+
+
+def first_call(call):
+    """(seconds, result) of one call of `call`: for compiled functions, the tracing call."""
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
 
 
 def softmax(logits):
@@ -177,73 +199,74 @@ def onnxruntime_session(onnx_net, threads):
     return onnxruntime.InferenceSession(onnx_net.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def measure_peers(synthetic, image, args):
-    """OpenCV's and ONNX Runtime's forward timings on `image` (1, S, S, 3).
+def peer_calls(synthetic, image, args):
+    """OpenCV's and ONNX Runtime's forward calls on `image` (1, S, S, 3), with what they compute.
 
-    Returns (timings, the ONNX graph's agreement with OpenCV, OpenCV's logits,
-    the ONNX graph's convolution FLOPs).
+    Returns ({name: call}, {name: settings}, OpenCV's logits, the ONNX graph's
+    agreement with them, the ONNX graph's convolution FLOPs).
     """
     net = opencv_net(synthetic.prototxt, synthetic.weights)
     net.enableWinograd(True)
     reference = opencv_logits(net, image)
-    opencv = timed_calls(lambda: opencv_logits(net, image), args.warmup, args.runs)
-    opencv["settings"] = f"DNN_BACKEND_OPENCV on the CPU, Winograd on (OpenCV's default), {cv2.getNumThreads()} threads"
-    del net
-
     onnx_net = build_onnx_net(synthetic.prototxt, synthetic.weights)
     session = onnxruntime_session(onnx_net, args.threads)
     feed = {onnx_net.input_name: np.ascontiguousarray(image.transpose(0, 3, 1, 2))}
-
-    def run_onnx():
-        return session.run(None, feed)[0]
-
-    onnx_logits = run_onnx()[0].transpose(1, 2, 0)
-    onnx_timing = timed_calls(run_onnx, args.warmup, args.runs)
-    onnx_timing["settings"] = f"CPUExecutionProvider, fp32, ORT_ENABLE_ALL, {args.threads} intra-op threads"
-    del session
-    gc.collect()
-    timings = {"onnxruntime": onnx_timing, "opencv": opencv}
-    return timings, logit_agreement(onnx_logits, reference), reference, onnx_net.conv_flops
+    calls = {"onnxruntime": lambda: session.run(None, feed)[0], "opencv": lambda: opencv_logits(net, image)}
+    settings = {
+        "onnxruntime": f"CPUExecutionProvider, fp32, ORT_ENABLE_ALL, {args.threads} intra-op threads",
+        "opencv": f"DNN_BACKEND_OPENCV on the CPU, Winograd on (OpenCV's default), {cv2.getNumThreads()} threads",
+    }
+    onnx_logits = calls["onnxruntime"]()[0].transpose(1, 2, 0)
+    return calls, settings, reference, logit_agreement(onnx_logits, reference), onnx_net.conv_flops
 
 
-def measure_crop_function(predictor, crop, flip, args):
-    """Timing of a Predictor's compiled crop function, its first (tracing) call apart.
+def our_calls(net, crop):
+    """This project's calls on one crop, with the CLI's network (`pspnet.PSPNet`): {name: call}.
 
-    Returns (timing, probabilities of `crop`).
+    - ours: the Keras network, compiled, crop -> logits at crop size read back to
+      NumPy: what the peers compute.
+    - ours_crop_function: the CLI's crop function without flip (the network to
+      conv6, the x8 Interp and the softmax), probabilities read back.
+    - ours_flip_pair: the same with the mirrored pass (2 passes).
     """
-    crop_function = predictor.crop_function(flip)
-    start = time.perf_counter()
-    probabilities = crop_function(crop).numpy()
-    first_call = time.perf_counter() - start
-    timing = timed_calls(lambda: crop_function(crop).numpy(), args.warmup, args.runs)
-    timing["first_call_s"] = first_call
-    return timing, probabilities
-
-
-def measure_ours(net, crop, reference, args):
-    """This project's forward timings, single crop and flip pair, with the CLI's network.
-
-    Returns (timings, agreement with OpenCV).
-    """
-    timings = {}
-    timings["ours"], probabilities = measure_crop_function(net.predictor, crop, False, args)
-    timings["ours_flip_pair"], _ = measure_crop_function(net.predictor, crop, True, args)
-    return timings, {"ours_vs_opencv": probability_agreement(probabilities, reference)}
+    network = tf.function(lambda batch: net.model(batch, training=False))
+    side = net.crop_size
+    single, pair = net.predictor.crop_function(False), net.predictor.crop_function(True)
+    return {
+        "ours": lambda: network(crop[np.newaxis])[0].numpy(),
+        "ours_crop_function": lambda: single(crop, side, side).numpy(),
+        "ours_flip_pair": lambda: pair(crop, side, side).numpy(),
+    }
 
 
 def measure_forward(model_name, synthetic, net, args):
-    """Section 1 for one model: every runtime's timing, GFLOP/s, ratios and agreement."""
+    """Section 1 for one model: every runtime's timing, GFLOP/s, ratios and agreement.
+
+    The five calls are timed in turns (interleaved_timings), after a first call of
+    each (this project's tracing calls are reported).
+    """
     image = synthetic_image(net.crop_size, INPUT_SEED)
-    peer_timings, onnx_parity, reference, conv_flops = measure_peers(synthetic, image, args)
-    timings, parity = measure_ours(net, image[0], reference, args)
-    timings |= peer_timings
+    calls, settings, reference, onnx_parity, conv_flops = peer_calls(synthetic, image, args)
+    calls = our_calls(net, image[0]) | calls
+    first_calls = {name: first_call(call) for name, call in calls.items()}
+    parity = {
+        "onnxruntime_vs_opencv": onnx_parity,
+        "ours_vs_opencv": logit_agreement(first_calls["ours"][1], reference),
+        "ours_crop_function_vs_opencv": probability_agreement(first_calls["ours_crop_function"][1], reference),
+    }
+    timings = interleaved_timings(calls, args.warmup, args.runs)
+    del calls
+    gc.collect()
     for name, timing in timings.items():
+        timing["first_call_s"] = first_calls[name][0]
         timing["passes"] = 2 if name.endswith("_flip_pair") else 1
         timing["per_pass_s"] = timing["median_s"] / timing["passes"]
         timing["gflop_per_s"] = SPEC_GFLOP[model_name] / timing["per_pass_s"]
+        if name in settings:
+            timing["settings"] = settings[name]
     ratios = {
         f"{variant}_vs_{peer}": timings[variant]["per_pass_s"] / timings[peer]["per_pass_s"]
-        for variant in ("ours", "ours_flip_pair")
+        for variant in OUR_TIMINGS
         for peer in PEERS
     }
     return {
@@ -252,7 +275,7 @@ def measure_forward(model_name, synthetic, net, args):
         "onnx_graph_gflop": conv_flops / 1e9,
         "timings": timings,
         "ratios": ratios,
-        "parity": {"onnxruntime_vs_opencv": onnx_parity} | parity,
+        "parity": parity,
     }
 
 
@@ -288,25 +311,33 @@ def profile_lines(call, lines):
     )
 
 
-def measure_cli_mode(net, image_path, output_dir, mode, forward, args):
-    """Section 2 for one model and mode: CLI seconds per image against its forward passes."""
+def measure_cli_mode(net, image_path, output_dir, mode, crop, args):
+    """Section 2 for one model and mode: CLI seconds per image against its forward passes.
+
+    Each image is timed in turn with one network forward pass and one crop call
+    on `crop` (interleaved_timings), so the overhead compares figures taken together.
+    """
     cli_args = cli_arguments(net.model_name, net.weights_path, image_path, output_dir / f"{mode}.png", CLI_MODES[mode])
     (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
 
     def segment_image():
         pspnet.segment(net, utils.read_image(image_path), outputs, cli_args)
 
-    timing = timed_calls(segment_image, args.cli_warmup, args.cli_runs)
+    forward_calls = our_calls(net, crop)
+    crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
+    calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}
+    timings = interleaved_timings(calls, args.cli_warmup, args.cli_runs)
+    timing = timings["cli"]
     width, height = Image.open(image_path).size
     passes = net.forward_count(
         height, width, sliding=cli_args.sliding, flip=cli_args.flip, multi_scale=cli_args.multi_scale
     )
     crop_calls = passes // 2 if cli_args.flip else passes
-    single = forward["timings"]["ours"]["median_s"]
-    call = forward["timings"]["ours_flip_pair"]["median_s"] if cli_args.flip else single
-    passes_time = passes * single
-    calls_time = crop_calls * call
+    passes_time = passes * timings["forward"]["median_s"]
+    calls_time = crop_calls * timings["crop_call"]["median_s"]
     timing |= {
+        "forward_s": timings["forward"]["median_s"],
+        "crop_call_s": timings["crop_call"]["median_s"],
         "flags": " ".join(CLI_MODES[mode]) or "(none)",
         "forward_passes": passes,
         "crop_calls": crop_calls,
@@ -321,14 +352,15 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward, args):
     return timing
 
 
-def measure_cli(net, image_path, forward, work_dir, args):
+def measure_cli(net, image_path, work_dir, args):
     """Section 2 for one model: every selected mode."""
     output_dir = Path(work_dir) / f"{net.model_name}_outputs"
     width, height = Image.open(image_path).size
+    crop = synthetic_image(net.crop_size, INPUT_SEED)[0]
     modes = {}
     for mode in args.cli_modes:
         progress(f"{net.model_name}: CLI mode {mode}")
-        modes[mode] = measure_cli_mode(net, image_path, output_dir, mode, forward, args)
+        modes[mode] = measure_cli_mode(net, image_path, output_dir, mode, crop, args)
     return {"image": str(image_path), "image_size": [width, height], "modes": modes}
 
 
@@ -409,17 +441,17 @@ def runtime_label(name, forward):
     labels = {"onnxruntime": "ONNX Runtime", "opencv": "OpenCV dnn"}
     if name in labels:
         return labels[name]
-    return "ours, flip pair (2 passes)" if name.endswith("_flip_pair") else "ours"
+    return OUR_TIMINGS[name]
 
 
 def parity_text(name, forward):
     """The agreement with OpenCV of a runtime, as a table cell."""
     parity = forward["parity"]
-    if name == "onnxruntime":
-        agreement = parity["onnxruntime_vs_opencv"]
+    if name in ("onnxruntime", "ours"):
+        agreement = parity[f"{name}_vs_opencv"]
         return f"max abs logit diff {agreement['relative_diff']:.1e} of range, argmax {agreement['argmax_agreement']:.2%}"
-    if name == "ours":
-        agreement = parity["ours_vs_opencv"]
+    if name == "ours_crop_function":
+        agreement = parity["ours_crop_function_vs_opencv"]
         return f"max abs prob diff {agreement['max_abs_diff']:.1e}, argmax {agreement['argmax_agreement']:.2%}"
     return "reference" if name == "opencv" else ""
 
@@ -455,6 +487,7 @@ def cli_table(results):
                 "{}x{}".format(*cli["image_size"]),
                 mode["flags"],
                 str(mode["forward_passes"]),
+                f"{mode['forward_s']:.2f}",
                 f"{mode['median_s']:.2f}",
                 f"{mode['passes_x_forward_s']:.2f}",
                 f"{mode['overhead_s']:+.2f}",
@@ -463,7 +496,7 @@ def cli_table(results):
                 f"{mode['overhead_vs_calls_pct']:+.1f} %",
             ])
     header = [
-        "model", "image", "flags", "passes", "CLI s / image", "passes × forward s", "overhead s",
+        "model", "image", "flags", "passes", "forward s", "CLI s / image", "passes × forward s", "overhead s",
         "overhead % of forward", "crop calls × call s", "overhead % of calls",
     ]
     return markdown_table(header, rows)
@@ -493,12 +526,13 @@ def report_text(results):
         lines.append(
             f"{model_name}: graph {forward['onnx_graph_gflop']:.1f} GFLOP (spec M {forward['spec_gflop']}); "
             f"ours/ORT {ratios['ours_vs_onnxruntime']:.2f}, ours/OpenCV {ratios['ours_vs_opencv']:.2f}; "
-            f"flip pair per pass: ours/ORT {ratios['ours_flip_pair_vs_onnxruntime']:.2f}"
+            f"CLI crop function: ours/ORT {ratios['ours_crop_function_vs_onnxruntime']:.2f}, "
+            f"flip pair per pass {ratios['ours_flip_pair_vs_onnxruntime']:.2f}"
         )
         cli_timings = forward["timings"]
         lines.append(
             f"{model_name}: once per CLI process: network build + load {forward['cli_net_load_s']:.1f} s, "
-            f"first (tracing) crop call {cli_timings['ours']['first_call_s']:.1f} s, "
+            f"first (tracing) crop call {cli_timings['ours_crop_function']['first_call_s']:.1f} s, "
             f"first flip-pair call {cli_timings['ours_flip_pair']['first_call_s']:.1f} s"
         )
     if results["cli"]:
@@ -625,7 +659,7 @@ def run_benchmark(args, work_dir):
         del synthetic
         if not args.skip_cli and model_name in args.cli_models:
             image = cityscapes if model_name == CITYSCAPES_MODEL else args.image
-            results["cli"][model_name] = measure_cli(net, image, forward, work_dir, args)
+            results["cli"][model_name] = measure_cli(net, image, work_dir, args)
         del net
         gc.collect()
     if not args.skip_memory:
