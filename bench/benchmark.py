@@ -518,9 +518,9 @@ def report_text(results):
         f"end {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}; {machine['date']}",
         f"Forward: median of {settings['runs']} after {settings['warmup']} warm-up; "
         f"CLI: median of {settings['cli_runs']} after {settings['cli_warmup']} warm-up.",
-        "",
-        forward_table(results),
     ]
+    if results["forward"]:
+        lines += ["", forward_table(results)]
     for model_name, forward in results["forward"].items():
         ratios = forward["ratios"]
         lines.append(
@@ -588,6 +588,7 @@ def argument_parser():
                         help="ONNX Runtime intra-op and OpenCV threads (default: the cores, %(default)s)")
     parser.add_argument("--caffe-dir", type=Path, default=DEFAULT_CAFFE_DIR,
                         help="directory of the deploy prototxts (default: ../shared/caffe)")
+    parser.add_argument("--skip-forward", action="store_true", help="skip the forward pass comparison")
     parser.add_argument("--skip-cli", action="store_true", help="skip the CLI time per image")
     parser.add_argument("--cli-models", nargs="+", choices=MODEL_NAMES, metavar="MODEL",
                         help="models whose CLI modes are timed, among --models (default: all of --models)")
@@ -652,10 +653,11 @@ def run_benchmark(args, work_dir):
         start = time.perf_counter()
         net = pspnet.PSPNet(model_name, weights=synthetic.h5, show_progress=False)
         load_time = time.perf_counter() - start
-        progress(f"{model_name}: forward passes")
-        forward = measure_forward(model_name, synthetic, net, args)
-        forward["cli_net_load_s"] = load_time
-        results["forward"][model_name] = forward
+        if not args.skip_forward:
+            progress(f"{model_name}: forward passes")
+            forward = measure_forward(model_name, synthetic, net, args)
+            forward["cli_net_load_s"] = load_time
+            results["forward"][model_name] = forward
         del synthetic
         if not args.skip_cli and model_name in args.cli_models:
             image = cityscapes if model_name == CITYSCAPES_MODEL else args.image
