@@ -8,6 +8,10 @@ files and from `weight_converter.py`'s output.
 The networks take a (S, S, 3) float32 image in BGR order with the training mean
 subtracted and return (S, S, classes) logits, as the deploy nets do; the softmax
 belongs to inference.
+
+One layer is computed differently from Caffe, with the same result: conv5_4
+(PyramidConvolution) takes the pyramid branches at their bin resolution instead of
+their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 """
 
 import os

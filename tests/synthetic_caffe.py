@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 
 # caffe.proto field numbers (written from spec K, independently of weight_converter.py).
@@ -340,3 +341,14 @@ def opencv_outputs(net, image, layer_names):
 def opencv_logits(net, image):
     """The (H, W, classes) float32 logits (conv6_interp) for a (1, H, W, 3) BGR mean-subtracted image."""
     return opencv_outputs(net, image, ["conv6_interp"])["conv6_interp"]
+
+
+def write_classifier_only_weights(path, classes):
+    """A Keras-2 weights file holding only a zero conv6 of `classes` outputs: valid HDF5, wrong net."""
+    with h5py.File(path, "w") as handle:
+        handle.attrs["layer_names"] = np.array([b"conv6"])
+        group = handle.create_group("conv6")
+        group.attrs["weight_names"] = np.array([b"conv6/kernel:0", b"conv6/bias:0"])
+        group.create_dataset("conv6/kernel:0", data=np.zeros((1, 1, 512, classes), np.float32))
+        group.create_dataset("conv6/bias:0", data=np.zeros(classes, np.float32))
+    return path

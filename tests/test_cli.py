@@ -16,12 +16,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 import pspnet
+from synthetic_caffe import write_classifier_only_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pspnet50_ade20k"
@@ -277,13 +277,7 @@ def test_missing_weights_file_is_one_clear_error(tmp_path):
 
 def test_weights_that_do_not_fit_are_one_clear_error(tmp_path):
     source = save_image(tmp_path / "a.png", smooth_image(30, 40, 6))
-    weights = tmp_path / "voc_classifier.h5"
-    with h5py.File(weights, "w") as handle:
-        handle.attrs["layer_names"] = np.array([b"conv6"])
-        group = handle.create_group("conv6")
-        group.attrs["weight_names"] = np.array([b"conv6/kernel:0", b"conv6/bias:0"])
-        group.create_dataset("conv6/kernel:0", data=np.zeros((1, 1, 512, 21), np.float32))
-        group.create_dataset("conv6/bias:0", data=np.zeros(21, np.float32))
+    weights = write_classifier_only_weights(tmp_path / "voc_classifier.h5", 21)
     result = run_main("-i", source, "-w", weights, "-q")
     assert result.code == 1
     (line,) = result.stderr.splitlines()

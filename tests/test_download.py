@@ -14,13 +14,13 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
-import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
 import layers_builder
 import pspnet
+from synthetic_caffe import write_classifier_only_weights
 
 MODEL = "pspnet50_ade20k"
 CHUNK_BYTES = 1 << 20
@@ -69,13 +69,7 @@ class WeightsHandler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, synthetic_model):
     """A weights server on 127.0.0.1, stopped when the module's tests are done."""
-    lacking = tmp_path_factory.mktemp("served") / "lacking.h5"
-    with h5py.File(lacking, "w") as handle:
-        handle.attrs["layer_names"] = np.array([b"conv6"])
-        group = handle.create_group("conv6")
-        group.attrs["weight_names"] = np.array([b"conv6/kernel:0", b"conv6/bias:0"])
-        group.create_dataset("conv6/kernel:0", data=np.zeros((1, 1, 512, 150), np.float32))
-        group.create_dataset("conv6/bias:0", data=np.zeros(150, np.float32))
+    lacking = write_classifier_only_weights(tmp_path_factory.mktemp("served") / "lacking.h5", 150)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), WeightsHandler)
     httpd.daemon_threads = True
     httpd.files = {"weights": synthetic_model(MODEL).converted_h5, "lacking": lacking}
