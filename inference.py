@@ -4,7 +4,7 @@ This follows evaluation/{eval_sub,scale_process,pre_img,caffe_process}.m of
 hszhao/PSPNet: the image is scaled so that its longer side is a given length,
 padded with the mean colour to the crop size, cut into overlapping crops, each
 crop's probabilities are softmax(logits + mirrored logits of the mirrored crop),
-overlaps are averaged, and the map is resized back to the image and renormalised.
+overlaps are averaged, and the map is resized back to the image.
 """
 
 import math
@@ -64,6 +64,32 @@ def window_starts(length, crop_size, stride):
     return [min(i * stride, length - crop_size) for i in range(count)]
 
 
+def average_windows(windows):
+    """The mean of overlapping windows at every pixel of the map they cover, from its top left.
+
+    `windows` are (top, left, (rows, columns, classes) tensor). The map is cut
+    where any window begins or ends; each piece is the mean of the windows over
+    it, so every window is read once and the map written once.
+    """
+    if len(windows) == 1:
+        return windows[0][2]
+    row_cuts = sorted({top for top, _, _ in windows} | {top + w.shape[0] for top, _, w in windows})
+    column_cuts = sorted({left for _, left, _ in windows} | {left + w.shape[1] for _, left, w in windows})
+    bands = []
+    for band_top, band_bottom in zip(row_cuts, row_cuts[1:]):
+        pieces = []
+        for piece_left, piece_right in zip(column_cuts, column_cuts[1:]):
+            covering = [
+                window[band_top - top : band_bottom - top, piece_left - left : piece_right - left]
+                for top, left, window in windows
+                if top <= band_top and band_bottom <= top + window.shape[0]
+                and left <= piece_left and piece_right <= left + window.shape[1]
+            ]
+            pieces.append(covering[0] if len(covering) == 1 else tf.add_n(covering) / len(covering))
+        bands.append(tf.concat(pieces, axis=1))
+    return tf.concat(bands, axis=0)
+
+
 def best_classes(probabilities):
     """The class id (uint8) and its probability (float32) at every pixel of an (H, W, classes) map."""
     class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
@@ -76,10 +102,12 @@ def mirrored_indices(length, margin):
 
 
 def resize_probabilities(probabilities, height, width):
-    """A (h, w, classes) probability map resized to (height, width) and renormalised, as a tensor.
+    """A (h, w, classes) probability map resized to (height, width), as a tensor.
 
     Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image), by
-    TensorFlow's ScaleAndTranslate on the map with a mirrored border.
+    TensorFlow's ScaleAndTranslate on the map with a mirrored border. The release
+    then renormalises each pixel to sum 1; as both resizes weight each output by
+    weights that sum to 1, that changes nothing but rounding, and is left out.
     """
     in_height, in_width = probabilities.shape[:2]
     if (in_height, in_width) == (height, width):
@@ -88,7 +116,7 @@ def resize_probabilities(probabilities, height, width):
     padded = tf.gather(probabilities, mirrored_indices(in_height, rows), axis=0)
     padded = tf.gather(padded, mirrored_indices(in_width, columns), axis=1)
     scale = (height / in_height, width / in_width)
-    resized = tf.raw_ops.ScaleAndTranslate(
+    return tf.raw_ops.ScaleAndTranslate(
         images=padded[tf.newaxis],
         size=(height, width),
         scale=scale,
@@ -96,7 +124,6 @@ def resize_probabilities(probabilities, height, width):
         kernel_type="triangle",
         antialias=True,
     )[0]
-    return resized / tf.reduce_sum(resized, axis=-1, keepdims=True)
 
 
 class Predictor:
@@ -112,21 +139,25 @@ class Predictor:
     """
 
     def __init__(self, network, crop_size, base_size, classes, upsampling=None):
-        self.network = network
         self.upsampling = upsampling
         self.crop_size = crop_size
         self.base_size = base_size
         self.classes = classes
         self.stride = math.ceil(crop_size * STRIDE_RATE)
         self._crop_functions = {}
+        batch_spec = tf.TensorSpec((1, crop_size, crop_size, 3), tf.float32)
+        self._network_function = tf.function(
+            lambda batch: tf.cast(network(batch, training=False), tf.float32), input_signature=[batch_spec]
+        )
 
     def crop_function(self, flip):
         """The compiled (crop, height, width) -> probabilities function, with or without the mirror.
 
         Returns the (height, width, classes) probabilities of the top-left part of
-        the crop. The mirrored pass is a second batch-of-one call (on the CPU one
-        batch of two costs more than two calls, bench/README.md); its mirrored
-        logits are added before the upsampling, which commutes with mirroring.
+        the crop. The mirrored pass is a second batch-of-one call of the same
+        compiled network, traced once for both (on the CPU one batch of two costs
+        more than two calls, bench/README.md); its mirrored logits are added before
+        the upsampling, which commutes with mirroring.
         """
         if flip not in self._crop_functions:
             crop_spec = tf.TensorSpec((self.crop_size, self.crop_size, 3), tf.float32)
@@ -134,10 +165,9 @@ class Predictor:
 
             @tf.function(input_signature=[crop_spec, side_spec, side_spec])
             def crop_probabilities(crop, height, width):
-                logits = tf.cast(self.network(crop[tf.newaxis], training=False), tf.float32)
+                logits = self._network_function(crop[tf.newaxis])
                 if flip:
-                    mirrored = tf.cast(self.network(crop[tf.newaxis, :, ::-1], training=False), tf.float32)
-                    logits += mirrored[:, :, ::-1]
+                    logits += self._network_function(crop[tf.newaxis, :, ::-1])[:, :, ::-1]
                 if self.upsampling is None:
                     logits = logits[:, :height, :width]
                 else:
@@ -177,21 +207,12 @@ class Predictor:
         data = np.zeros((max(height, size), max(width, size), 3), dtype=np.float32)
         data[:height, :width] = preprocess(image)
         crop_probabilities = self.crop_function(flip)
-        grid = self.crop_grid(height, width)
-        if len(grid) == 1:
-            probabilities = crop_probabilities(data[:size, :size], height, width)
-            progress(2 if flip else 1)
-            return probabilities
-        total = None
-        count = np.zeros((height, width, 1), dtype=np.float32)
-        for top, left in grid:
+        windows = []
+        for top, left in self.crop_grid(height, width):
             rows, columns = min(size, height - top), min(size, width - left)
-            probabilities = crop_probabilities(data[top : top + size, left : left + size], rows, columns)
-            placed = tf.pad(probabilities, [[top, height - top - rows], [left, width - left - columns], [0, 0]])
-            total = placed if total is None else total + placed
-            count[top : top + rows, left : left + columns] += 1
+            windows.append((top, left, crop_probabilities(data[top : top + size, left : left + size], rows, columns)))
             progress(2 if flip else 1)
-        return total * (1 / count)
+        return average_windows(windows)
 
     def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 RGB image, as a tensor.
