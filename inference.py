@@ -138,11 +138,10 @@ class Predictor:
     release does).
     """
 
-    def __init__(self, network, crop_size, base_size, classes, upsampling=None):
+    def __init__(self, network, crop_size, base_size, upsampling=None):
         self.upsampling = upsampling
         self.crop_size = crop_size
         self.base_size = base_size
-        self.classes = classes
         self.stride = math.ceil(crop_size * STRIDE_RATE)
         self._crop_functions = {}
         batch_spec = tf.TensorSpec((1, crop_size, crop_size, 3), tf.float32)

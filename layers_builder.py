@@ -166,6 +166,7 @@ class PyramidConvolution(layers.Conv2D):
         return outputs
 
     def compute_output_shape(self, input_shape):
+        """The features' shape with `filters` channels (Conv2D.build asks with the concatenation's shape)."""
         pyramid = isinstance(input_shape[0], (list, tuple))
         return super().compute_output_shape(input_shape[0] if pyramid else input_shape)
 

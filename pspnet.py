@@ -207,7 +207,7 @@ class PSPNet:
         else:
             download_weights(self.model, model_name, self.weights_path, show_progress)
         logits, upsampling = split_upsampling(self.model)
-        self.predictor = Predictor(logits, self.crop_size, self.base_size, self.classes, upsampling)
+        self.predictor = Predictor(logits, self.crop_size, self.base_size, upsampling)
 
     def predict(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 (H, W, 3) RGB image.

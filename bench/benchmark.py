@@ -311,11 +311,12 @@ def profile_lines(call, lines):
     )
 
 
-def measure_cli_mode(net, image_path, output_dir, mode, crop, args):
+def measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args):
     """Section 2 for one model and mode: CLI seconds per image against its forward passes.
 
     Each image is timed in turn with one network forward pass and one crop call
-    on `crop` (interleaved_timings), so the overhead compares figures taken together.
+    (`forward_calls`, our_calls; interleaved_timings), so the overhead compares
+    figures taken together.
     """
     cli_args = cli_arguments(net.model_name, net.weights_path, image_path, output_dir / f"{mode}.png", CLI_MODES[mode])
     (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
@@ -323,7 +324,6 @@ def measure_cli_mode(net, image_path, output_dir, mode, crop, args):
     def segment_image():
         pspnet.segment(net, utils.read_image(image_path), outputs, cli_args)
 
-    forward_calls = our_calls(net, crop)
     crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
     calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}
     timings = interleaved_timings(calls, args.cli_warmup, args.cli_runs)
@@ -356,11 +356,11 @@ def measure_cli(net, image_path, work_dir, args):
     """Section 2 for one model: every selected mode."""
     output_dir = Path(work_dir) / f"{net.model_name}_outputs"
     width, height = Image.open(image_path).size
-    crop = synthetic_image(net.crop_size, INPUT_SEED)[0]
+    forward_calls = our_calls(net, synthetic_image(net.crop_size, INPUT_SEED)[0])
     modes = {}
     for mode in args.cli_modes:
         progress(f"{net.model_name}: CLI mode {mode}")
-        modes[mode] = measure_cli_mode(net, image_path, output_dir, mode, crop, args)
+        modes[mode] = measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args)
     return {"image": str(image_path), "image_size": [width, height], "modes": modes}
 
 

@@ -299,7 +299,7 @@ def predictors():
     def get(network, base_size=BASE_SIZE):
         key = (id(network), base_size)
         if key not in cache:
-            cache[key] = inference.Predictor(network, CROP_SIZE, base_size, CLASSES)
+            cache[key] = inference.Predictor(network, CROP_SIZE, base_size)
         return cache[key]
 
     return get
@@ -411,7 +411,7 @@ def test_reference_grid_is_the_matlab_loop():
     ],
 )
 def test_window_counts_of_the_spec_examples(crop_size, base_size, shape, windows):
-    predictor = inference.Predictor(None, crop_size, base_size, CLASSES)
+    predictor = inference.Predictor(None, crop_size, base_size)
 
     assert protocol_forward_passes(shape, crop_size, base_size, True, False, False) == windows
     assert predictor.forward_count(*shape, sliding=True, flip=False) == windows
@@ -581,8 +581,8 @@ def test_upsampling_only_the_needed_part_gives_what_the_whole_network_gives(smal
     from layers_builder import split_upsampling
 
     logits, upsampling = split_upsampling(small_pspnet)
-    whole = inference.Predictor(small_pspnet, 89, 96, 150)
-    split = inference.Predictor(logits, 89, 96, 150, upsampling)
+    whole = inference.Predictor(small_pspnet, 89, 96)
+    split = inference.Predictor(logits, 89, 96, upsampling)
     image = make_image(45, 100, seed=4)
     expected = whole.predict(image, flip=flip, **MODES[mode])
     assert_close(split.predict(image, flip=flip, **MODES[mode]), expected, EXACT)
