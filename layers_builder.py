@@ -15,6 +15,7 @@ their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 """
 
 import os
+import stat
 
 import h5py
 import numpy as np
@@ -22,14 +23,8 @@ import keras
 from keras import layers
 from keras import ops
 
-MODEL_CONFIGS = {
-    "pspnet50_ade20k": {"depth": 50, "classes": 150, "input_size": 473},
-    "pspnet101_voc2012": {"depth": 101, "classes": 21, "input_size": 473},
-    "pspnet101_cityscapes": {"depth": 101, "classes": 19, "input_size": 713},
-}
-MODEL_NAMES = tuple(MODEL_CONFIGS)
-# Keras dtype policy of each precision: weights stay float32, mixed ones compute in 16 bits.
-PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+import models
+from tf_runtime import PRECISION_POLICIES
 
 BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -183,15 +178,11 @@ def check_input_size(input_size):
 
     The pyramid pools the conv5_3 map of side F into 1, 2, 3 and 6 bins exactly, so F
     must be a multiple of 6, and the final 8x Interp returns 8F - 7 pixels, which must
-    be the input size: S = 8F - 7 (41, 89, ..., 233, 281, ..., 473, ..., 713, ...).
+    be the input size: S = 8F - 7 = 48k - 7 (41, 89, ..., 233, ..., 473, ..., 713, ...).
     """
     side = feature_size(input_size)
     if input_size < 41 or side % 6 or OUTPUT_STRIDE * side - 7 != input_size:
-        below = max(41, 48 * ((input_size + 7) // 48) - 7)
-        raise ValueError(
-            f"input size {input_size} is not supported: PSPNet needs S = 48k - 7 "
-            f"(for example {below} or {below + 48}); the released models use 473 and 713."
-        )
+        raise ValueError(f"input size {models.crop_size_problem(input_size)}; the released models use 473 and 713.")
 
 
 def batch_norm(x, name, relu=True):
@@ -299,33 +290,31 @@ def head(pyramid, classes):
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model_name, input_size=None, precision="float32"):
-    """The Keras model of `model_name` (one of MODEL_NAMES), returning logits.
+def build_pspnet(model, input_size=None, precision="float32"):
+    """The Keras model of `model` (a models.ModelConfig or a released model's name), returning logits.
 
-    `input_size` defaults to the released crop size (473, or 713 for Cityscapes),
-    where the network is exactly the Caffe deploy net. Other sizes S = 48k - 7 give
-    the same network scaled (pyramid kernels F/bins for a conv5_3 map of side F);
+    `input_size` defaults to the model's crop size (473, or 713 for Cityscapes),
+    where a released network is exactly the Caffe deploy net. Other sizes S = 48k - 7
+    give the same network scaled (pyramid kernels F/bins for a conv5_3 map of side F);
     any other size raises ValueError.
 
     `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
     policy; the mixed ones keep float32 weights and compute in 16 bits.
     """
-    if model_name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    config = models.model_config(model)
     if precision not in PRECISION_POLICIES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_POLICIES)}")
-    config = MODEL_CONFIGS[model_name]
-    input_size = config["input_size"] if input_size is None else input_size
+    input_size = config.crop_size if input_size is None else input_size
     check_input_size(input_size)
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
     try:
         inputs = keras.Input((input_size, input_size, 3), name="data")
         x = stem(inputs)
-        x = residual_stages(x, config["depth"])
+        x = residual_stages(x, config.depth)
         x = pyramid_pooling_module(x)
-        outputs = head(x, config["classes"])
-        return keras.Model(inputs, outputs, name=model_name)
+        outputs = head(x, config.classes)
+        return keras.Model(inputs, outputs, name=config.name)
     finally:
         keras.config.set_dtype_policy(policy)
 
@@ -344,29 +333,77 @@ def file_weight_shapes(model):
     return {layer.name: [tuple(weight.shape) for weight in layer.weights] for layer in model.layers if layer.weights}
 
 
+def weights_file_problem(path):
+    """Why `path` cannot be a weights file, or None for a readable regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such weights file"
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a weights file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    return None
+
+
+def decoded_names(path, group_name, names):
+    """The `weight_names` attribute of a layer group as a list of str; WeightsError if it is not one."""
+    if isinstance(names, (bytes, str)):
+        names = [names]
+    try:
+        names = list(np.asarray(names).reshape(-1))
+    except (TypeError, ValueError):
+        names = None
+    if names is None or not all(isinstance(n, (bytes, np.bytes_, str, np.str_)) for n in names):
+        raise WeightsError(f"{path}: layer {group_name} has a weight_names attribute that is not a list of names")
+    try:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except UnicodeDecodeError:
+        raise WeightsError(f"{path}: layer {group_name} has a weight name that is not UTF-8") from None
+
+
+def read_layer_arrays(path, name, group):
+    """The float32 arrays of one layer group, in the order of its `weight_names` attribute."""
+    names = decoded_names(path, name, group.attrs.get("weight_names", []))
+    arrays = []
+    for weight_name in names:
+        dataset = group.get(weight_name)
+        if not isinstance(dataset, h5py.Dataset):
+            raise WeightsError(f"{path}: layer {name} lists {weight_name} but the file has no such dataset")
+        try:
+            array = np.asarray(dataset, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise WeightsError(f"{path}: layer {name}: {weight_name} does not hold numbers") from None
+        if not np.all(np.isfinite(array)):
+            raise WeightsError(f"{path}: layer {name}: {weight_name} holds NaN or infinite values")
+        arrays.append(array)
+    return arrays
+
+
 def read_weights(path):
     """The arrays of every weighted layer of a Keras-2 HDF5 weights file, by layer name.
 
     Accepts `save_weights` files and full-model files (a `model_weights` group);
-    arrays are listed in the order of the group's `weight_names` attribute.
+    arrays are listed in the order of the group's `weight_names` attribute. Raises
+    WeightsError naming the file for anything that is not such a file, and naming
+    the layer for a malformed group or a non-finite value.
     """
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: no such weights file")
+    problem = weights_file_problem(path)
+    if problem:
+        raise WeightsError(f"{path}: {problem}")
     try:
         with h5py.File(path, "r") as handle:
-            root = handle["model_weights"] if "model_weights" in handle else handle
+            root = handle["model_weights"] if isinstance(handle.get("model_weights"), h5py.Group) else handle
             weights = {}
             for name, group in root.items():
-                if not isinstance(group, h5py.Group):
-                    continue
-                names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs.get("weight_names", [])]
-                missing = [n for n in names if n not in group]
-                if missing:
-                    raise WeightsError(f"{path}: layer {name} lists {missing[0]} but the file has no such dataset")
-                if names:
-                    weights[name] = [np.asarray(group[n], dtype=np.float32) for n in names]
+                if isinstance(group, h5py.Group):
+                    arrays = read_layer_arrays(path, name, group)
+                    if arrays:
+                        weights[name] = arrays
             return weights
-    except OSError as error:
+    except (OSError, KeyError, RuntimeError) as error:
         raise WeightsError(f"{path}: not a readable HDF5 weights file ({error})") from None
 
 

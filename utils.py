@@ -1,30 +1,30 @@
-"""Image input/output and visualisation helpers for PSPNet.
+"""Image input/output, visualisation and file writing for PSPNet.
 
 Reads image files into uint8 RGB arrays, turns class-id maps into palette
 colours, blends them with the input image, renders max-probability maps as gray
-levels, summarises which classes a map contains, and writes output files
-atomically. The class names and palettes of the three datasets are in
+levels, summarises which classes a map contains, and writes every file the
+project writes atomically (a temporary file beside the target, renamed into
+place). The class names and palettes of the models are in `models.py` and
 `palettes.py`.
 """
 
+import json
 import os
-import uuid
+import signal
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from palettes import ADE20K_CLASSES
-from palettes import CITYSCAPES_CLASSES
-from palettes import VOC2012_CLASSES
-
-DATASETS = ("ade20k", "voc2012", "cityscapes")
-DATASET_CLASSES = {
-    "ade20k": ADE20K_CLASSES,
-    "voc2012": VOC2012_CLASSES,
-    "cityscapes": CITYSCAPES_CLASSES,
-}
+# Exit codes of every command of the project.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 # Pillow modes holding 16-bit samples: 16-bit grayscale PNG and TIFF open as
 # "I;16*", 16-bit PGM as "I".
@@ -43,27 +43,50 @@ class ImageError(ValueError):
     """
 
 
-def _dataset_classes(dataset):
-    """Returns the (name, colour) table of a dataset name."""
-    if dataset not in DATASET_CLASSES:
-        raise ValueError(
-            f"unknown dataset {dataset!r}; expected one of "
-            f"{', '.join(DATASETS)}"
-        )
-    return DATASET_CLASSES[dataset]
+class OutputError(ImageError):
+    """An output file that cannot be written; the message names the file and the reason."""
 
 
-def palette(dataset):
-    """Returns the colours of a dataset's classes: uint8 (classes, 3) RGB,
-    row = 0-based class id."""
-    return np.array(
-        [colour for _, colour in _dataset_classes(dataset)], dtype=np.uint8
-    )
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that cleanup runs as for Ctrl-C."""
 
 
-def class_names(dataset):
-    """Returns the names of a dataset's classes, indexed by 0-based class id."""
-    return tuple(name for name, _ in _dataset_classes(dataset))
+def stop_on_termination():
+    """Makes SIGTERM raise Terminated in the main thread (commands then exit with EXIT_TERMINATED)."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def interruption_exit_code(error):
+    """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+def input_file_problem(path):
+    """Why `path` cannot be read as an input file, or None for a readable regular file.
+
+    Checked before opening, so that a FIFO never blocks and a device is never read.
+    """
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        return "dangling symbolic link" if os.path.islink(name) else "no such file"
+    except OSError as error:
+        if error.errno == 40:
+            return "symbolic link loop"
+        return f"cannot read ({error.strerror or error})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+        return f"is {kind}, not a regular file"
+    if not os.access(name, os.R_OK):
+        return "cannot read (permission denied)"
+    return None
 
 
 def read_image(path):
@@ -79,19 +102,19 @@ def read_image(path):
     through Pillow's conversion: taken on the 0..255 scale, clipped, fraction
     truncated.
 
-    Raises ImageError, naming the file, for a missing file, a directory, an
+    Raises ImageError, naming the file, for anything but a readable regular
+    file (missing, a directory, a FIFO, a device, a symbolic-link loop), an
     empty file, a file Pillow cannot identify as an image (Pillow refuses
     images of zero pixels the same way), an image above Pillow's
     decompression-bomb limit, and truncated or corrupt image data (the whole
     image is decoded here, so truncation is found here).
     """
     name = os.fspath(path)
+    problem = input_file_problem(name)
+    if problem:
+        raise ImageError(f"{name}: {problem}")
     try:
         image = Image.open(name)
-    except FileNotFoundError:
-        raise ImageError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{name}: is a directory, not an image file") from None
     except Image.UnidentifiedImageError:
         if os.path.getsize(name) == 0:
             raise ImageError(f"{name}: empty file") from None
@@ -107,6 +130,8 @@ def read_image(path):
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
             return _rgb_array(image)
+        except MemoryError:
+            raise ImageError(f"{name}: not enough memory to decode the image") from None
         except (OSError, SyntaxError, ValueError, EOFError) as error:
             raise ImageError(
                 f"{name}: truncated or corrupt image data ({error})"
@@ -122,25 +147,25 @@ def _rgb_array(image):
     return np.array(image.convert("RGB"))
 
 
-def _checked_class_ids(class_ids, dataset):
+def _checked_class_ids(class_ids, classes):
     """Returns class ids as an integer array, after checking that every id
-    names a class of the dataset."""
+    lies in 0..classes - 1."""
     ids = np.asarray(class_ids)
-    classes = len(_dataset_classes(dataset))
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"class ids must be integers, not {ids.dtype}")
     if ids.size and (ids.min() < 0 or ids.max() >= classes):
         raise ValueError(
-            f"class ids of {dataset} lie in 0..{classes - 1}; "
+            f"class ids lie in 0..{classes - 1}; "
             f"found {ids.min()}..{ids.max()}"
         )
     return ids
 
 
-def colorize(class_ids, dataset):
+def colorize(class_ids, palette):
     """Returns the exact palette colour of every class id: uint8 (..., 3)
-    for class ids of shape (...)."""
-    return palette(dataset)[_checked_class_ids(class_ids, dataset)]
+    for class ids of shape (...) and a (classes, 3) palette."""
+    colours = np.asarray(palette, dtype=np.uint8)
+    return colours[_checked_class_ids(class_ids, len(colours))]
 
 
 def blend(image, colour):
@@ -168,52 +193,117 @@ def probability_image(max_prob):
     return np.clip(levels, 0, 255).astype(np.uint8)
 
 
-def class_summary(class_ids, dataset, top=None):
+def class_summary(class_ids, class_names, top=None):
     """Returns (class id, class name, pixel share) of every class present in
     a class-id map, largest share first, ties by class id; only the first
     `top` of them when `top` is given."""
     if top is not None and top < 0:
         raise ValueError(f"top must be None or at least 0, not {top}")
-    ids = _checked_class_ids(class_ids, dataset).ravel().astype(np.intp)
-    names = class_names(dataset)
-    counts = np.bincount(ids, minlength=len(names))
+    ids = _checked_class_ids(class_ids, len(class_names)).ravel().astype(np.intp)
+    counts = np.bincount(ids, minlength=len(class_names))
     present = np.flatnonzero(counts)
     by_share = present[np.argsort(-counts[present], kind="stable")]
     return [
-        (int(class_id), names[class_id], float(counts[class_id] / ids.size))
+        (int(class_id), class_names[class_id], float(counts[class_id] / ids.size))
         for class_id in by_share[:top]
     ]
 
 
-def _write_atomic(path, write):
-    """Calls write(file) on a new temporary file in the directory of `path`
-    (created if missing), then renames it to `path`; removes the temporary
-    file if anything fails."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    file = open(temporary, "xb")
-    try:
-        with file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+def output_target_problem(path):
+    """Why `path` cannot be replaced by an output file, or None.
 
-
-def write_image_atomic(path, array):
-    """Writes an array (anything Image.fromarray takes, e.g. uint8 (H, W) or
-    (H, W, 3)) as an image file in the format of its extension.
-
-    JPEG is written at quality 95 without chroma subsampling. Missing parent
-    directories are created; `path` is either replaced by the complete new
-    image or left untouched. Raises ImageError, naming the file, for an
-    extension Pillow cannot write and for an array Pillow cannot write in
-    that format; filesystem errors propagate as OSError.
+    An existing directory, device, FIFO or socket is never replaced.
     """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"cannot write ({error.strerror or error})"
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    if not stat.S_ISREG(mode):
+        return "exists and is not a regular file; refusing to replace it"
+    return None
+
+
+def _current_umask():
+    """The process umask, for giving new files the permissions open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class AtomicFiles:
+    """Output files written together: all of them or none.
+
+    `temporary(path)` gives a new temporary file beside `path` to write;
+    `commit()` renames every temporary file onto its target. Leaving the
+    `with` block without a commit (an error, Ctrl-C, SIGTERM) removes the
+    temporary files, so no target is ever half written. Files get the
+    permissions the umask gives, as open() would. Failures raise OutputError
+    naming the target and the reason.
+    """
+
+    def __init__(self):
+        self.temporaries = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        for temporary in self.temporaries.values():
+            Path(temporary).unlink(missing_ok=True)
+        self.temporaries = {}
+        return False
+
+    def temporary(self, path):
+        """A new, empty temporary file for the target `path` (its directory is created)."""
+        target = Path(path)
+        problem = output_target_problem(target)
+        if problem:
+            raise OutputError(f"{target}: {problem}")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
+            os.close(descriptor)
+            self.temporaries[target] = temporary
+            os.chmod(temporary, 0o666 & ~_current_umask())
+        except OSError as error:
+            raise OutputError(f"{target}: cannot write ({error.strerror or error})") from None
+        return temporary
+
+    def write(self, path, write):
+        """Calls write(temporary path) for the target `path`; OSError becomes OutputError."""
+        temporary = self.temporary(path)
+        try:
+            write(temporary)
+        except OSError as error:
+            raise OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+
+    def commit(self):
+        """Renames every temporary file onto its target."""
+        for target, temporary in list(self.temporaries.items()):
+            try:
+                os.replace(temporary, target)
+            except OSError as error:
+                raise OutputError(f"{target}: cannot write ({error.strerror or error})") from None
+            del self.temporaries[target]
+
+
+def write_atomic(path, write):
+    """Writes one file: write(temporary path) fills a temporary file beside
+    `path`, which is then renamed to `path`. See AtomicFiles."""
+    with AtomicFiles() as files:
+        files.write(path, write)
+        files.commit()
+
+
+def image_format_of(path):
+    """The Pillow format that writes files with the extension of `path`;
+    ImageError naming the file when there is none."""
     name = os.fspath(path)
     extension = Path(name).suffix.lower()
     if not extension:
@@ -224,25 +314,71 @@ def write_image_atomic(path, array):
             f"{name}: no image format Pillow can write has the extension "
             f"{extension!r}"
         )
+    return image_format
+
+
+def image_writer(path, array):
+    """A write(temporary path) callback saving `array` (anything
+    Image.fromarray takes) in the format of the extension of `path`.
+
+    JPEG is written at quality 95 without chroma subsampling. Raises
+    ImageError, naming the file, for an extension Pillow cannot write and for
+    an array that format cannot store.
+    """
+    name = os.fspath(path)
+    image_format = image_format_of(name)
     try:
         image = Image.fromarray(np.asarray(array))
     except TypeError as error:
         raise ImageError(f"{name}: cannot make an image ({error})") from None
 
-    def save(file):
+    def save(temporary):
         try:
             image.save(
-                file, format=image_format, **SAVE_OPTIONS.get(image_format, {})
+                temporary, format=image_format, **SAVE_OPTIONS.get(image_format, {})
             )
-        except (OSError, ValueError) as error:
+        except (KeyError, ValueError) as error:
             raise ImageError(f"{name}: cannot write ({error})") from None
+        except OSError as error:
+            if error.errno is None:
+                raise ImageError(f"{name}: cannot write ({error})") from None
+            raise
 
-    _write_atomic(name, save)
+    return save
+
+
+def npy_writer(array):
+    """A write(temporary path) callback saving `array` as .npy (no pickled objects)."""
+
+    def save(temporary):
+        with open(temporary, "wb") as file:
+            np.save(file, np.asarray(array), allow_pickle=False)
+
+    return save
+
+
+def json_writer(data):
+    """A write(temporary path) callback saving `data` as indented JSON."""
+
+    def save(temporary):
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2)
+            file.write("\n")
+
+    return save
+
+
+def write_image_atomic(path, array):
+    """Writes an array as an image file in the format of its extension,
+    atomically (see image_writer and AtomicFiles)."""
+    write_atomic(path, image_writer(path, array))
 
 
 def write_npy_atomic(path, array):
-    """Writes an array as a .npy file (no pickled objects), atomically like
-    write_image_atomic."""
-    _write_atomic(
-        path, lambda file: np.save(file, np.asarray(array), allow_pickle=False)
-    )
+    """Writes an array as a .npy file (no pickled objects), atomically."""
+    write_atomic(path, npy_writer(array))
+
+
+def write_json_atomic(path, data):
+    """Writes `data` as JSON, atomically."""
+    write_atomic(path, json_writer(data))
