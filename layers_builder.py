@@ -24,6 +24,7 @@ from keras import layers
 from keras import ops
 
 import models
+import utils
 from tf_runtime import PRECISION_POLICIES
 
 BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -36,6 +37,9 @@ OUTPUT_STRIDE = 8
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.95
 DROPOUT_RATE = 0.1
+# Root attributes of the Keras-2 weights files the published models come in.
+KERAS2_BACKEND = np.bytes_(b"tensorflow")
+KERAS2_VERSION = np.bytes_(b"2.1.5")
 
 
 class WeightsError(ValueError):
@@ -434,3 +438,36 @@ def load_weights(model, path):
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(arrays[layer.name])
+
+
+def write_weights(path, layers):
+    """Writes [(layer name, [(weight name, array)])] as a Keras-2 `save_weights` HDF5 file, atomically.
+
+    The layout of the published `.h5` files: a root `layer_names` attribute, one
+    group per weighted layer with a `weight_names` attribute, datasets named
+    `<layer>/<weight>:0` (read back by `read_weights`).
+    """
+
+    def write(temporary):
+        with h5py.File(temporary, "w") as handle:
+            handle.attrs["layer_names"] = np.array([name.encode("utf-8") for name, _ in layers])
+            handle.attrs["backend"] = KERAS2_BACKEND
+            handle.attrs["keras_version"] = KERAS2_VERSION
+            for name, weights in layers:
+                group = handle.create_group(name)
+                weight_names = [f"{name}/{weight_name}:0" for weight_name, _ in weights]
+                group.attrs["weight_names"] = np.array([weight_name.encode("utf-8") for weight_name in weight_names])
+                for weight_name, (_, array) in zip(weight_names, weights):
+                    group.create_dataset(weight_name, data=np.asarray(array, dtype=np.float32))
+
+    utils.write_atomic(path, write)
+
+
+def save_weights(model, path):
+    """Writes the weights of `model` in the layout of the published Keras-2 `.h5` files (see write_weights)."""
+    layers = [
+        (layer.name, [(weight.name, np.asarray(weight.numpy())) for weight in layer.weights])
+        for layer in model.layers
+        if layer.weights
+    ]
+    write_weights(path, layers)

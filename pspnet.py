@@ -1,30 +1,35 @@
 """PSPNet semantic segmentation: the Python API and the `pspnet.py` command line.
 
-`PSPNet(model_name)` builds one of the three released networks, loads its
-weights (downloading the published Keras file when it is missing) and predicts
-class probabilities of whole images with the Caffe release's evaluation
-protocol (`inference.Predictor`).
+`PSPNet(model)` builds a released network (models.RELEASED_MODELS) or a user's
+model (a weights file with its JSON description beside it, models.py), loads its
+weights (downloading the published Keras file of a released model when it is
+missing) and predicts class probabilities of whole images with the Caffe
+release's evaluation protocol (`inference.Predictor`).
 
     python pspnet.py -m pspnet50_ade20k -i photo.jpg -o results/photo.png
+    python pspnet.py -w runs/mine/final.h5 -g 'photos/*.jpg' -o results/
 
 TensorFlow is imported only after the command line is parsed, so that `--id`
-can choose the GPU before TensorFlow looks for devices.
+can choose the GPU before TensorFlow looks for devices, and quietly
+(tf_runtime.import_tensorflow).
 """
 
 import argparse
 import glob
 import http.client
+import io
 import os
 import sys
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import models
+import tf_runtime
 import utils
 
 # TensorFlow's default CPU allocator maps fresh pages for every large tensor and pays
@@ -34,31 +39,10 @@ os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 PROG = "pspnet.py"
 PROJECT_DIR = Path(__file__).resolve().parent
 WEIGHTS_DIR = PROJECT_DIR / "weights" / "keras"
+CAFFE_WEIGHTS_DIR = PROJECT_DIR / "weights" / "caffe"
 
-DATASETS = {
-    "pspnet50_ade20k": "ade20k",
-    "pspnet101_voc2012": "voc2012",
-    "pspnet101_cityscapes": "cityscapes",
-}
-MODEL_NAMES = tuple(DATASETS)
-DEFAULT_MODEL = "pspnet50_ade20k"
-BASE_SIZES = {"pspnet50_ade20k": 512, "pspnet101_voc2012": 512, "pspnet101_cityscapes": 2048}
-PRECISIONS = ("float32", "bfloat16", "float16")
-
-# The published Keras weights (README of the 2017 Keras port).
-WEIGHTS_URLS = {
-    "pspnet50_ade20k": "https://www.dropbox.com/s/0uxn14y26jcui4v/pspnet50_ade20k.h5?dl=1",
-    "pspnet101_cityscapes": "https://www.dropbox.com/s/c17g94n946tpalb/pspnet101_cityscapes.h5?dl=1",
-    "pspnet101_voc2012": "https://www.dropbox.com/s/uvqj2cjo4b9c5wg/pspnet101_voc2012.h5?dl=1",
-}
 # When set, weights are downloaded from <PSPNET_WEIGHTS_URL_BASE>/<model>.h5 instead (a mirror).
 WEIGHTS_URL_BASE_VARIABLE = "PSPNET_WEIGHTS_URL_BASE"
-# The Caffe release's deploy net and weights of each model, for weight_converter.py.
-CAFFE_FILES = {
-    "pspnet50_ade20k": ("pspnet50_ADE20K_473.prototxt", "pspnet50_ADE20K.caffemodel"),
-    "pspnet101_voc2012": ("pspnet101_VOC2012_473.prototxt", "pspnet101_VOC2012.caffemodel"),
-    "pspnet101_cityscapes": ("pspnet101_cityscapes_713.prototxt", "pspnet101_cityscapes.caffemodel"),
-}
 DOWNLOAD_TIMEOUT_S = 60
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -69,12 +53,12 @@ OUTPUT_SUFFIXES = {
     "seg_read": "_seg_read.png",
     "probs_npy": "_probs.npy",
 }
+# The Pillow image mode of each picture output: colours, blend, grey probabilities.
+PICTURE_MODES = {"seg": "RGB", "seg_blended": "RGB", "probs": "L"}
 FALLBACK_PICTURE_EXTENSION = ".png"
 SUMMARY_TOP_CLASSES = 3
 # Images needing at least this many forward passes get a progress bar of their own.
 FORWARD_BAR_MIN_PASSES = 4
-EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -82,35 +66,34 @@ class WeightsNotFound(FileNotFoundError):
 
 
 def default_weights_path(model_name):
-    """The weights file `PSPNet` uses for `model_name` unless told otherwise."""
+    """The weights file `PSPNet` uses for a released model unless told otherwise."""
     return WEIGHTS_DIR / f"{model_name}.h5"
 
 
-def weights_url(model_name):
-    """The URL the published weights of `model_name` are downloaded from."""
+def weights_url(config):
+    """The URL the published weights of a released model are downloaded from."""
     base = os.environ.get(WEIGHTS_URL_BASE_VARIABLE)
     if base:
-        return f"{base.rstrip('/')}/{model_name}.h5"
-    return WEIGHTS_URLS[model_name]
+        return f"{base.rstrip('/')}/{config.name}.h5"
+    return config.weights_url
 
 
-def weights_help(model_name, path):
-    """What to do when the weights of `model_name` are not at `path`: place or convert them."""
-    prototxt, caffemodel = CAFFE_FILES[model_name]
+def weights_help(config, path):
+    """What to do when the weights of a released model are not at `path`: place or convert them."""
     return (
-        f"Put the published {model_name}.h5 at {path} (or pass its path with -w), "
-        f"or convert the Caffe release's weights: "
-        f"python {PROJECT_DIR / 'weight_converter.py'} {prototxt} {caffemodel} -o {path}"
+        f"Put the published {config.name}.h5 at {path} (or pass its path with -w), "
+        f"or convert the Caffe release's weights: put {config.caffe_weights} in {CAFFE_WEIGHTS_DIR} and run "
+        f"python {PROJECT_DIR / 'weight_converter.py'} {CAFFE_WEIGHTS_DIR / config.caffe_weights}"
     )
 
 
 def fetch(url, path, description, show_progress):
-    """Writes the body of `url` to the new file `path`; raises OSError unless all of it arrived."""
+    """Writes the body of `url` to the file `path`; raises OSError unless all of it arrived."""
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         received = 0
-        with open(path, "xb") as file, tqdm(
+        with open(path, "wb") as file, tqdm(
             total=expected,
             unit="B",
             unit_scale=True,
@@ -135,8 +118,8 @@ def failure_reason(error):
     return str(error)
 
 
-def download_weights(model, model_name, path, show_progress=True):
-    """Downloads the published weights of `model_name` to `path` and loads them into `model`.
+def download_weights(model, config, path, show_progress=True):
+    """Downloads the published weights of a released model to `path` and loads them into `model`.
 
     The file goes to a temporary file next to `path` and is renamed to `path` only
     once it has fully arrived and loads into `model` (HDF5, every layer, every
@@ -145,69 +128,76 @@ def download_weights(model, model_name, path, show_progress=True):
     """
     from layers_builder import WeightsError, load_weights
 
-    url = weights_url(model_name)
+    url = weights_url(config)
     if show_progress:
         tqdm.write(f"{PROG}: {path} not found; downloading it from {url}", file=sys.stderr)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fetch(url, temporary, f"downloading {path.name}", show_progress)
-        try:
-            load_weights(model, temporary)
-        except WeightsError:
-            raise OSError(f"the downloaded file is not weights of {model_name}") from None
-        os.replace(temporary, path)
+        with utils.AtomicFiles() as files:
+            temporary = files.temporary(path)
+            fetch(url, temporary, f"downloading {path.name}", show_progress)
+            try:
+                load_weights(model, temporary)
+            except WeightsError:
+                raise OSError(f"the downloaded file is not weights of {config.name}") from None
+            files.commit()
     except (OSError, http.client.HTTPException, ValueError) as error:
         raise WeightsNotFound(
-            f"cannot download the weights of {model_name} from {url}: {failure_reason(error)}. "
-            + weights_help(model_name, path)
+            f"cannot download the weights of {config.name} from {url}: {failure_reason(error)}. "
+            + weights_help(config, path)
         ) from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 class PSPNet:
-    """A released PSPNet with its weights, predicting class probabilities of images.
+    """A PSPNet with its weights, predicting class probabilities of images.
 
-    `model_name` is one of MODEL_NAMES. `weights` is the path of a Keras-2 HDF5
-    weights file; by default `weights/keras/<model_name>.h5` in the directory of
-    this file, downloaded from the published URL when missing (`show_progress`
-    shows that download's progress bar on stderr). `precision` is float32, or
-    bfloat16 / float16 mixed precision on a GPU. Raises WeightsNotFound when
-    the weights cannot be found or downloaded, layers_builder.WeightsError
-    when they do not fit the network, and ValueError for an unknown model or a
-    mixed precision without a GPU.
+    `model` is a released model's name (models.RELEASED_MODEL_NAMES, default
+    pspnet50_ade20k) or a models.ModelConfig; left out, a `weights` file with a
+    JSON description beside it is that user model. `weights` is the path of a
+    Keras-2 HDF5 weights file; for a released model by default
+    `weights/keras/<model>.h5` in the directory of this file, downloaded from the
+    published URL when missing (`show_progress` shows that download's progress
+    bar on stderr). `precision` is float32, or bfloat16 / float16 mixed
+    precision on a GPU. Raises WeightsNotFound when the weights cannot be found
+    or downloaded, layers_builder.WeightsError when they do not fit the network,
+    and ValueError (models.ModelDescriptionError among them) for an unknown
+    model, a wrong description or a mixed precision without a GPU.
     """
 
-    def __init__(self, model_name=DEFAULT_MODEL, weights=None, show_progress=True, precision="float32"):
-        import tensorflow as tf
+    def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
+        tf = tf_runtime.import_tensorflow()
 
         from inference import Predictor
-        from layers_builder import MODEL_CONFIGS, build_pspnet, load_weights, split_upsampling
+        from layers_builder import build_pspnet, load_weights, split_upsampling
 
-        if model_name not in DATASETS:
-            raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if isinstance(model, models.ModelConfig):
+            config = model
+        else:
+            config = models.resolve_model(model, weights)
+        if precision not in tf_runtime.PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(tf_runtime.PRECISIONS)}")
         if precision != "float32" and not tf.config.list_physical_devices("GPU"):
             raise ValueError(f"precision {precision} needs a GPU and none is visible; use float32 on the CPU")
-        config = MODEL_CONFIGS[model_name]
-        self.model_name = model_name
-        self.dataset = DATASETS[model_name]
-        self.classes = config["classes"]
-        self.crop_size = config["input_size"]
-        self.base_size = BASE_SIZES[model_name]
-        self.weights_path = Path(weights) if weights is not None else default_weights_path(model_name)
-        if weights is not None and not self.weights_path.exists():
+        if weights is None and not config.released:
+            raise ValueError(f"{config.name} is not a released model: pass its weights file")
+        self.config = config
+        self.model_name = config.name
+        self.dataset = config.dataset
+        self.classes = config.classes
+        self.class_names = config.class_names
+        self.palette = np.array(config.palette, dtype=np.uint8)
+        self.crop_size = config.crop_size
+        self.base_size = config.base_size
+        self.weights_path = Path(weights) if weights is not None else default_weights_path(config.name)
+        if weights is not None and not os.path.lexists(self.weights_path):
             raise WeightsNotFound(f"{self.weights_path}: no such weights file")
         self.precision = precision
-        self.model = build_pspnet(model_name, precision=precision)
-        if self.weights_path.exists():
+        self.model = build_pspnet(config, precision=precision)
+        if weights is not None or self.weights_path.exists():
             load_weights(self.model, self.weights_path)
         else:
-            download_weights(self.model, model_name, self.weights_path, show_progress)
+            download_weights(self.model, config, self.weights_path, show_progress)
         logits, upsampling = split_upsampling(self.model)
-        self.predictor = Predictor(logits, self.crop_size, self.base_size, upsampling)
+        self.predictor = Predictor(logits, self.crop_size, self.base_size, upsampling, mean_rgb=config.mean_rgb)
 
     def predict(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 (H, W, 3) RGB image.
@@ -217,10 +207,15 @@ class PSPNet:
         """
         return self.predictor.predict(img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress)
 
-    def probability_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
-        """What `predict` returns, as a TensorFlow tensor (no copy to NumPy)."""
-        return self.predictor.probability_map(
-            img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress
+    def class_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None, probabilities=None):
+        """The class ids (uint8 (H, W)) and their probabilities (float32 (H, W)) of an image.
+
+        What `predict` gives after argmax and max, computed band by band without the
+        whole (H, W, classes) map; `probabilities`, an (H, W, classes) float32 array
+        (a memory-mapped .npy, say), is filled with that map on the way.
+        """
+        return self.predictor.class_map(
+            img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress, probabilities=probabilities
         )
 
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
@@ -242,9 +237,17 @@ class CommandError(Exception):
     """A command that cannot be carried out; the message says why."""
 
 
-def writable_extension(extension):
-    """Whether Pillow can write image files with this extension (e.g. '.jpg')."""
-    return Image.registered_extensions().get(extension.lower()) in Image.SAVE
+def picture_extension_problem(extension):
+    """Why Pillow cannot write every picture output with this extension (e.g. '.jpg'), or None."""
+    image_format = Image.registered_extensions().get(extension.lower())
+    if image_format not in Image.SAVE:
+        return f"cannot write images with the extension {extension!r}"
+    for mode in sorted(set(PICTURE_MODES.values())):
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), format=image_format)
+        except (OSError, ValueError, KeyError):
+            return f"the {image_format} format of {extension!r} cannot store {mode} images; use .png or .jpg"
+    return None
 
 
 def output_paths(stem, extension, save_probs):
@@ -267,40 +270,47 @@ def output_plan(args, inputs):
     """The output files of each input image: {input path: {kind: output path}}.
 
     With -i, -o gives the stem and the picture extension (the input's when -o has
-    none). With -g, or when -o is an existing directory, outputs go to the -o
-    directory and are named after their input, with its extension. Without -o,
-    outputs are written next to their input.
+    none). With -g, when -o is an existing directory or ends with a slash, outputs
+    go to the -o directory and are named after their input, with its extension.
+    Without -o, outputs are written next to their input.
     """
+    if args.output_path == "":
+        raise CommandError("-o: the output path is empty")
     output = Path(args.output_path) if args.output_path else None
-    into_directory = args.glob_path is not None or (output is not None and output.is_dir())
+    names_directory = args.output_path is not None and args.output_path.endswith(("/", os.sep))
+    into_directory = args.glob_path is not None or names_directory or (output is not None and output.is_dir())
     if output is not None and not into_directory:
         extension = output.suffix or inputs[0].suffix
-        if not writable_extension(extension):
-            raise CommandError(f"{output}: cannot write images with the extension {extension!r}")
+        problem = picture_extension_problem(extension)
+        if problem:
+            raise CommandError(f"{output}: {problem}")
         return {inputs[0]: output_paths(output.with_suffix(""), extension, args.save_probs)}
     if output is not None and output.exists() and not output.is_dir():
-        raise CommandError(f"{output}: is a file; with -g, -o names a directory")
+        raise CommandError(f"{output}: is a file; -o names a directory here")
     plan = {}
     for path in inputs:
         directory = output if output is not None else path.parent
-        extension = path.suffix if writable_extension(path.suffix) else FALLBACK_PICTURE_EXTENSION
+        extension = path.suffix if not picture_extension_problem(path.suffix) else FALLBACK_PICTURE_EXTENSION
         plan[path] = output_paths(directory / path.stem, extension, args.save_probs)
     return plan
 
 
 def check_plan(plan):
-    """Refuses a run that would overwrite an input image or write one file twice."""
-    inputs = {path.resolve(): path for path in plan}
+    """Refuses a run that would overwrite an input image, replace a special file or write one file twice."""
+    inputs = {os.path.realpath(path): path for path in plan}
     writers = {}
     for source, outputs in plan.items():
         for output in outputs.values():
-            resolved = output.resolve()
+            resolved = os.path.realpath(output)
             if resolved in inputs:
                 raise CommandError(
                     f"{output}: output would overwrite the input image {inputs[resolved]}; choose another -o"
                 )
             if resolved in writers and writers[resolved] != source:
                 raise CommandError(f"{output}: would be written for both {writers[resolved]} and {source}")
+            problem = utils.output_target_problem(output)
+            if problem:
+                raise CommandError(f"{output}: {problem}")
             writers[resolved] = source
 
 
@@ -308,7 +318,7 @@ def check_output_directories(plan):
     """Refuses output directories that cannot be created or written, before any work."""
     for directory in sorted({output.parent for outputs in plan.values() for output in outputs.values()}):
         existing = directory
-        while not existing.exists() and existing != existing.parent:
+        while not os.path.lexists(existing) and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
             raise CommandError(f"{directory}: cannot create the output directory ({existing} is not a directory)")
@@ -316,9 +326,9 @@ def check_output_directories(plan):
             raise CommandError(f"{directory}: cannot write in {existing} (permission denied)")
 
 
-def summary_lines(source, class_ids, dataset, verbose):
+def summary_lines(source, class_ids, class_names, verbose):
     """The classes found in an image with their pixel shares: one line, or one per class if verbose."""
-    found = utils.class_summary(class_ids, dataset)
+    found = utils.class_summary(class_ids, class_names)
     if verbose:
         return [f"{source}: {len(found)} classes"] + [
             f"  {class_id:3d} {name:<24} {share:7.2%}" for class_id, name, share in found
@@ -328,64 +338,77 @@ def summary_lines(source, class_ids, dataset, verbose):
     return [f"{source}: {shown}" + (f" (+{more} more classes)" if more > 0 else "")]
 
 
-def write_outputs(outputs, arrays):
-    """Writes each output file from its array, atomically; raises ImageError naming a file it cannot write."""
-    for kind, path in outputs.items():
-        write = utils.write_npy_atomic if kind == "probs_npy" else utils.write_image_atomic
-        try:
-            write(path, arrays[kind])
-        except OSError as error:
-            raise utils.ImageError(f"{path}: cannot write ({error.strerror or error})") from None
+def mode_name(args):
+    """The protocol flags of a run, as a user types them."""
+    flags = [flag for flag, on in (("-s", args.sliding), ("-ms", args.multi_scale)) if on]
+    return " ".join(flags + ([] if args.flip else ["--no-flip"])) or "the default mode"
 
 
-def segment(net, image, outputs, args):
-    """Predicts one image and writes its outputs; returns the class-id map."""
+def segment(net, image, source, outputs, args):
+    """Predicts one image and writes its outputs, all or none; returns the class-id map."""
+    from inference import OutOfMemory
+
     height, width = image.shape[:2]
-    passes = net.forward_count(height, width, sliding=args.sliding, flip=args.flip, multi_scale=args.multi_scale)
-    with tqdm(
-        total=passes, unit="pass", desc="forward passes", leave=False,
-        disable=args.quiet or passes < FORWARD_BAR_MIN_PASSES,
-    ) as bar:
-        probabilities = net.probability_map(
-            image, sliding=args.sliding, flip=args.flip, multi_scale=args.multi_scale, progress=bar.update
-        )
-    from inference import best_classes
-
-    class_ids, confidence = best_classes(probabilities)
-    colour = utils.colorize(class_ids, net.dataset)
-    write_outputs(outputs, {
-        "seg": colour,
-        "seg_blended": utils.blend(image, colour),
-        "probs": utils.probability_image(confidence),
-        "seg_read": class_ids,
-        "probs_npy": np.asarray(probabilities, dtype=np.float32) if "probs_npy" in outputs else None,
-    })
+    protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+    passes = net.forward_count(height, width, **protocol)
+    with utils.AtomicFiles() as files:
+        probabilities = None
+        if "probs_npy" in outputs:
+            temporary = files.temporary(outputs["probs_npy"])
+            probabilities = np.lib.format.open_memmap(
+                temporary, mode="w+", dtype=np.float32, shape=(height, width, net.classes)
+            )
+        with tqdm(
+            total=passes, unit="pass", desc="forward passes", leave=False,
+            disable=args.quiet or passes < FORWARD_BAR_MIN_PASSES,
+        ) as bar:
+            try:
+                class_ids, confidence = net.class_map(image, progress=bar.update, probabilities=probabilities, **protocol)
+            except OutOfMemory as error:
+                raise utils.ImageError(f"{source}: {error}") from None
+        if probabilities is not None:
+            probabilities.flush()
+            del probabilities
+        colour = utils.colorize(class_ids, net.palette)
+        pictures = {
+            "seg": colour,
+            "seg_blended": utils.blend(image, colour),
+            "probs": utils.probability_image(confidence),
+            "seg_read": class_ids,
+        }
+        for kind, array in pictures.items():
+            files.write(outputs[kind], utils.image_writer(outputs[kind], array))
+        files.commit()
     return class_ids
 
 
 def check_gpu(gpu_id):
     """Warns when the GPU chosen with --id (through CUDA_VISIBLE_DEVICES) does not exist."""
-    import tensorflow as tf
-
+    tf = tf_runtime.import_tensorflow()
     if not tf.config.list_physical_devices("GPU"):
         print(f"{PROG}: warning: GPU {gpu_id} not found; running on the CPU", file=sys.stderr)
 
 
-def load_network(args):
+def load_network(args, config):
     """The network of the command line."""
     from layers_builder import WeightsError
 
     try:
-        return PSPNet(args.model, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
+        return PSPNet(config, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
     except (WeightsError, WeightsNotFound, ValueError) as error:
         raise CommandError(str(error)) from None
 
 
 def run(args):
     """Segments every input image; returns the exit code."""
+    try:
+        config = models.resolve_model(args.model, args.weights)
+    except models.ModelDescriptionError as error:
+        raise CommandError(str(error)) from None
     plan = output_plan(args, input_paths(args))
     check_plan(plan)
     check_output_directories(plan)
+    tf_runtime.import_tensorflow(args.verbose)
     if args.id is not None:
         check_gpu(args.id)
     net = None
@@ -393,16 +416,25 @@ def run(args):
     for source, outputs in tqdm(plan.items(), unit="image", disable=args.quiet or len(plan) == 1):
         try:
             image = utils.read_image(source)
-            net = net or load_network(args)
-            class_ids = segment(net, image, outputs, args)
+            net = net or load_network(args, config)
+            class_ids = segment(net, image, source, outputs, args)
         except utils.ImageError as error:
             tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
             failures += 1
             continue
         if not args.quiet:
-            for line in summary_lines(source, class_ids, net.dataset, args.verbose):
+            for line in summary_lines(source, class_ids, net.class_names, args.verbose):
                 tqdm.write(line, file=sys.stdout)
-    return EXIT_FAILURE if failures else 0
+    return utils.EXIT_FAILURE if failures else utils.EXIT_OK
+
+
+def model_list():
+    """The released models, one phrase each, for --help."""
+    return "; ".join(
+        f"{config.name} (ResNet-{config.depth}, {config.classes} {config.dataset} classes, "
+        f"{config.crop_size} px crops)"
+        for config in models.RELEASED_MODELS.values()
+    )
 
 
 def argument_parser():
@@ -410,31 +442,33 @@ def argument_parser():
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Semantic segmentation with the released PSPNet models, using the Caffe release's "
-            "evaluation protocol. For each image it writes <stem>_seg<ext> (class colours), "
-            "<stem>_seg_blended<ext> (50/50 blend with the image), <stem>_probs<ext> (maximum "
-            "probability p as gray level round(255 p)) and <stem>_seg_read.png (0-based class ids, "
-            "8-bit lossless PNG), and prints the classes found with their pixel shares."
+            "Semantic segmentation with PSPNet, using the Caffe release's evaluation protocol. "
+            "For each image it writes <stem>_seg<ext> (class colours), <stem>_seg_blended<ext> "
+            "(50/50 blend with the image), <stem>_probs<ext> (maximum probability p as gray level "
+            "round(255 p)) and <stem>_seg_read.png (0-based class ids, 8-bit lossless PNG), and "
+            "prints the classes found with their pixel shares."
         ),
         epilog=(
             f"Weights: by default {WEIGHTS_DIR}/<model>.h5 (in the directory of pspnet.py, whatever the "
             "working directory). When that file is missing, the published Keras weights are downloaded "
             f"to it; set {WEIGHTS_URL_BASE_VARIABLE} to download <base>/<model>.h5 from a mirror instead. "
-            "weight_converter.py converts the Caffe release's .caffemodel files. "
+            "weight_converter.py converts the Caffe release's .caffemodel files. A model of your own is "
+            "its .h5 with a .json description of the same stem beside it (written by train.py): pass "
+            "it with -w and no -m. Long options are also accepted with '-' for '_' and '_' for '-'. "
             "Exit status: 0 when every image was segmented, 1 when an image or the weights failed "
-            "(with -g the other images are still processed), 2 for a wrong command line."
+            "(with -g the other images are still processed), 2 for a wrong command line, 130 when "
+            "interrupted, 143 when terminated; no output file is ever left half written."
         ),
     )
     parser.add_argument(
-        "-m", "--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, metavar="MODEL",
-        help="pspnet50_ade20k (150 ADE20K classes, 473 px crops), pspnet101_voc2012 (21 PASCAL VOC "
-             "2012 classes, 473 px) or pspnet101_cityscapes (19 Cityscapes classes, 713 px) "
-             "(default: %(default)s)",
+        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
+        help=f"a released model: {model_list()} (default: {models.DEFAULT_MODEL}, or the model "
+             "described beside the -w file)",
     )
     parser.add_argument(
         "-w", "--weights", metavar="H5",
         help="Keras-2 HDF5 weights file (default: weights/keras/<model>.h5 next to pspnet.py, "
-             "downloaded when missing)",
+             "downloaded when missing); with <stem>.json beside it, that user model",
     )
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("-i", "--input_path", metavar="IMAGE", help="the image to segment (any format Pillow reads)")
@@ -446,8 +480,8 @@ def argument_parser():
     parser.add_argument(
         "-o", "--output_path", metavar="PATH",
         help="with -i: output stem and picture extension, e.g. out/photo.png gives out/photo_seg.png "
-             "(the input's extension when PATH has none; an existing directory works as with -g); "
-             "with -g: output directory. Missing directories are created. "
+             "(the input's extension when PATH has none; an existing directory, or a PATH ending "
+             "in '/', works as with -g); with -g: output directory. Missing directories are created. "
              "(default: next to each input, named after it)",
     )
     parser.add_argument(
@@ -456,7 +490,7 @@ def argument_parser():
              "a warning is printed and the CPU is used (default: TensorFlow's choice)",
     )
     parser.add_argument(
-        "--precision", choices=PRECISIONS, default="float32",
+        "--precision", choices=tf_runtime.PRECISIONS, default="float32",
         help="arithmetic of the network: float32, or bfloat16 / float16 mixed precision (float32 "
              "weights, 16-bit compute; GPU only) (default: %(default)s)",
     )
@@ -479,7 +513,7 @@ def argument_parser():
     parser.add_argument(
         "--save-probs", action="store_true",
         help="also write <stem>_probs.npy: float32 class probabilities, shape (H, W, classes) at "
-             "the image size, each pixel summing to 1",
+             "the image size, each pixel summing to 1 (H x W x classes x 4 bytes on disk)",
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(
@@ -489,24 +523,26 @@ def argument_parser():
     verbosity.add_argument(
         "-v", "--verbose", action="store_true",
         help="list every class found in each image with its pixel share (default: the "
-             f"{SUMMARY_TOP_CLASSES} largest on one line)",
+             f"{SUMMARY_TOP_CLASSES} largest on one line), and keep TensorFlow's start-up log lines",
     )
     return parser
 
 
 def main(argv=None):
     """Runs the command line; returns the exit status."""
-    args = argument_parser().parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
     if args.id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.id
+    utils.stop_on_termination()
     try:
         return run(args)
     except CommandError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return utils.EXIT_FAILURE
+    except KeyboardInterrupt as error:
+        print(f"{PROG}: {'terminated' if isinstance(error, utils.Terminated) else 'interrupted'}", file=sys.stderr)
+        return utils.interruption_exit_code(error)
 
 
 if __name__ == "__main__":

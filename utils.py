@@ -382,3 +382,26 @@ def write_npy_atomic(path, array):
 def write_json_atomic(path, data):
     """Writes `data` as JSON, atomically."""
     write_atomic(path, json_writer(data))
+
+
+def canonical_flag_spellings(parser, argv):
+    """`argv` with each long option spelt as `parser` declares it.
+
+    Every long option is accepted with '-' or '_' between its words
+    (--input-path for --input_path, --save_probs for --save-probs); --help
+    shows the declared spelling. Arguments after '--' are left alone.
+    """
+    declared = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                declared.setdefault(option.replace("_", "-"), option)
+    spelt = []
+    for index, argument in enumerate(argv):
+        if argument == "--":
+            return spelt + list(argv[index:])
+        flag, equals, value = argument.partition("=")
+        if flag.startswith("--") and flag not in declared.values():
+            flag = declared.get(flag.replace("_", "-"), flag)
+        spelt.append(flag + equals + value)
+    return spelt

@@ -8,6 +8,7 @@ and progress handling is checked quickly with a stand-in network.
 """
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import models
 import pspnet
 from synthetic_caffe import write_classifier_only_weights
 
@@ -27,9 +29,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pspnet50_ade20k"
 CROP_SIZE = 473
 ADE20K_CLASSES = 150
-# Spec D: the training mean, subtracted from RGB before the channels become BGR.
+# The Caffe release's training mean (evaluation/eval_all.m), subtracted from RGB before the channels become BGR.
 MEAN_RGB = np.array([123.68, 116.779, 103.939])
-# Spec D: a few ADE20K palette entries, 0-based class id -> colour.
+# A few ADE20K palette entries (color150.mat of the MIT Scene Parsing benchmark), 0-based class id -> colour.
 ADE20K_COLOURS = {0: (120, 120, 120), 2: (6, 230, 230), 12: (150, 5, 61), 149: (92, 0, 255)}
 EVERY_FLAG = (
     "-m", "--model", "-w", "--weights", "-i", "--input_path", "-g", "--glob_path", "-o", "--output_path",
@@ -85,8 +87,11 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("pspnet.py: error:")]
 
 
-def check_outputs(image, probabilities, outputs, exact_pictures=True):
-    """Asserts that the output files of one image are what its probabilities make them."""
+def check_outputs(image, probabilities, outputs, exact_pictures=True, palette=None):
+    """Asserts that the output files of one image are what its probabilities make them.
+
+    `palette` defaults to ADE20K's, checked against a few entries of color150.mat.
+    """
     class_ids = probabilities.argmax(axis=-1)
     with Image.open(outputs["seg_read"]) as seg_read:
         assert seg_read.format == "PNG" and seg_read.mode == "L"
@@ -95,9 +100,10 @@ def check_outputs(image, probabilities, outputs, exact_pictures=True):
         for kind in ("seg", "seg_blended", "probs"):
             assert decoded(outputs[kind]).shape[:2] == image.shape[:2]
         return
-    palette = np.array(pspnet.utils.palette("ade20k"))
-    for class_id, colour in ADE20K_COLOURS.items():
-        assert tuple(palette[class_id]) == colour
+    if palette is None:
+        palette = np.array(models.RELEASED_MODELS[MODEL].palette)
+        for class_id, colour in ADE20K_COLOURS.items():
+            assert tuple(palette[class_id]) == colour
     colour = decoded(outputs["seg"])
     np.testing.assert_array_equal(colour, palette[class_ids])
     expected_blend = np.floor((image.astype(np.float64) + colour) / 2 + 0.5)
@@ -135,8 +141,8 @@ def network(weights_h5):
 @pytest.fixture
 def reuse_network(monkeypatch, network):
     """Makes pspnet.main use the already built network instead of building its own."""
-    def construct(model_name, weights=None, show_progress=True, precision="float32"):
-        assert (model_name, precision) == (MODEL, "float32")
+    def construct(model, weights=None, show_progress=True, precision="float32"):
+        assert (model.name, precision) == (MODEL, "float32")
         return network
 
     monkeypatch.setattr(pspnet, "PSPNet", construct)
@@ -223,7 +229,7 @@ def test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class(tmp_path, r
 
     class_ids = probabilities.argmax(axis=-1)
     present, counts = np.unique(class_ids, return_counts=True)
-    names = pspnet.utils.class_names("ade20k")
+    names = models.RELEASED_MODELS[MODEL].class_names
     lines = result.stdout.splitlines()
     assert lines[0] == f"{source}: {len(present)} classes"
     listed = {int(line.split()[0]): line for line in lines[1:]}
@@ -252,19 +258,21 @@ def test_predict_passes_the_protocol_to_the_predictor(network, monkeypatch):
 
 def test_api_attributes(network):
     assert (network.model_name, network.dataset) == (MODEL, "ade20k")
+    assert network.config is models.RELEASED_MODELS[MODEL]
     assert (network.classes, network.crop_size, network.base_size) == (150, 473, 512)
     assert network.forward_count(90, 120, sliding=True, flip=True) == 4
     assert network.forward_count(90, 120) == 2
 
 
-def test_model_tables_match_layers_builder():
-    import layers_builder
-
-    assert pspnet.MODEL_NAMES == layers_builder.MODEL_NAMES
-    assert pspnet.BASE_SIZES == {"pspnet50_ade20k": 512, "pspnet101_voc2012": 512, "pspnet101_cityscapes": 2048}
-    assert pspnet.DATASETS == {
-        "pspnet50_ade20k": "ade20k", "pspnet101_voc2012": "voc2012", "pspnet101_cityscapes": "cityscapes",
-    }
+def test_class_map_is_the_argmax_and_max_of_predict(network):
+    image = smooth_image(50, 70, 4)
+    probabilities = network.predict(image, flip=False)
+    streamed = np.zeros_like(probabilities)
+    class_ids, confidence = network.class_map(image, flip=False, probabilities=streamed)
+    assert class_ids.dtype == np.uint8 and confidence.dtype == np.float32
+    np.testing.assert_array_equal(class_ids, probabilities.argmax(axis=-1))
+    np.testing.assert_allclose(confidence, probabilities.max(axis=-1), atol=1e-6)
+    np.testing.assert_allclose(streamed, probabilities, atol=1e-6)
 
 
 def test_missing_weights_file_is_one_clear_error(tmp_path):
@@ -299,21 +307,24 @@ class StandInNetwork:
     constructions = []
     predictions = []
 
-    def __init__(self, model_name=MODEL, weights=None, show_progress=True, precision="float32"):
-        StandInNetwork.constructions.append((model_name, weights))
-        self.model_name, self.dataset, self.classes = model_name, "ade20k", ADE20K_CLASSES
+    def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
+        config = model if isinstance(model, models.ModelConfig) else models.resolve_model(model, weights)
+        StandInNetwork.constructions.append((config.name, weights))
+        self.model_name, self.dataset, self.classes = config.name, config.dataset, config.classes
+        self.class_names, self.palette = config.class_names, np.array(config.palette, np.uint8)
 
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
         return (12 if multi_scale else 4 if sliding else 1) * (2 if flip else 1)
 
-    def probability_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None):
+    def class_map(self, img, sliding=False, flip=True, multi_scale=False, progress=None, probabilities=None):
         StandInNetwork.predictions.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})
         for _ in range(self.forward_count(*img.shape[:2], sliding, flip, multi_scale)):
             progress(1)
-        winner = np.where(img[..., 0] >= 128, 2, 12)
-        probabilities = np.full((*img.shape[:2], self.classes), 0.3 / (self.classes - 1), np.float32)
-        np.put_along_axis(probabilities, winner[..., np.newaxis], 0.7, axis=-1)
-        return probabilities
+        winner = np.where(img[..., 0] >= 128, 2, 12).astype(np.uint8)
+        if probabilities is not None:
+            probabilities[:] = 0.3 / (self.classes - 1)
+            np.put_along_axis(probabilities, winner[..., np.newaxis].astype(np.intp), 0.7, axis=-1)
+        return winner, np.full(img.shape[:2], 0.7, np.float32)
 
 
 @pytest.fixture
@@ -365,7 +376,7 @@ def test_glob_loads_the_network_once_and_names_outputs_after_inputs(tmp_path, st
     result = run_main("-g", tmp_path / "in" / "**" / "*", "-o", out, "-q")
     assert result.code == 1  # the folder "sub" matches the pattern too and is not an image
     assert error_lines(result.stderr) == [
-        f"pspnet.py: error: {tmp_path / 'in' / 'sub'}: is a directory, not an image file"
+        f"pspnet.py: error: {tmp_path / 'in' / 'sub'}: is a directory, not a file"
     ]
     assert len(stand_in.constructions) == 1 and len(stand_in.predictions) == 3
     expected = [path.name for stem, ext in (("one", ".png"), ("two", ".jpg"), ("three", ".bmp"))
@@ -441,8 +452,9 @@ def test_unwritable_output_is_one_clear_error(tmp_path, stand_in):
     result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "-q")
     assert result.code == 1
     (line,) = result.stderr.splitlines()
-    assert line == f"pspnet.py: error: {tmp_path / 'out' / 'b_seg.png'}: cannot write (Is a directory)"
+    assert line == f"pspnet.py: error: {tmp_path / 'out' / 'b_seg.png'}: is a directory"
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["b_seg.png"]
+    assert stand_in.predictions == []
 
 
 def test_outputs_of_two_inputs_colliding_are_refused(tmp_path, stand_in):
@@ -601,3 +613,190 @@ def test_mixed_precision_without_a_gpu_is_refused(tmp_path, weights_h5):
             f"pspnet.py: error: precision {precision} needs a GPU and none is visible; use float32 on the CPU"
         ]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile input: nothing a user can pass gives a traceback, a hang or a lost file
+
+
+@pytest.fixture
+def restore_sigterm():
+    """Puts back the SIGTERM handler that pspnet.main installs."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_fifo_as_input_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    result = run_cli("-i", fifo, "-o", tmp_path / "out" / "x.png")
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"pspnet.py: error: {fifo}: is a FIFO, not a regular file"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_as_input_is_not_called_empty(tmp_path):
+    result = run_cli("-i", "/dev/zero", "-o", tmp_path / "x.png")
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == ["pspnet.py: error: /dev/zero: is a device, not a regular file"]
+
+
+def test_glob_skips_symlink_loops_and_fifos_and_goes_on(tmp_path, stand_in):
+    save_image(tmp_path / "in" / "good.png", sky_and_person())
+    os.symlink(tmp_path / "in" / "loop.png", tmp_path / "in" / "loop.png")
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    result = run_main("-g", tmp_path / "in" / "*.png", "-o", tmp_path / "out", "-q")
+    assert result.code == 1
+    assert sorted(error_lines(result.stderr)) == [
+        f"pspnet.py: error: {tmp_path / 'in' / 'loop.png'}: symbolic link loop",
+        f"pspnet.py: error: {tmp_path / 'in' / 'pipe.png'}: is a FIFO, not a regular file",
+    ]
+    assert len(stand_in.predictions) == 1
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(
+        path.name for path in output_files("good", ".png", probs=False).values()
+    )
+
+
+def test_symlink_loop_as_input_is_one_line(tmp_path, stand_in):
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    result = run_main("-i", tmp_path / "loop.png", "-o", tmp_path / "out" / "x.png", "-q")
+    assert result.code == 1
+    assert error_lines(result.stderr) == [f"pspnet.py: error: {tmp_path / 'loop.png'}: symbolic link loop"]
+
+
+def test_empty_output_path_is_refused_before_any_work(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    result = run_main("-i", source, "-o", "")
+    assert (result.code, error_lines(result.stderr)) == (1, ["pspnet.py: error: -o: the output path is empty"])
+    assert stand_in.constructions == [] and sorted(path.name for path in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_trailing_slash_names_a_new_directory(tmp_path, stand_in):
+    source = save_image(tmp_path / "photo.png", sky_and_person())
+    assert run_main("-i", source, "-o", f"{tmp_path / 'newdir'}/", "-q").code == 0
+    assert sorted(path.name for path in (tmp_path / "newdir").iterdir()) == sorted(
+        path.name for path in output_files("photo", ".png", probs=False).values()
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["newdir", "photo.png"]
+
+
+def test_special_file_as_output_is_refused(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    os.mkfifo(tmp_path / "b_seg.png")
+    result = run_main("-i", source, "-o", tmp_path / "b.png", "-q")
+    assert result.code == 1
+    assert error_lines(result.stderr) == [
+        f"pspnet.py: error: {tmp_path / 'b_seg.png'}: exists and is not a regular file; refusing to replace it"
+    ]
+    assert stand_in.predictions == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b_seg.png"]
+
+
+def test_extension_that_cannot_store_every_output_is_refused_before_predicting(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    result = run_main("-i", source, "-o", tmp_path / "out" / "x.qoi", "-q")
+    assert result.code == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"pspnet.py: error: {tmp_path / 'out' / 'x.qoi'}: the QOI format") and "cannot store L" in line
+    assert stand_in.predictions == [] and not (tmp_path / "out").exists()
+
+
+def test_failure_on_a_later_output_leaves_no_output_of_the_image(tmp_path, stand_in, monkeypatch):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    writer = pspnet.utils.image_writer
+
+    def failing_on_probs(path, array):
+        if str(path).endswith("_probs.png"):
+            def fail(temporary):
+                raise OSError(28, "No space left on device")
+            return fail
+        return writer(path, array)
+
+    monkeypatch.setattr(pspnet.utils, "image_writer", failing_on_probs)
+    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
+    assert result.code == 1
+    assert error_lines(result.stderr) == [
+        f"pspnet.py: error: {tmp_path / 'out' / 'b_probs.png'}: cannot write (No space left on device)"
+    ]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sigterm_while_predicting_cleans_up_and_exits_143(tmp_path, stand_in, monkeypatch, restore_sigterm):
+    import signal
+
+    source = save_image(tmp_path / "a.png", sky_and_person())
+
+    def terminated(self, img, probabilities=None, **protocol):
+        assert probabilities is not None
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the prediction")
+
+    monkeypatch.setattr(StandInNetwork, "class_map", terminated)
+    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
+    assert (result.code, result.stderr) == (143, "pspnet.py: terminated\n")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_outputs_follow_the_umask(tmp_path, stand_in):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    previous = os.umask(0o027)
+    try:
+        assert run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q").code == 0
+    finally:
+        os.umask(previous)
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--input-path", "{a}", "--output-path", "{out}", "--save_probs", "--multi-scale"],
+     ["--input_path={a}", "--output_path={out}", "--save-probs", "--multi_scale"]],
+)
+def test_long_flags_take_either_spelling(tmp_path, stand_in, flags):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+    flags = [flag.format(a=source, out=tmp_path / "out" / "b.png") for flag in flags]
+    assert run_main(*flags, "-q").code == 0
+    assert stand_in.predictions == [{"sliding": False, "flip": True, "multi_scale": True}]
+    assert (tmp_path / "out" / "b_probs.npy").is_file()
+
+
+def test_help_shows_one_spelling_of_each_flag():
+    result = run_cli("--help")
+    assert "--input_path" in result.stdout and "--input-path" not in result.stdout
+    assert "--save-probs" in result.stdout and "--save_probs" not in result.stdout
+
+
+def test_a_default_run_prints_no_tensorflow_start_up_line(tmp_path, weights_h5):
+    source = save_image(tmp_path / "a.png", smooth_image(40, 50, 3))
+    result = run_cli("-w", weights_h5, "-i", source, "-o", tmp_path / "out" / "a.png", "--no-flip", "-q")
+    assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
+    assert run_cli("--help").stderr == ""
+
+
+def test_verbose_keeps_tensorflow_start_up_lines(tmp_path):
+    import tf_runtime
+
+    result = run_cli("-i", tmp_path / "absent.png", "--id", "0", "-v")
+    assert result.returncode == 1
+    assert any(tf_runtime.START_UP_LINE.match(line) for line in result.stderr.splitlines())
+
+
+def test_quiet_start_up_passes_on_a_broken_tensorflow(tmp_path):
+    broken = tmp_path / "site" / "tensorflow"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text(
+        "import os\nos.write(2, b'native: libtensorflow_framework.so.2: cannot open shared object file\\n')\n"
+        "raise ImportError('libtensorflow_framework.so.2: cannot open shared object file')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import tf_runtime; tf_runtime.import_tensorflow()"],
+        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=60,
+        env={**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert result.returncode == 1
+    assert "native: libtensorflow_framework.so.2: cannot open shared object file" in result.stderr
+    assert "ImportError: libtensorflow_framework.so.2" in result.stderr

@@ -1,7 +1,8 @@
-"""Tests of utils.py: palettes, image reading, colouring and atomic writers.
+"""Tests of utils.py and of the released models' palettes: image reading, colouring, atomic writers.
 
-Palette values are typed from section D of the PSPNet reference facts; image
-files are made here with Pillow or byte by byte.
+Palette values are typed from the Caffe release's colormapcs.mat / colormapvoc.mat
+and the MIT Scene Parsing benchmark's color150.mat; image files are made here with
+Pillow or byte by byte.
 """
 
 import os
@@ -13,7 +14,20 @@ import pytest
 from PIL import Image
 from PIL import JpegImagePlugin
 
+import models
 import utils
+
+DATASET_MODELS = {"ade20k": "pspnet50_ade20k", "voc2012": "pspnet101_voc2012", "cityscapes": "pspnet101_cityscapes"}
+
+
+def palette(dataset):
+    """The uint8 (classes, 3) palette of the released model trained on `dataset`."""
+    return np.array(models.RELEASED_MODELS[DATASET_MODELS[dataset]].palette, dtype=np.uint8)
+
+
+def class_names(dataset):
+    """The class names of the released model trained on `dataset`."""
+    return models.RELEASED_MODELS[DATASET_MODELS[dataset]].class_names
 
 CITYSCAPES = [
     ("road", (128, 64, 128)),
@@ -133,16 +147,12 @@ def noise(shape, seed=0):
 # Palettes and class names.
 
 
-def test_dataset_names():
-    assert utils.DATASETS == ("ade20k", "voc2012", "cityscapes")
-
-
 @pytest.mark.parametrize(
     "dataset, classes", [("ade20k", 150), ("voc2012", 21), ("cityscapes", 19)]
 )
 def test_palette_and_names_sizes(dataset, classes):
-    colours = utils.palette(dataset)
-    names = utils.class_names(dataset)
+    colours = palette(dataset)
+    names = class_names(dataset)
     assert colours.dtype == np.uint8
     assert colours.shape == (classes, 3)
     assert isinstance(names, tuple)
@@ -152,15 +162,15 @@ def test_palette_and_names_sizes(dataset, classes):
 
 
 def test_cityscapes_table():
-    assert utils.class_names("cityscapes") == tuple(n for n, _ in CITYSCAPES)
-    assert utils.palette("cityscapes").tolist() == [
+    assert class_names("cityscapes") == tuple(n for n, _ in CITYSCAPES)
+    assert palette("cityscapes").tolist() == [
         list(c) for _, c in CITYSCAPES
     ]
 
 
 def test_voc2012_table():
-    assert utils.class_names("voc2012") == tuple(n for n, _ in VOC2012)
-    assert utils.palette("voc2012").tolist() == [list(c) for _, c in VOC2012]
+    assert class_names("voc2012") == tuple(n for n, _ in VOC2012)
+    assert palette("voc2012").tolist() == [list(c) for _, c in VOC2012]
 
 
 def test_voc2012_palette_is_the_bit_interleaved_colormap():
@@ -171,29 +181,15 @@ def test_voc2012_palette_is_the_bit_interleaved_colormap():
             for channel in range(3):
                 if class_id >> (3 * bit + channel) & 1:
                     expected[class_id, channel] |= 1 << (7 - bit)
-    np.testing.assert_array_equal(utils.palette("voc2012"), expected)
+    np.testing.assert_array_equal(palette("voc2012"), expected)
 
 
 def test_ade20k_spot_checks():
-    names = utils.class_names("ade20k")
-    colours = utils.palette("ade20k")
+    names = class_names("ade20k")
+    colours = palette("ade20k")
     for class_id, (name, colour) in ADE20K_SAMPLES.items():
         assert names[class_id] == name, class_id
         assert tuple(colours[class_id]) == colour, class_id
-
-
-def test_palette_is_a_fresh_copy():
-    utils.palette("voc2012")[0] = 255
-    assert tuple(utils.palette("voc2012")[0]) == (0, 0, 0)
-
-
-def test_unknown_dataset():
-    for function in (utils.palette, utils.class_names):
-        with pytest.raises(ValueError, match="unknown dataset 'coco'"):
-            function("coco")
-
-
-# read_image: colour modes.
 
 
 def test_read_rgb_png_exact(tmp_path):
@@ -356,7 +352,7 @@ def test_read_missing_file(tmp_path):
 
 
 def test_read_directory(tmp_path):
-    assert read_error(tmp_path).endswith(": is a directory, not an image file")
+    assert read_error(tmp_path).endswith(": is a directory, not a file")
 
 
 def test_read_text_file(tmp_path):
@@ -398,7 +394,7 @@ def test_read_decompression_bomb(tmp_path, monkeypatch):
 
 
 def test_colorize_voc():
-    result = utils.colorize(np.array([[0, 15], [20, 8]]), "voc2012")
+    result = utils.colorize(np.array([[0, 15], [20, 8]]), palette("voc2012"))
     assert result.dtype == np.uint8
     np.testing.assert_array_equal(
         result,
@@ -409,21 +405,21 @@ def test_colorize_voc():
 def test_colorize_cityscapes_every_id():
     ids = np.arange(19, dtype=np.uint8).reshape(1, 19)
     np.testing.assert_array_equal(
-        utils.colorize(ids, "cityscapes")[0], [c for _, c in CITYSCAPES]
+        utils.colorize(ids, palette("cityscapes"))[0], [c for _, c in CITYSCAPES]
     )
 
 
 @pytest.mark.parametrize(
     "ids, message",
     [
-        ([[0, 21]], r"class ids of voc2012 lie in 0\.\.20; found 0\.\.21"),
-        ([[-1, 3]], r"class ids of voc2012 lie in 0\.\.20; found -1\.\.3"),
+        ([[0, 21]], r"class ids lie in 0\.\.20; found 0\.\.21"),
+        ([[-1, 3]], r"class ids lie in 0\.\.20; found -1\.\.3"),
         ([[0.0, 1.0]], "class ids must be integers, not float64"),
     ],
 )
 def test_colorize_rejects_bad_ids(ids, message):
     with pytest.raises(ValueError, match=message):
-        utils.colorize(np.array(ids), "voc2012")
+        utils.colorize(np.array(ids), palette("voc2012"))
 
 
 def test_blend_rounds_halves_up():
@@ -473,19 +469,19 @@ def test_probability_image_rejects_nan():
 
 def test_class_summary_sorted_by_share():
     ids = np.array([[0, 0, 1], [1, 1, 2]])
-    assert utils.class_summary(ids, "voc2012") == [
+    assert utils.class_summary(ids, class_names("voc2012")) == [
         (1, "aeroplane", 0.5),
         (0, "background", pytest.approx(1 / 3)),
         (2, "bicycle", pytest.approx(1 / 6)),
     ]
-    assert [row[0] for row in utils.class_summary(ids, "voc2012", top=2)] == [
+    assert [row[0] for row in utils.class_summary(ids, class_names("voc2012"), top=2)] == [
         1,
         0,
     ]
 
 
 def test_class_summary_ties_and_types():
-    summary = utils.class_summary(np.array([[149, 3], [3, 149]]), "ade20k")
+    summary = utils.class_summary(np.array([[149, 3], [3, 149]]), class_names("ade20k"))
     assert summary == [(3, "floor", 0.5), (149, "flag", 0.5)]
     class_id, name, share = summary[0]
     assert type(class_id) is int and type(share) is float
@@ -493,15 +489,15 @@ def test_class_summary_ties_and_types():
 
 def test_class_summary_many_ties_in_id_order():
     ids = np.concatenate([np.arange(149, -1, -1), [7, 7]])
-    summary = utils.class_summary(ids, "ade20k")
+    summary = utils.class_summary(ids, class_names("ade20k"))
     assert summary[0] == (7, "bed", pytest.approx(3 / 152))
     assert [row[0] for row in summary[1:]] == [i for i in range(150) if i != 7]
 
 
 def test_class_summary_edge_cases():
-    assert utils.class_summary(np.zeros((0, 4), dtype=int), "cityscapes") == []
+    assert utils.class_summary(np.zeros((0, 4), dtype=int), class_names("cityscapes")) == []
     with pytest.raises(ValueError, match="found 0..19"):
-        utils.class_summary(np.array([0, 19]), "cityscapes")
+        utils.class_summary(np.array([0, 19]), class_names("cityscapes"))
 
 
 # Atomic writers.
@@ -609,3 +605,63 @@ def test_npy_failure_leaves_no_file(tmp_path):
             tmp_path / "objects.npy", np.array([{}, []], dtype=object)
         )
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_files_write_all_or_nothing(tmp_path):
+    (tmp_path / "kept.png").write_bytes(b"old")
+    with pytest.raises(utils.OutputError) as raised:
+        with utils.AtomicFiles() as files:
+            files.write(tmp_path / "kept.png", utils.image_writer(tmp_path / "kept.png", np.zeros((2, 2), np.uint8)))
+            files.write(tmp_path / "b.npy", utils.npy_writer(np.zeros(3)))
+
+            def disk_full(temporary):
+                raise OSError(28, "No space left on device")
+
+            files.write(tmp_path / "c.json", disk_full)
+            files.commit()
+    assert str(raised.value) == f"{tmp_path / 'c.json'}: cannot write (No space left on device)"
+    assert sorted(os.listdir(tmp_path)) == ["kept.png"]
+    assert (tmp_path / "kept.png").read_bytes() == b"old"
+
+
+def test_atomic_files_refuse_to_replace_special_files(tmp_path):
+    os.mkfifo(tmp_path / "pipe.json")
+    with pytest.raises(utils.OutputError, match="exists and is not a regular file; refusing to replace it"):
+        utils.write_json_atomic(tmp_path / "pipe.json", {"a": 1})
+    with pytest.raises(utils.OutputError, match="is a directory"):
+        utils.write_json_atomic(tmp_path, {"a": 1})
+    assert os.listdir(tmp_path) == ["pipe.json"]
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda path: os.mkfifo(path), "is a FIFO, not a regular file"),
+        (lambda path: os.symlink(path, path), "symbolic link loop"),
+        (lambda path: os.symlink(path.parent / "absent", path), "dangling symbolic link"),
+        (lambda path: path.mkdir(), "is a directory, not a file"),
+        (lambda path: None, "no such file"),
+    ],
+)
+def test_input_file_problems(tmp_path, make, problem):
+    path = tmp_path / "input.png"
+    make(path)
+    assert utils.input_file_problem(path) == problem
+    with pytest.raises(utils.ImageError) as raised:
+        utils.read_image(path)
+    assert str(raised.value) == f"{path}: {problem}"
+
+
+def test_devices_are_not_input_files():
+    assert utils.input_file_problem("/dev/zero") == "is a device, not a regular file"
+
+
+def test_canonical_flag_spellings():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input_path")
+    parser.add_argument("--save-probs", action="store_true")
+    argv = ["--input-path=a_b-c", "--save_probs", "--", "--input-path"]
+    assert utils.canonical_flag_spellings(parser, argv) == ["--input_path=a_b-c", "--save-probs", "--", "--input-path"]
+    assert utils.canonical_flag_spellings(parser, ["--unknown_flag"]) == ["--unknown_flag"]
