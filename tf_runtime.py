@@ -1,4 +1,4 @@
-"""How the project starts TensorFlow: quietly, on the chosen GPU, at the chosen precision.
+"""How the project starts TensorFlow: quietly, with thread pools sized to the machine.
 
 TensorFlow's C++ runtime logs start-up lines on stderr (CUDA probing, oneDNN and
 CPU-feature notices). `import_tensorflow` hides them unless the user asked for
@@ -8,6 +8,12 @@ reaches the lines logged after absl's logging starts; the few logged before it
 cudart_stub.cc and port.cc) are taken out of what the import writes on file
 descriptor 2, and everything else it writes, a real import error included, is
 passed on.
+
+Thread pools: one inter-op thread and one intra-op thread per core this process
+may run on (os.sched_getaffinity, not the host's count), so that TensorFlow's two
+pools do not oversubscribe the cores; a user's own TF_NUM_INTEROP_THREADS and
+TF_NUM_INTRAOP_THREADS win. bench/README.md ("Thread pools") has the measurements
+behind this rule.
 
 This module imports nothing heavy, so that command lines parse before
 TensorFlow loads.
@@ -22,6 +28,9 @@ import tempfile
 PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 PRECISIONS = tuple(PRECISION_POLICIES)
 
+INTER_OP_VARIABLE = "TF_NUM_INTEROP_THREADS"
+INTRA_OP_VARIABLE = "TF_NUM_INTRAOP_THREADS"
+INTER_OP_THREADS = 1
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 # Only FATAL messages: the CPU-only cuInit failure is logged as an ERROR.
 QUIET_LOG_LEVEL = "3"
@@ -45,9 +54,29 @@ def passed_on(text):
     return "".join(line for line in text.splitlines(keepends=True) if not START_UP_LINE.match(line))
 
 
+def usable_cores():
+    """The number of cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def thread_pool_sizes():
+    """The (inter-op, intra-op) thread counts TensorFlow is started with (see the module's docstring)."""
+    return (
+        int(os.environ.get(INTER_OP_VARIABLE, INTER_OP_THREADS)),
+        int(os.environ.get(INTRA_OP_VARIABLE, usable_cores())),
+    )
+
+
 def import_tensorflow(verbose=False):
-    """The tensorflow module, imported without TensorFlow's C++ start-up lines unless wanted."""
-    if "tensorflow" in sys.modules or wants_start_up_logs(verbose):
+    """The tensorflow module, imported without TensorFlow's C++ start-up lines unless wanted.
+
+    The first import also sizes TensorFlow's thread pools (thread_pool_sizes).
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault(INTER_OP_VARIABLE, str(thread_pool_sizes()[0]))
+    os.environ.setdefault(INTRA_OP_VARIABLE, str(thread_pool_sizes()[1]))
+    if wants_start_up_logs(verbose):
         import tensorflow
 
         return tensorflow
