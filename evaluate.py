@@ -1,276 +1,80 @@
-"""Measures a PSPNet model on a user's copy of ADE20K, Cityscapes or PASCAL VOC 2012.
-
-The metrics are those of the Caffe release (evaluation/eval_acc.m with
-intersectionAndUnion.m and pixelAccuracy.m): one confusion matrix accumulated
-over the whole set, then per class IoU = TP / (TP + FP + FN) and accuracy =
-TP / (TP + FN), their means, and pixel accuracy = sum of TP / labelled pixels.
-Unlabelled pixels count nowhere: ADE20K label 0, VOC and Cityscapes 255, and
-Cityscapes labelIds outside the 19 evaluated classes. Classes whose union is
-empty over the evaluated images are left out of the means and reported as null
-(eval_acc.m counts them as 0); so are accuracies of classes without a labelled
-pixel.
+"""Measures a PSPNet model on ADE20K, Cityscapes, PASCAL VOC 2012 or a user's own data.
 
     python evaluate.py -m pspnet50_ade20k --data ~/data/ADEChallengeData2016 -s --save-dir runs/ade
+    python evaluate.py -w runs/mine/final.h5 --data ~/data/mine
+
+The model is a released one (-m, default pspnet50_ade20k) or a user's (-w X.h5
+with its description X.json beside it, models.py). The data is one of the layouts
+of datasets.py: --dataset, else the layout found at --data (the model's own
+benchmark first), else the released model's benchmark, else the folders layout.
+The dataset must have as many classes as the model. The metrics are the Caffe
+release's (metrics.py); for the released models on their benchmark they are
+printed beside the published numbers. The report is JSON.
 
 With --save-dir every prediction is kept as `<image stem>.png` (0-based class
-ids); a rerun scores those files instead of predicting again, so an interrupted
-run resumes where it stopped. Ctrl-C writes the metrics of the images done so
-far, marked partial, and exits with 130.
+ids) and predictions.json records how they were made; a rerun scores those files
+instead of predicting again, so an interrupted run resumes where it stopped.
+Ctrl-C or SIGTERM writes the metrics of the images done so far, marked partial,
+and exits with 130 or 143. Every file is written atomically.
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import datasets
+import metrics
+import models
 import pspnet
 import utils
 
-IGNORE_LABEL = 255
-EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
+PROG = "evaluate"
 REPORT_NAME = "metrics.json"
 PREDICTION_SETTINGS_NAME = "predictions.json"
 
-DATASET_TITLES = {"ade20k": "ADE20K", "voc2012": "PASCAL VOC 2012", "cityscapes": "Cityscapes"}
-ADE20K_SPLIT_FOLDERS = {"val": "validation", "train": "training"}
-
-# cityscapesScripts labels.py: labelId -> trainId of the 19 evaluated classes;
-# every other labelId is ignored.
-CITYSCAPES_TRAIN_IDS = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}
-
-# Caffe release README (spec H), measured with the sliding-window protocol (-s, or
-# -ms which slides at every scale) and flip: (model, split, multi-scale) -> (mIoU, pixel accuracy).
+# Caffe release README, measured with the sliding-window protocol (-s, or -ms which
+# slides at every scale) and flip: (model, split, multi-scale) -> (mIoU, pixel accuracy).
 PUBLISHED_RESULTS = {
     ("pspnet50_ade20k", "val", False): (0.4168, 0.8004),
     ("pspnet50_ade20k", "val", True): (0.4278, 0.8076),
     ("pspnet101_cityscapes", "val", False): (0.7970, 0.9638),
     ("pspnet101_cityscapes", "val", True): (0.8091, 0.9659),
 }
+JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
-def label_table(first_value, classes):
-    """Lookup table sending label values first_value .. first_value + classes - 1 to
-    class ids 0 .. classes - 1 and every other 8-bit value to IGNORE_LABEL."""
-    table = np.full(256, IGNORE_LABEL, np.uint8)
-    table[first_value:first_value + classes] = np.arange(classes)
-    return table
-
-
-def cityscapes_label_id_table():
-    """Lookup table sending Cityscapes labelIds to trainIds, IGNORE_LABEL for the rest."""
-    table = np.full(256, IGNORE_LABEL, np.uint8)
-    for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-        table[label_id] = train_id
-    return table
-
-
-ADE20K_LABELS = label_table(1, 150)
-VOC2012_LABELS = label_table(0, 21)
-CITYSCAPES_TRAIN_ID_LABELS = label_table(0, 19)
-CITYSCAPES_LABEL_ID_LABELS = cityscapes_label_id_table()
-
-
-class DataRootError(Exception):
-    """A dataset root that does not hold the expected layout."""
-
-
-class SaveDirError(Exception):
-    """A --save-dir whose contents cannot be reused by this run."""
-
-
-class SampleError(Exception):
-    """An image or label that cannot be evaluated: `path` names the file, `problem` says why."""
-
-    def __init__(self, path, problem):
-        super().__init__(f"{path}: {problem}")
-        self.path = path
-        self.problem = problem
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Sample:
-    """One image of the set, its label image, and the table turning label values into class ids."""
-
-    image: Path
-    label: Path
-    label_table: np.ndarray
-
-
-def ade20k_samples(root, split):
-    """The samples of ADEChallengeData2016/images/<split> under `root`, or under its parent."""
-    folder = ADE20K_SPLIT_FOLDERS.get(split, split)
-    bases = (root / "ADEChallengeData2016", root)
-    for base in bases:
-        images = base / "images" / folder
-        annotations = base / "annotations" / folder
-        if images.is_dir() and annotations.is_dir():
-            return [
-                Sample(image, annotations / f"{image.stem}.png", ADE20K_LABELS)
-                for image in sorted(images.glob("*.jpg"))
-            ]
-    expected = " or ".join(f"{base / 'images' / folder} with {base / 'annotations' / folder}" for base in bases)
-    raise DataRootError(f"{root} is not an ADE20K root: expected {expected}")
-
-
-def cityscapes_samples(root, split):
-    """The samples of leftImg8bit/<split>/<city> under `root`, labelled by gtFine labelTrainIds
-    where present, else by gtFine labelIds."""
-    images = root / "leftImg8bit" / split
-    labels = root / "gtFine" / split
-    if not (images.is_dir() and labels.is_dir()):
-        raise DataRootError(f"{root} is not a Cityscapes root: expected {images} with {labels}")
-    samples = []
-    for image in sorted(images.glob("*/*_leftImg8bit.png")):
-        prefix = image.name.removesuffix("_leftImg8bit.png")
-        train_ids = labels / image.parent.name / f"{prefix}_gtFine_labelTrainIds.png"
-        label_ids = labels / image.parent.name / f"{prefix}_gtFine_labelIds.png"
-        if label_ids.is_file() and not train_ids.is_file():
-            samples.append(Sample(image, label_ids, CITYSCAPES_LABEL_ID_LABELS))
-        else:
-            samples.append(Sample(image, train_ids, CITYSCAPES_TRAIN_ID_LABELS))
-    return samples
-
-
-def voc2012_samples(root, split):
-    """The samples listed in ImageSets/Segmentation/<split>.txt of the VOC2012 folder at
-    `root`, at root/VOC2012 or at root/VOCdevkit/VOC2012."""
-    bases = (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
-    for base in bases:
-        listing = base / "ImageSets" / "Segmentation" / f"{split}.txt"
-        if listing.is_file():
-            try:
-                names = listing.read_text(encoding="utf-8").split()
-            except (OSError, UnicodeDecodeError) as error:
-                raise DataRootError(f"{listing}: cannot read the image list ({error})") from None
-            return [
-                Sample(base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png", VOC2012_LABELS)
-                for name in names
-            ]
-    expected = " or ".join(str(base / "ImageSets" / "Segmentation" / f"{split}.txt") for base in bases)
-    raise DataRootError(f"{root} is not a PASCAL VOC 2012 root: expected {expected}")
-
-
-SAMPLE_FINDERS = {"ade20k": ade20k_samples, "cityscapes": cityscapes_samples, "voc2012": voc2012_samples}
-
-
-def datasets_laid_out_at(root):
-    """The datasets whose folder layout `root` holds, whatever the split."""
-    found = []
-    if (root / "ADEChallengeData2016" / "images").is_dir() or (
-        (root / "images").is_dir() and (root / "annotations").is_dir()
-    ):
-        found.append("ade20k")
-    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
-        found.append("cityscapes")
-    if any(
-        (base / "JPEGImages").is_dir() and (base / "SegmentationClass").is_dir()
-        for base in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012")
-    ):
-        found.append("voc2012")
-    return found
-
-
-def find_samples(model_name, root, split):
-    """The samples of `split` of the dataset `model_name` is evaluated on, found under `root`."""
-    dataset = pspnet.DATASETS[model_name]
-    if not root.is_dir():
-        raise DataRootError(f"{root}: no such directory")
-    try:
-        samples = SAMPLE_FINDERS[dataset](root, split)
-    except DataRootError as error:
-        other = [found for found in datasets_laid_out_at(root) if found != dataset]
-        if not other:
-            raise
-        models = ", ".join(name for name, of in pspnet.DATASETS.items() if of in other)
-        raise DataRootError(
-            f"{root} holds {DATASET_TITLES[other[0]]}, but {model_name} is evaluated on "
-            f"{DATASET_TITLES[dataset]} (use -m {models} for that data). {error}"
-        ) from None
-    if not samples:
-        raise DataRootError(f"{root}: no {DATASET_TITLES[dataset]} images found for split '{split}'")
-    return samples
-
-
-def read_label(sample):
-    """The label image of `sample` as 0-based class ids, IGNORE_LABEL where unlabelled."""
-    if not sample.label.is_file():
-        raise SampleError(sample.label, "label file missing")
-    try:
-        with Image.open(sample.label) as label:
-            if label.mode not in ("L", "P"):
-                raise SampleError(sample.label, f"label is not an 8-bit class-index image (mode {label.mode})")
-            values = np.asarray(label)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise SampleError(sample.label, f"cannot read label ({error})") from None
-    return sample.label_table[values]
-
-
-def read_saved_prediction(path, shape, classes):
-    """The class ids an earlier run saved at `path`, or None where there is no usable file."""
-    try:
-        with Image.open(path) as saved:
-            class_ids = np.asarray(saved) if saved.mode == "L" else None
-    except (OSError, SyntaxError, ValueError):
-        return None
-    if class_ids is None or class_ids.shape != shape or class_ids.max() >= classes:
-        return None
-    return class_ids
-
-
-def predict_class_ids(network, sample, shape, protocol):
-    """The class id PSPNet predicts at every pixel of `sample`'s image, whose size must be `shape`."""
-    if not sample.image.is_file():
-        raise SampleError(sample.image, "image file missing")
-    try:
-        image = utils.read_image(sample.image)
-    except utils.ImageError as error:
-        raise SampleError(sample.image, str(error).removeprefix(f"{sample.image}: ")) from None
-    if image.shape[:2] != shape:
-        raise SampleError(
-            sample.image,
-            f"image is {image.shape[1]}x{image.shape[0]} but its label {sample.label.name} is {shape[1]}x{shape[0]}",
-        )
-    from inference import best_classes
-
-    class_ids, _ = best_classes(network.probability_map(image, **protocol))
-    return class_ids
-
-
-def confusion_matrix(label_ids, predicted_ids, classes):
-    """Pixel counts indexed [label class, predicted class] over the labelled pixels of one image."""
-    labelled = label_ids != IGNORE_LABEL
-    pairs = label_ids[labelled].astype(np.int64) * classes + predicted_ids[labelled]
-    return np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+class CommandError(Exception):
+    """A run that cannot be carried out; the message says why and what to do."""
 
 
 class Tally:
-    """What a run has measured so far: the confusion matrix over the evaluated images and the skipped files."""
+    """What a run has measured so far: the confusion matrix, the evaluated images, the skipped files
+    and the label files holding values their layout does not define."""
 
     def __init__(self, classes):
         self.confusion = np.zeros((classes, classes), np.int64)
         self.images = 0
         self.skipped = []
+        self.undefined_labels = []
 
-    def add(self, label_ids, predicted_ids):
-        """Counts one evaluated image."""
-        self.confusion += confusion_matrix(label_ids, predicted_ids, len(self.confusion))
+    def add(self, sample, label_ids, predicted_ids, undefined):
+        """Counts one evaluated image, and reports on stderr label values its layout does not define."""
+        self.confusion += metrics.confusion_matrix(label_ids, predicted_ids, len(self.confusion))
         self.images += 1
+        if undefined:
+            tqdm.write(f"{PROG}: warning: {datasets.undefined_values_problem(sample, undefined)}", file=sys.stderr)
+            self.undefined_labels.append({"file": str(sample.label), "values": list(undefined)})
 
     def skip(self, error):
         """Records, and reports on stderr, a file that could not be evaluated."""
-        tqdm.write(f"evaluate: skipped {error.path}: {error.problem}", file=sys.stderr)
+        tqdm.write(f"{PROG}: skipped {error.path}: {error.problem}", file=sys.stderr)
         self.skipped.append({"file": str(error.path), "problem": error.problem})
 
 
@@ -279,20 +83,55 @@ def prediction_path(save_dir, sample):
     return save_dir / f"{sample.image.stem}.png"
 
 
+def read_saved_prediction(path, shape, classes):
+    """The class ids an earlier run saved at `path`, or None where there is no usable file.
+
+    Raises SampleError for a FIFO, directory or link loop in its place, which is never opened.
+    """
+    if not os.path.lexists(path):
+        return None
+    problem = utils.input_file_problem(path)
+    if problem:
+        raise datasets.SampleError(path, f"{problem}; remove it or choose another --save-dir")
+    try:
+        with Image.open(path) as saved:
+            class_ids = np.asarray(saved) if saved.mode == "L" else None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return None
+    if class_ids is None or class_ids.shape != shape or class_ids.max() >= classes:
+        return None
+    return class_ids
+
+
+def predict_class_ids(network, sample, shape, protocol):
+    """The class id the network predicts at every pixel of `sample`'s image, whose size must be `shape`."""
+    try:
+        image = utils.read_image(sample.image)
+    except utils.ImageError as error:
+        raise datasets.SampleError(sample.image, str(error).removeprefix(f"{sample.image}: ")) from None
+    if image.shape[:2] != shape:
+        raise datasets.SampleError(
+            sample.image,
+            f"image is {image.shape[1]}x{image.shape[0]} but its label {sample.label.name} is {shape[1]}x{shape[0]}",
+        )
+    class_ids, _ = network.class_map(image, **protocol)
+    return class_ids
+
+
 def evaluate_sample(network, sample, save_dir, protocol, tally):
     """Adds `sample` to `tally`, reusing its saved prediction when there is one and saving a new one otherwise."""
     try:
-        label_ids = read_label(sample)
+        label_ids, undefined = datasets.read_label(sample)
         saved = prediction_path(save_dir, sample) if save_dir else None
         predicted_ids = read_saved_prediction(saved, label_ids.shape, network.classes) if saved else None
         if predicted_ids is None:
             predicted_ids = predict_class_ids(network, sample, label_ids.shape, protocol)
             if saved:
                 utils.write_image_atomic(saved, predicted_ids)
-    except SampleError as error:
+    except datasets.SampleError as error:
         tally.skip(error)
         return
-    tally.add(label_ids, predicted_ids)
+    tally.add(sample, label_ids, predicted_ids, undefined)
 
 
 def evaluate_samples(network, samples, save_dir, protocol, tally):
@@ -308,38 +147,23 @@ def evaluate_samples(network, samples, save_dir, protocol, tally):
                 evaluate_sample(network, sample, save_dir, protocol, tally)
 
 
-def class_metrics(confusion):
-    """Per-class IoU and accuracy from a [label, prediction] confusion matrix, None where undefined."""
-    true_positives = np.diag(confusion)
-    labelled = confusion.sum(axis=1)
-    union = labelled + confusion.sum(axis=0) - true_positives
-    iou = [int(tp) / int(u) if u else None for tp, u in zip(true_positives, union)]
-    accuracy = [int(tp) / int(n) if n else None for tp, n in zip(true_positives, labelled)]
-    return iou, accuracy
-
-
-def mean_of_defined(values):
-    """Mean of the values that are not None; None when there are none."""
-    defined = [value for value in values if value is not None]
-    return sum(defined) / len(defined) if defined else None
-
-
 def build_report(tally, class_names, partial, images_expected, settings, published):
     """The JSON report of a run."""
-    iou, accuracy = class_metrics(tally.confusion)
-    labelled = int(tally.confusion.sum())
+    summary = metrics.summary(tally.confusion)
     return {
-        "miou": mean_of_defined(iou),
-        "pixel_acc": int(np.trace(tally.confusion)) / labelled if labelled else None,
-        "mean_acc": mean_of_defined(accuracy),
+        "miou": summary["miou"],
+        "pixel_acc": summary["pixel_acc"],
+        "mean_acc": summary["mean_acc"],
         "per_class": [
-            {"id": class_id, "name": name, "iou": iou[class_id], "acc": accuracy[class_id]}
+            {"id": class_id, "name": name, "iou": summary["iou"][class_id], "acc": summary["acc"][class_id]}
             for class_id, name in enumerate(class_names)
         ],
         "images": tally.images,
         "images_expected": images_expected,
+        "labelled_pixels": int(tally.confusion.sum()),
         "partial": partial,
         "skipped": tally.skipped,
+        "undefined_label_values": tally.undefined_labels,
         "published": None if published is None else {"miou": published[0], "pixel_acc": published[1]},
         "settings": settings,
     }
@@ -350,8 +174,9 @@ def percent(value):
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def print_report(report):
-    """Prints the per-class table and the summary of `report`, with the published numbers beside."""
+def print_report(report, published_elsewhere):
+    """Prints the per-class table and the summary of `report`, with the published numbers beside;
+    `published_elsewhere` says that numbers exist for this model and split but for another protocol."""
     width = max(len(row["name"]) for row in report["per_class"])
     print(f"{'id':>4}  {'class':<{width}}  {'IoU %':>7}  {'acc %':>7}")
     for row in report["per_class"]:
@@ -360,26 +185,10 @@ def print_report(report):
     for title, key in (("mIoU", "miou"), ("pixel acc", "pixel_acc"), ("mean acc", "mean_acc")):
         beside = f"   (published {percent(published[key])})" if key in published else ""
         print(f"{title:<10} {percent(report[key]):>7}{beside}")
-    settings = report["settings"]
-    if report["published"] is None and any(
-        key[:2] == (settings["model"], settings["split"]) for key in PUBLISHED_RESULTS
-    ):
+    if report["published"] is None and published_elsewhere:
         print("published numbers were measured with sliding windows (-s or -ms) and flip; not comparable")
     status = "partial" if report["partial"] else "complete"
     print(f"images     {report['images']} of {report['images_expected']} ({status}), skipped {len(report['skipped'])}")
-
-
-def write_json_atomic(path, data):
-    """Writes `data` as JSON to `path` so that readers see either no file or the complete one."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def sha256_of(path):
@@ -388,133 +197,371 @@ def sha256_of(path):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def claim_save_dir(save_dir, samples, prediction_settings):
+def json_kind(value):
+    """What a JSON value is, in words."""
+    return "null" if value is None else JSON_KINDS.get(type(value), "an object")
+
+
+def read_prediction_record(save_dir):
+    """The prediction settings recorded in <save dir>/predictions.json; None when there is no such file."""
+    record = save_dir / PREDICTION_SETTINGS_NAME
+    if not os.path.lexists(record):
+        return None
+    advice = "delete it or choose another --save-dir"
+    problem = utils.input_file_problem(record)
+    if problem:
+        raise CommandError(f"{record}: {problem}; {advice}")
+    try:
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise CommandError(f"{record}: unreadable ({getattr(error, 'strerror', None) or error}); {advice}") from None
+    if not isinstance(recorded, dict):
+        raise CommandError(
+            f"{record}: holds {json_kind(recorded)}, not the JSON object of prediction settings this "
+            f"program writes there; {advice}"
+        )
+    return recorded
+
+
+def claim_save_dir(save_dir, samples, prediction_settings, recorded):
     """Makes `save_dir` a folder of predictions made with `prediction_settings`, recorded in
     predictions.json; refuses a folder whose predictions were made otherwise."""
-    record = save_dir / PREDICTION_SETTINGS_NAME
-    if record.exists():
-        try:
-            recorded = json.loads(record.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SaveDirError(f"{record}: unreadable ({error}); choose another --save-dir") from None
+    if recorded is not None:
         differing = [
             f"{key} {recorded.get(key)!r} there, {value!r} now"
             for key, value in prediction_settings.items()
             if recorded.get(key) != value
         ]
         if differing:
-            raise SaveDirError(
+            raise CommandError(
                 f"{save_dir} holds predictions made otherwise ({'; '.join(differing)}); choose another --save-dir"
             )
         return
     for sample in samples:
-        if prediction_path(save_dir, sample).exists():
-            raise SaveDirError(
+        if os.path.lexists(prediction_path(save_dir, sample)):
+            raise CommandError(
                 f"{save_dir} holds {prediction_path(save_dir, sample).name} but no {PREDICTION_SETTINGS_NAME} "
                 "saying how it was predicted; choose another --save-dir"
             )
-    write_json_atomic(record, prediction_settings)
+    utils.write_json_atomic(save_dir / PREDICTION_SETTINGS_NAME, prediction_settings)
+
+
+def resolve_model(args):
+    """The ModelConfig of -m and -w, after checking that a -w file is readable."""
+    if args.weights is not None:
+        problem = utils.input_file_problem(args.weights)
+        if problem:
+            raise CommandError(f"{args.weights}: {problem}")
+    try:
+        return models.resolve_model(args.model, args.weights)
+    except models.ModelDescriptionError as error:
+        raise CommandError(str(error)) from None
+
+
+def choose_dataset(requested, config, root):
+    """The layout to read `root` as: `requested`, else the one found there (the model's benchmark first),
+    else the model's benchmark, else the folders layout."""
+    if requested:
+        return requested
+    found = datasets.datasets_laid_out_at(root)
+    if config.dataset in found:
+        return config.dataset
+    if len(found) > 1:
+        raise CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
+    return found[0] if found else config.dataset or "folders"
+
+
+def check_classes(config, dataset):
+    """Refuses a model whose classes are not the dataset's, saying which model or data fits."""
+    if dataset.classes == config.classes:
+        return
+    fitting = [name for name, released in models.RELEASED_MODELS.items() if released.dataset == dataset.name]
+    if config.released and fitting:
+        raise CommandError(
+            f"{dataset.root} holds {dataset.title} ({dataset.classes} classes), but {config.name} is a model of "
+            f"{datasets.DATASET_TITLES[config.dataset]} ({config.classes} classes); use -m {', '.join(fitting)} "
+            "for that data"
+        )
+    source = dataset.class_files[0] if dataset.class_files else f"{dataset.root} ({dataset.title})"
+    advice = "pass a model of these classes with -w" if config.released else "evaluate it on data with its classes"
+    raise CommandError(
+        f"{source} has {dataset.classes} classes but the model {config.name} has {config.classes}; {advice}"
+    )
+
+
+def open_data(args, config):
+    """The dataset and the samples of the split to evaluate, and every sample of that split."""
+    try:
+        dataset = datasets.open_dataset(choose_dataset(args.dataset, config, args.data), args.data)
+        check_classes(config, dataset)
+        every_sample = dataset.samples(args.split)
+    except datasets.DataRootError as error:
+        raise CommandError(str(error)) from None
+    return dataset, every_sample[:args.limit], every_sample
+
+
+def protected_files(every_sample, dataset, weights_path, save_dir):
+    """{path: what it is} of the files a run reads or keeps, which no output may replace."""
+    files = {weights_path: "the weights file", models.description_path(weights_path): "the model description"}
+    for path in dataset.class_files:
+        files[path] = "a class file of the dataset"
+    for sample in every_sample:
+        files[sample.image] = "an image of the set"
+        files[sample.label] = "a label of the set"
+    if save_dir is not None:
+        files[save_dir / PREDICTION_SETTINGS_NAME] = "the prediction record of --save-dir"
+        for sample in every_sample:
+            files[prediction_path(save_dir, sample)] = "a saved prediction"
+    return files
+
+
+def identity(path):
+    """(device, inode) of an existing file, None otherwise: two paths of one identity are one file."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def file_index(files):
+    """`files` ({path: what it is}) indexed by resolved path and by file identity, for replaced_file."""
+    by_path, by_identity = {}, {}
+    for path, what in files.items():
+        by_path.setdefault(os.path.realpath(path), (path, what))
+        key = identity(path)
+        if key is not None:
+            by_identity.setdefault(key, (path, what))
+    return by_path, by_identity
+
+
+def replaced_file(target, index):
+    """The (path, what it is) of a file_index that writing `target` would replace, or None.
+
+    Compares resolved paths (symbolic links) and, for an existing target, file identities (hard links).
+    """
+    by_path, by_identity = index
+    found = by_path.get(os.path.realpath(target))
+    key = identity(target)
+    if found is None and key is not None:
+        found = by_identity.get(key)
+    return found
+
+
+def existing_ancestor(path):
+    """The nearest of `path` and its parents that exists."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_save_dir(save_dir, every_sample):
+    """Refuses a --save-dir that cannot be created or written, or whose predictions would replace inputs."""
+    if os.path.lexists(save_dir) and not save_dir.is_dir():
+        raise CommandError(f"{save_dir}: not a directory; choose another --save-dir")
+    existing = existing_ancestor(save_dir)
+    if not existing.is_dir():
+        raise CommandError(f"{save_dir}: cannot create the save dir ({existing} is not a directory)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CommandError(f"{save_dir}: cannot write in {existing} (permission denied)")
+    inputs = {}
+    for sample in every_sample:
+        inputs[sample.image] = "the image"
+        inputs[sample.label] = "the label"
+    inputs = file_index(inputs)
+    for sample in every_sample:
+        replaced = replaced_file(prediction_path(save_dir, sample), inputs)
+        if replaced:
+            raise CommandError(
+                f"{save_dir}: the prediction of {sample.image.name} would replace {replaced[1]} {replaced[0]}; "
+                "choose another --save-dir"
+            )
+
+
+def check_report_path(report_path, save_dir, protected):
+    """Refuses a report path that is a special file or an input, or whose folder cannot be written."""
+    problem = utils.output_target_problem(report_path)
+    if problem:
+        raise CommandError(f"{report_path}: {problem}; choose another --report")
+    replaced = replaced_file(report_path, file_index(protected))
+    if replaced:
+        raise CommandError(
+            f"{report_path}: the report would replace {replaced[1]} {replaced[0]}; choose another --report"
+        )
+    folder = report_path.parent
+    if save_dir is not None and os.path.realpath(folder) == os.path.realpath(save_dir):
+        return
+    if not folder.is_dir():
+        raise CommandError(f"{report_path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(f"{report_path}: cannot write in {folder} (permission denied)")
+
+
+def load_network(config, weights):
+    """The network of `config` with its weights; CommandError with one line when they cannot be loaded."""
+    try:
+        return pspnet.PSPNet(config, weights=weights)
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+
+def published_results(config, dataset, args):
+    """The published (mIoU, pixel accuracy) this run is comparable with, or None."""
+    if not (config.released and dataset.name == config.dataset and (args.sliding or args.multi_scale) and args.flip):
+        return None
+    return PUBLISHED_RESULTS.get((config.name, args.split, args.multi_scale))
+
+
+def run(args):
+    """Evaluates the model on the data of the command line; returns the exit code."""
+    config = resolve_model(args)
+    dataset, samples, every_sample = open_data(args, config)
+    weights_path = Path(args.weights) if args.weights is not None else pspnet.default_weights_path(config.name)
+    recorded = None
+    if args.save_dir is not None:
+        check_save_dir(args.save_dir, every_sample)
+        recorded = read_prediction_record(args.save_dir) if args.save_dir.is_dir() else None
+    report_path = args.report or (args.save_dir or Path()) / REPORT_NAME
+    check_report_path(report_path, args.save_dir, protected_files(every_sample, dataset, weights_path, args.save_dir))
+    if args.save_dir is not None:
+        try:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
+
+    protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+    network = load_network(config, args.weights)
+    try:
+        prediction_settings = {"model": config.name, "weights_sha256": sha256_of(network.weights_path), **protocol}
+        if args.save_dir is not None:
+            claim_save_dir(args.save_dir, samples, prediction_settings, recorded)
+    except (OSError, utils.OutputError) as error:
+        raise CommandError(str(error)) from None
+
+    tally = Tally(config.classes)
+    stopped = None
+    failure = None
+    try:
+        evaluate_samples(network, samples, args.save_dir, protocol, tally)
+    except KeyboardInterrupt as error:
+        stopped = error
+        reason = "terminated" if isinstance(error, utils.Terminated) else "interrupted"
+        print(f"{PROG}: {reason}; reporting the images done so far", file=sys.stderr)
+    except (OSError, utils.OutputError) as error:
+        failure = f"stopped: {error}"
+
+    settings = {
+        **prediction_settings,
+        "weights": str(network.weights_path),
+        "dataset": dataset.name,
+        "split": args.split,
+        "data_root": str(args.data),
+        "limit": args.limit,
+    }
+    published = published_results(config, dataset, args)
+    report = build_report(
+        tally, dataset.class_names, stopped is not None or failure is not None, len(samples), settings, published
+    )
+    try:
+        utils.write_json_atomic(report_path, report)
+    except utils.OutputError as error:
+        raise CommandError(f"cannot write the report: {error}") from None
+    published_elsewhere = (
+        config.released and dataset.name == config.dataset
+        and any(key[:2] == (config.name, args.split) for key in PUBLISHED_RESULTS)
+    )
+    print_report(report, published_elsewhere)
+    print(f"report written to {report_path}")
+    if stopped is not None:
+        return utils.interruption_exit_code(stopped)
+    if failure is not None:
+        raise CommandError(failure)
+    if tally.images == 0:
+        raise CommandError("no image of the set could be evaluated")
+    if report["labelled_pixels"] == 0:
+        raise CommandError(
+            f"nothing to count: no pixel of the {tally.images} evaluated labels holds a class of the dataset "
+            f"(every value is unlabelled or undefined); check the labels under {args.data}"
+        )
+    return utils.EXIT_OK
 
 
 def positive_int(text):
     """argparse type: an integer >= 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def parse_args(argv):
-    """The command line options."""
+def argument_parser():
+    """The parser of the command line, every option documented."""
     parser = argparse.ArgumentParser(
-        description="Measure a PSPNet model on ADE20K, Cityscapes or PASCAL VOC 2012 as the Caffe release does."
+        prog="evaluate.py",
+        description=(
+            "Measure a PSPNet model on ADE20K, Cityscapes, PASCAL VOC 2012 or your own data as the Caffe "
+            "release does: confusion matrix over the set, per-class IoU and accuracy, mIoU, pixel accuracy "
+            "and mean class accuracy, written as a JSON report."
+        ),
+        epilog=(
+            "Your own data (--dataset folders): ROOT/images/<split>/<name>.<ext> (any format Pillow reads), "
+            "ROOT/labels/<split>/<name>.png (8-bit class ids, 255 = unlabelled), ROOT/classes.txt (one class "
+            "name per line), optionally ROOT/palette.txt (one 'R G B' line per class). Long options are also "
+            "accepted with '-' for '_' and '_' for '-'. Exit status: 0 when the set was evaluated, 1 on an "
+            "error (nothing evaluated, nothing labelled, a wrong model, data or output path), 2 for a wrong "
+            "command line, 130 when interrupted and 143 when terminated (both after writing the partial report)."
+        ),
     )
-    parser.add_argument("-m", "--model", required=True, choices=pspnet.MODEL_NAMES,
-                        help="model; it decides the dataset (ade20k, voc2012 or cityscapes)")
-    parser.add_argument("-w", "--weights", type=Path, help="Keras .h5 weights (default: pspnet.py's)")
+    parser.add_argument(
+        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
+        help=f"a released model: {', '.join(models.RELEASED_MODEL_NAMES)} (default: {models.DEFAULT_MODEL}, or "
+             "the model described beside the -w file)",
+    )
+    parser.add_argument(
+        "-w", "--weights", type=Path, metavar="H5",
+        help="Keras-2 HDF5 weights (default: pspnet.py's for the -m model); with <stem>.json beside it, "
+             "that user model",
+    )
     parser.add_argument("--data", required=True, type=Path, help="dataset root")
-    parser.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    parser.add_argument(
+        "--dataset", choices=datasets.DATASET_NAMES,
+        help="layout of --data (default: the one found there, the model's benchmark first)",
+    )
+    parser.add_argument("--split", default="val", help="split to evaluate (default: %(default)s)")
     parser.add_argument("-s", "--sliding", action="store_true",
                         help="the Caffe release's single-scale protocol (sliding crops); see pspnet.py -h")
     parser.add_argument("-ms", "--multi_scale", action="store_true", help="the -s protocol at scales 0.5 to 1.75")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="no mirrored second pass")
+    parser.add_argument(
+        "-f", "--flip", action=argparse.BooleanOptionalAction, default=True,
+        help="add the mirrored pass (on by default; --no-flip turns it off)",
+    )
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     parser.add_argument("--save-dir", type=Path, help="keep predictions as <image stem>.png; reuse them on rerun")
-    parser.add_argument("--report", type=Path,
-                        help=f"JSON report (default: {REPORT_NAME} in --save-dir or the current directory)")
-    return parser.parse_args(argv)
-
-
-def fail(message):
-    """Prints one error line on stderr and gives the exit code of a failed run."""
-    print(f"evaluate: {message}", file=sys.stderr)
-    return EXIT_ERROR
+    parser.add_argument(
+        "--report", type=Path,
+        help=f"JSON report (default: {REPORT_NAME} in --save-dir or the current directory); its folder must exist",
+    )
+    return parser
 
 
 def main(argv=None):
     """Runs the evaluation the command line asks for; returns the exit code."""
-    args = parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
+    utils.stop_on_termination()
     try:
-        samples = find_samples(args.model, args.data, args.split)[:args.limit]
-    except DataRootError as error:
-        return fail(str(error))
-    report_path = args.report or (args.save_dir or Path()) / REPORT_NAME
-    if args.save_dir:
-        try:
-            args.save_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            return fail(f"{args.save_dir}: cannot create the save dir ({error.strerror})")
-    if not report_path.parent.is_dir():
-        return fail(f"{report_path}: folder {report_path.parent} does not exist")
-    protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
-    try:
-        network = pspnet.PSPNet(args.model, weights=args.weights)
-        weights_path = network.weights_path
-        prediction_settings = {"model": args.model, "weights_sha256": sha256_of(weights_path), **protocol}
-        if args.save_dir:
-            claim_save_dir(args.save_dir, samples, prediction_settings)
-    except (OSError, ValueError, SaveDirError) as error:
-        return fail(str(error))
-    except KeyboardInterrupt:
-        print("evaluate: interrupted before any image was evaluated", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-    tally = Tally(network.classes)
-    failure = None
-    interrupted = False
-    try:
-        evaluate_samples(network, samples, args.save_dir, protocol, tally)
-    except KeyboardInterrupt:
-        interrupted = True
-        print("evaluate: interrupted; reporting the images done so far", file=sys.stderr)
-    except OSError as error:
-        failure = f"stopped: {error}"
-
-    settings = {
-        **prediction_settings,
-        "weights": str(weights_path),
-        "split": args.split,
-        "data_root": str(args.data),
-        "limit": args.limit,
-    }
-    caffe_protocol = (args.sliding or args.multi_scale) and args.flip
-    published = PUBLISHED_RESULTS.get((args.model, args.split, args.multi_scale)) if caffe_protocol else None
-    report = build_report(
-        tally, utils.class_names(network.dataset), interrupted or failure is not None, len(samples), settings, published
-    )
-    try:
-        write_json_atomic(report_path, report)
-    except OSError as error:
-        return fail(f"{report_path}: cannot write the report ({error})")
-    print_report(report)
-    print(f"report written to {report_path}")
-    if interrupted:
-        return EXIT_INTERRUPTED
-    if failure is not None:
-        return fail(failure)
-    if tally.images == 0:
-        return fail("no image of the set could be evaluated")
-    return 0
+        return run(args)
+    except CommandError as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return utils.EXIT_FAILURE
+    except KeyboardInterrupt as error:
+        reason = "terminated" if isinstance(error, utils.Terminated) else "interrupted"
+        print(f"{PROG}: {reason} before any image was evaluated", file=sys.stderr)
+        return utils.interruption_exit_code(error)
 
 
 if __name__ == "__main__":

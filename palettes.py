@@ -209,3 +209,20 @@ CITYSCAPES_CLASSES = (
     ("motorcycle", (0, 0, 230)),            # 17
     ("bicycle", (119, 11, 32)),             # 18
 )
+
+
+def bit_interleaved_colormap(count):
+    """The first `count` colours of the PASCAL VOC colormap (VOCdevkit's VOClabelcolormap.m).
+
+    Colour i spreads the bits of i over the channels, most significant bit first:
+    bit 3k of i goes to bit 7-k of red, bit 3k+1 to green, bit 3k+2 to blue. The
+    colours of 0 .. 255 are distinct, and the first 21 are VOC2012_CLASSES'.
+    """
+    colours = []
+    for index in range(count):
+        channels = [0, 0, 0]
+        for shift in range(8):
+            for channel in range(3):
+                channels[channel] |= ((index >> (3 * shift + channel)) & 1) << (7 - shift)
+        colours.append(tuple(channels))
+    return tuple(colours)

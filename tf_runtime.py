@@ -71,6 +71,8 @@ def import_tensorflow(verbose=False):
     """The tensorflow module, imported without TensorFlow's C++ start-up lines unless wanted.
 
     The first import also sizes TensorFlow's thread pools (thread_pool_sizes).
+    TensorFlow reads its log level once, during the import; the quiet level is then
+    taken out of the environment again, so that child processes see the user's.
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -94,4 +96,5 @@ def import_tensorflow(verbose=False):
             caught.seek(0)
             sys.stderr.write(passed_on(caught.read().decode("utf-8", "replace")))
             sys.stderr.flush()
+            del os.environ[LOG_LEVEL_VARIABLE]
     return tensorflow

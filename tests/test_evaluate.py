@@ -1,4 +1,4 @@
-"""Tests of evaluate.py on tiny synthetic datasets in the ADE20K, Cityscapes and VOC 2012 layouts.
+"""Tests of evaluate.py on tiny synthetic datasets in the ADE20K, Cityscapes, VOC 2012 and folders layouts.
 
 A stand-in for pspnet.PSPNet predicts the class whose colour code each pixel
 carries (class = R // 64 + 4 * (G // 64) + 16 * (B // 64)); the tests paint
@@ -9,24 +9,26 @@ is worked out by hand from those rectangles.
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
 
+import datasets
 import evaluate
+import models
 import pspnet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 30, 40
-MODEL_DATASETS = {
-    "pspnet50_ade20k": ("ade20k", 150),
-    "pspnet101_voc2012": ("voc2012", 21),
-    "pspnet101_cityscapes": ("cityscapes", 19),
-}
+# Seconds a test may take before a hang (a FIFO opened for reading) is reported as a failure.
+HANG_LIMIT_S = 60
 
 # cityscapesScripts labels.py, (labelId: name, trainId), typed in from the official table.
 OFFICIAL_CITYSCAPES_TRAIN_IDS = {
@@ -50,35 +52,36 @@ def colour_coded(class_ids):
 
 
 class ColourCodedNetwork:
-    """Stands in for pspnet.PSPNet: 0.9 probability on the class coded in each pixel's colour."""
+    """Stands in for pspnet.PSPNet: predicts the class coded in each pixel's colour, with probability 0.9."""
 
+    constructions = None
     calls = None
     interrupt_at_call = None
+    terminate_at_call = None
+    default_weights = None
 
-    def __init__(self, model_name, weights=None):
-        self.model_name = model_name
-        self.dataset, self.classes = MODEL_DATASETS[model_name]
-        self.weights_path = Path(weights)
+    def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
+        assert isinstance(model, models.ModelConfig)
+        self.constructions.append({"model": model, "weights": weights})
+        self.config = model
+        self.classes = model.classes
+        self.class_names = model.class_names
+        self.dataset = model.dataset
+        self.weights_path = Path(weights) if weights is not None else self.default_weights
 
-    def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
-        """Records the call (raising KeyboardInterrupt at call number `interrupt_at_call`) and
-        returns (H, W, classes) probabilities peaking at each pixel's coded class."""
+    def class_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None, probabilities=None):
+        """Records the call (raising KeyboardInterrupt, or sending this process SIGTERM, at the call
+        numbered `interrupt_at_call` or `terminate_at_call`) and returns the coded class ids."""
         self.calls.append({"sliding": sliding, "flip": flip, "multi_scale": multi_scale})
         if len(self.calls) == self.interrupt_at_call:
             raise KeyboardInterrupt
+        if len(self.calls) == self.terminate_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the evaluation")
         levels = image.astype(np.int64) // 64
         class_ids = levels[..., 0] + 4 * levels[..., 1] + 16 * levels[..., 2]
-        probabilities = np.full(image.shape[:2] + (self.classes,), 0.1 / (self.classes - 1), np.float32)
-        np.put_along_axis(probabilities, class_ids[..., np.newaxis], 0.9, axis=2)
-        return probabilities
-
-
-@pytest.fixture
-def network(monkeypatch):
-    """Puts a fresh ColourCodedNetwork class in place of pspnet.PSPNet and returns it."""
-    stand_in = type("StandIn", (ColourCodedNetwork,), {"calls": [], "interrupt_at_call": None})
-    monkeypatch.setattr(pspnet, "PSPNet", stand_in)
-    return stand_in
+        assert class_ids.max() < self.classes
+        return class_ids.astype(np.uint8), np.full(image.shape[:2], 0.9, np.float32)
 
 
 @pytest.fixture
@@ -87,6 +90,39 @@ def weights(tmp_path):
     path = tmp_path / "weights.h5"
     path.write_bytes(b"not really weights")
     return path, hashlib.sha256(b"not really weights").hexdigest()
+
+
+@pytest.fixture
+def network(monkeypatch, weights):
+    """Puts a fresh ColourCodedNetwork class in place of pspnet.PSPNet and returns it."""
+    stand_in = type("StandIn", (ColourCodedNetwork,), {
+        "constructions": [], "calls": [], "interrupt_at_call": None, "terminate_at_call": None,
+        "default_weights": weights[0],
+    })
+    monkeypatch.setattr(pspnet, "PSPNet", stand_in)
+    return stand_in
+
+
+@pytest.fixture(autouse=True)
+def restore_sigterm():
+    """Puts back the SIGTERM handler evaluate.main installs."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture
+def hang_guard():
+    """Fails the test, instead of hanging, when it runs longer than HANG_LIMIT_S."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"the test hung for {HANG_LIMIT_S} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(HANG_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def save_colour_image(path, class_ids):
@@ -117,10 +153,13 @@ def read_report(path):
 
 
 def run_cli(*argv, cwd):
-    """Runs `python evaluate.py` as a subprocess in `cwd`; returns the completed process."""
+    """Runs `python evaluate.py` as a subprocess in `cwd`, in the environment of a user who has not
+    set TensorFlow's log level (an import of TensorFlow in this process sets it); returns the
+    completed process."""
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "evaluate.py"), *map(str, argv)],
-        cwd=cwd, capture_output=True, text=True, timeout=300,
+        cwd=cwd, capture_output=True, text=True, timeout=300, env=environment,
     )
 
 
@@ -203,6 +242,7 @@ def test_voc_metrics_by_hand(tmp_path, network, weights, nesting):
         "sliding": True,
         "multi_scale": False,
         "flip": False,
+        "dataset": "voc2012",
         "split": "val",
         "data_root": str(tmp_path / "data" / nesting),
         "limit": None,
@@ -500,3 +540,411 @@ def test_end_to_end_with_synthetic_weights(tmp_path, synthetic_model):
     assert report["mean_acc"] == pytest.approx(np.mean(list(expected_acc.values())))
     assert report["pixel_acc"] == pytest.approx(np.sum((pred + 1 == label) & (label != 0)) / np.sum(label != 0))
     assert report["settings"]["flip"] is False
+
+
+# ---------------------------------------------------------------------------------------
+# The folders layout and users' own models
+
+FOLDER_CLASSES = ("sky", "tree", "road")
+# Folders set: three 40x30 images of val in three formats (rows x columns 0-based, inclusive).
+# a.png: predicted 0 in rows 0-15, 2 in rows 16-29; labelled 0 in rows 0-9, 1 in rows 10-19, 2 in
+#        rows 20-29, columns 0-3 are 255 (ignored).
+# b.jpg: predicted 2 in columns 0-15, 1 in columns 16-39; labelled 1 in columns 0-23, 2 in 24-39.
+# c.bmp: predicted 0 everywhere; labelled 0, row 29 is 255.
+# Confusion [label, prediction], 36 labelled columns in a.png:
+# a: [0,0] = 10*36 = 360, [1,0] = 6*36 = 216, [1,2] = 4*36 = 144, [2,2] = 10*36 = 360.
+# b: [1,2] = 30*16 = 480, [1,1] = 30*8 = 240, [2,1] = 30*16 = 480.   c: [0,0] = 29*40 = 1160.
+# Labelled per class: 0 1520, 1 1080, 2 840 (3440); predicted: 0 1736, 1 720, 2 984.
+FOLDERS_IOU = {0: 1520 / (1520 + 1736 - 1520), 1: 240 / (1080 + 720 - 240), 2: 360 / (840 + 984 - 360)}
+FOLDERS_ACC = {0: 1520 / 1520, 1: 240 / 1080, 2: 360 / 840}
+FOLDERS_PIXEL_ACC = (1520 + 240 + 360) / 3440
+
+
+def make_folders(root, class_names=FOLDER_CLASSES, palette=None):
+    """Writes the folders set described above under `root`, with palette.txt when `palette` is given,
+    plus files that are no samples: a text file, a hidden image and an image of the train split."""
+    images, labels = root / "images" / "val", root / "labels" / "val"
+    rows, columns = np.arange(HEIGHT)[:, np.newaxis], np.arange(WIDTH)[np.newaxis, :]
+    predicted = np.where(rows < 16, 0, 2).repeat(WIDTH, axis=1)
+    label = np.select([rows < 10, rows < 20], [0, 1], 2).repeat(WIDTH, axis=1)
+    label[:, :4] = 255
+    save_colour_image(images / "a.png", predicted)
+    save_label(labels / "a.png", label)
+    save_colour_image(images / "b.jpg", np.where(columns < 16, 2, 1).repeat(HEIGHT, axis=0))
+    save_label(labels / "b.png", np.where(columns < 24, 1, 2).repeat(HEIGHT, axis=0), mode="P")
+    save_colour_image(images / "c.bmp", np.zeros((HEIGHT, WIDTH), np.int64))
+    label = np.zeros((HEIGHT, WIDTH))
+    label[29, :] = 255
+    save_label(labels / "c.png", label)
+    (images / "notes.txt").write_text("not an image\n")
+    save_colour_image(images / ".hidden.png", np.ones((HEIGHT, WIDTH), np.int64))
+    save_colour_image(root / "images" / "train" / "t.png", np.ones((HEIGHT, WIDTH), np.int64))
+    save_label(root / "labels" / "train" / "t.png", np.ones((HEIGHT, WIDTH)))
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
+    if palette is not None:
+        (root / "palette.txt").write_text("".join(f"{r} {g} {b}\n" for r, g, b in palette))
+    return root
+
+
+def write_user_model(directory, name="mine", classes=len(FOLDER_CLASSES)):
+    """A user model: dummy weights <name>.h5 (the stand-in ignores them) with its description beside."""
+    directory.mkdir(parents=True, exist_ok=True)
+    description = {
+        "format": "pspnet-keras", "version": 1, "depth": 50, "classes": classes, "crop_size": 41,
+        "base_size": 64, "class_names": [f"class {i}" for i in range(classes)],
+        "palette": [[i, i, i] for i in range(classes)],
+    }
+    (directory / f"{name}.json").write_text(json.dumps(description))
+    (directory / f"{name}.h5").write_bytes(b"user weights")
+    return directory / f"{name}.h5"
+
+
+def assert_folders_metrics(report):
+    assert by_class(report, "iou") == pytest.approx(FOLDERS_IOU)
+    assert by_class(report, "acc") == pytest.approx(FOLDERS_ACC)
+    assert report["miou"] == pytest.approx(sum(FOLDERS_IOU.values()) / 3)
+    assert report["mean_acc"] == pytest.approx(sum(FOLDERS_ACC.values()) / 3)
+    assert report["pixel_acc"] == pytest.approx(FOLDERS_PIXEL_ACC)
+    assert report["labelled_pixels"] == 3440
+
+
+@pytest.mark.parametrize("palette, dataset_flag", [
+    (None, ()),
+    (((10, 20, 30), (40, 50, 60), (70, 80, 90)), ("--dataset", "folders")),
+])
+def test_user_model_on_folders_metrics_by_hand(tmp_path, network, palette, dataset_flag):
+    root = make_folders(tmp_path / "data", palette=palette)
+    weights = write_user_model(tmp_path / "model")
+    code = run("-w", weights, "--data", root, *dataset_flag, "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    assert_folders_metrics(report)
+    assert [(row["id"], row["name"]) for row in report["per_class"]] == list(enumerate(FOLDER_CLASSES))
+    assert report["images"] == 3 and report["images_expected"] == 3 and report["skipped"] == []
+    assert report["published"] is None and report["partial"] is False
+    assert report["settings"]["model"] == "mine" and report["settings"]["dataset"] == "folders"
+    assert report["settings"]["weights_sha256"] == hashlib.sha256(b"user weights").hexdigest()
+    (construction,) = network.constructions
+    assert construction["model"].name == "mine" and construction["model"].classes == 3
+    assert not construction["model"].released and Path(construction["weights"]) == weights
+    assert len(network.calls) == 3
+
+    dataset = datasets.open_dataset("folders", root)
+    assert dataset.class_names == FOLDER_CLASSES
+    # Without palette.txt: the first PASCAL VOC colormap entries (background, aeroplane, bicycle).
+    assert dataset.palette == (palette or ((0, 0, 0), (128, 0, 0), (0, 128, 0)))
+
+
+def test_released_model_on_folders_data_of_its_classes(tmp_path, network, weights):
+    names = [f"my {name}" for name in models.RELEASED_MODELS["pspnet101_voc2012"].class_names]
+    root = make_folders(tmp_path / "data", class_names=names)
+    code = run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", root, "-s", "--report", tmp_path / "r.json")
+    assert code == 0
+    report = read_report(tmp_path / "r.json")
+    assert_folders_metrics(report)
+    assert report["per_class"][20]["name"] == "my tvmonitor"
+    assert report["published"] is None and report["settings"]["dataset"] == "folders"
+
+
+def test_class_count_of_data_and_model_must_agree(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data", class_names=FOLDER_CLASSES + ("car",))
+    weights = write_user_model(tmp_path / "model")
+    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 1
+    assert capsys.readouterr().err == (
+        f"evaluate: {root / 'classes.txt'} has 4 classes but the model mine has 3; "
+        "evaluate it on data with its classes\n"
+    )
+    assert network.constructions == [] and not (tmp_path / "r.json").exists()
+
+
+def test_default_model_is_pspnet50_ade20k(tmp_path, network, capsys):
+    make_ade20k(tmp_path / "ade")
+    assert run("--data", tmp_path / "ade", "--report", tmp_path / "r.json") == 0
+    assert network.constructions[0]["model"] is models.RELEASED_MODELS["pspnet50_ade20k"]
+    assert network.constructions[0]["weights"] is None
+    root = make_folders(tmp_path / "mine")
+    capsys.readouterr()
+    assert run("--data", root, "--report", tmp_path / "r2.json") == 1
+    assert capsys.readouterr().err == (
+        f"evaluate: {root / 'classes.txt'} has 3 classes but the model pspnet50_ade20k has 150; "
+        "pass a model of these classes with -w\n"
+    )
+
+
+def test_released_name_with_a_user_model_is_refused(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    assert run("-m", "pspnet50_ade20k", "-w", weights, "--data", root) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"evaluate: {weights}: ") and "leave out -m pspnet50_ade20k" in line
+    assert network.constructions == []
+
+
+def test_two_layouts_at_one_root_need_dataset(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data")
+    (root / "annotations").mkdir()
+    weights = write_user_model(tmp_path / "model")
+    assert run("-w", weights, "--data", root) == 1
+    assert capsys.readouterr().err == (
+        f"evaluate: {root} holds the layouts of ade20k and folders; choose one with --dataset\n"
+    )
+    assert run("-w", weights, "--data", root, "--dataset", "folders", "--report", tmp_path / "r.json") == 0
+    assert_folders_metrics(read_report(tmp_path / "r.json"))
+
+
+def test_long_flags_take_either_spelling(tmp_path, network):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    code = run("--weights", weights, "--data", root, "--save_dir", tmp_path / "saved", "--multi-scale",
+               "--no_flip", "--report=" + str(tmp_path / "r.json"))
+    assert code == 0
+    assert network.calls == [{"sliding": False, "flip": False, "multi_scale": True}] * 3
+    assert sorted(path.name for path in (tmp_path / "saved").iterdir()) == [
+        "a.png", "b.png", "c.png", "predictions.json"
+    ]
+    assert_folders_metrics(read_report(tmp_path / "r.json"))
+
+
+# ---------------------------------------------------------------------------------------
+# Hostile input: one line and exit status 1 (or a skipped file), never a traceback, a hang or a lost file
+
+
+@pytest.mark.parametrize("content, kind", [
+    ("[1, 2]", "an array"), ('"settings"', "a string"), ("3", "a number"), ("null", "null"),
+])
+def test_prediction_record_that_is_no_object_is_refused(tmp_path, network, content, kind, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    save_dir = tmp_path / "saved"
+    save_dir.mkdir()
+    (save_dir / "predictions.json").write_text(content)
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 1
+    assert capsys.readouterr().err == (
+        f"evaluate: {save_dir / 'predictions.json'}: holds {kind}, not the JSON object of prediction "
+        "settings this program writes there; delete it or choose another --save-dir\n"
+    )
+    assert network.constructions == []
+    assert sorted(path.name for path in save_dir.iterdir()) == ["predictions.json"]
+
+
+def report_targets(tmp_path, weights, root, save_dir):
+    """{case: path} of inputs a --report must not replace, after a run that filled `save_dir`."""
+    os.symlink(root / "labels" / "val" / "b.png", tmp_path / "link_to_label.json")
+    os.link(root / "images" / "val" / "a.png", tmp_path / "hard_link_to_image.json")
+    return {
+        "weights": weights,
+        "description": weights.with_suffix(".json"),
+        "image": root / "images" / "val" / "c.bmp",
+        "label": root / "labels" / "val" / "a.png",
+        "classes": root / "classes.txt",
+        "record": save_dir / "predictions.json",
+        "prediction": save_dir / "b.png",
+        "symlink": tmp_path / "link_to_label.json",
+        "hard link": tmp_path / "hard_link_to_image.json",
+    }
+
+
+REPORT_TARGET_CASES = {
+    "weights": "the weights file", "description": "the model description", "image": "an image of the set",
+    "label": "a label of the set", "classes": "a class file of the dataset",
+    "record": "the prediction record of --save-dir", "prediction": "a saved prediction",
+    "symlink": "a label of the set", "hard link": "an image of the set",
+}
+
+
+@pytest.mark.parametrize("case", REPORT_TARGET_CASES)
+def test_report_on_an_input_is_refused_before_any_work(tmp_path, network, case, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    save_dir = tmp_path / "saved"
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 0
+    target = report_targets(tmp_path, weights, root, save_dir)[case]
+    contents = {path: path.read_bytes() for path in (*root.rglob("*.*"), *save_dir.iterdir(), weights)}
+    network.constructions.clear()
+    capsys.readouterr()
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir, "--report", target) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"evaluate: {target}: the report would replace {REPORT_TARGET_CASES[case]} ")
+    assert line.endswith("; choose another --report")
+    assert network.constructions == []
+    assert {path: path.read_bytes() for path in contents} == contents
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_report_on_a_special_file_is_refused(tmp_path, network, kind, capsys, hang_guard):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    target = {"fifo": tmp_path / "pipe", "directory": tmp_path / "folder", "device": Path(os.devnull)}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    if kind == "directory":
+        target.mkdir()
+    assert run("-w", weights, "--data", root, "--report", target) == 1
+    problem = "is a directory" if kind == "directory" else "exists and is not a regular file; refusing to replace it"
+    assert capsys.readouterr().err == f"evaluate: {target}: {problem}; choose another --report\n"
+    assert network.constructions == []
+    assert os.path.exists(target) and not target.is_file()
+
+
+def test_report_folder_must_exist_before_the_run(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    target = tmp_path / "absent" / "r.json"
+    assert run("-w", weights, "--data", root, "--report", target) == 1
+    assert capsys.readouterr().err == f"evaluate: {target}: folder {target.parent} does not exist\n"
+    assert network.constructions == [] and not target.parent.exists()
+
+
+def test_save_dir_on_the_labels_is_refused(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    labels = root / "labels" / "val"
+    before = {path: path.read_bytes() for path in labels.iterdir()}
+    assert run("-w", weights, "--data", root, "--save-dir", labels, "--report", tmp_path / "r.json") == 1
+    assert capsys.readouterr().err == (
+        f"evaluate: {labels}: the prediction of a.png would replace the label {labels / 'a.png'}; "
+        "choose another --save-dir\n"
+    )
+    assert network.constructions == []
+    assert {path: path.read_bytes() for path in labels.iterdir()} == before
+
+
+def test_labels_with_nothing_to_count_are_a_failure(tmp_path, network, capsys):
+    """Every pixel of every label is unlabelled (255) or no class (3 and 9 in a 3-class set)."""
+    root = make_folders(tmp_path / "data")
+    labels = root / "labels" / "val"
+    save_label(labels / "a.png", np.full((HEIGHT, WIDTH), 255))
+    save_label(labels / "b.png", np.where(np.arange(WIDTH) < 20, 3, 255)[np.newaxis, :].repeat(HEIGHT, axis=0))
+    save_label(labels / "c.png", np.where(np.arange(WIDTH) < 10, 9, 3)[np.newaxis, :].repeat(HEIGHT, axis=0))
+    weights = write_user_model(tmp_path / "model")
+    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 1
+    error_lines = capsys.readouterr().err.splitlines()
+    assert error_lines[-1] == (
+        "evaluate: nothing to count: no pixel of the 3 evaluated labels holds a class of the dataset "
+        f"(every value is unlabelled or undefined); check the labels under {root}"
+    )
+    warnings = [line for line in error_lines if line.startswith("evaluate: warning: ")]
+    assert warnings == [
+        f"evaluate: warning: {labels / 'b.png'}: label values 3 are not among the defined values (0-2, 255); "
+        "counted as unlabelled",
+        f"evaluate: warning: {labels / 'c.png'}: label values 3, 9 are not among the defined values (0-2, 255); "
+        "counted as unlabelled",
+    ]
+    report = read_report(tmp_path / "r.json")
+    assert report["labelled_pixels"] == 0 and report["miou"] is None and report["images"] == 3
+
+
+def test_undefined_label_values_count_as_unlabelled_with_one_warning_per_file(tmp_path, network, capsys):
+    """b.png gets values 7 and 200 in rows 0-4 and 100 in row 5: those 6 rows of 40 count nowhere.
+    b alone would have been [1,2] = 30*16, [1,1] = 30*8, [2,1] = 30*16; now 24 rows of each."""
+    root = make_folders(tmp_path / "data")
+    label = np.where(np.arange(WIDTH) < 24, 1, 2)[np.newaxis, :].repeat(HEIGHT, axis=0)
+    label[:5, :20] = 7
+    label[:5, 20:] = 200
+    label[5, :] = 100
+    save_label(root / "labels" / "val" / "b.png", label)
+    weights = write_user_model(tmp_path / "model")
+    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"evaluate: warning: {root / 'labels' / 'val' / 'b.png'}: label values 7, 100, 200 are not among the "
+        "defined values (0-2, 255); counted as unlabelled"
+    ]
+    report = read_report(tmp_path / "r.json")
+    assert report["undefined_label_values"] == [
+        {"file": str(root / "labels" / "val" / "b.png"), "values": [7, 100, 200]}
+    ]
+    # Confusion: a and c as in the folders set; b: [1,2] = 24*16 = 384, [1,1] = 24*8 = 192, [2,1] = 24*16 = 384.
+    # Labelled: 0 1520, 1 216 + 144 + 384 + 192 = 936, 2 384 + 360 = 744; predicted: 0 1736, 1 576, 2 888.
+    assert by_class(report, "iou") == pytest.approx(
+        {0: 1520 / 1736, 1: 192 / (936 + 576 - 192), 2: 360 / (744 + 888 - 360)}
+    )
+    assert by_class(report, "acc") == pytest.approx({0: 1.0, 1: 192 / 936, 2: 360 / 744})
+    assert report["pixel_acc"] == pytest.approx((1520 + 192 + 360) / (1520 + 936 + 744))
+
+
+def test_malformed_weights_file_is_one_line(tmp_path):
+    """A user model whose HDF5 file has a `weight_names` attribute of numbers: the real network refuses it."""
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    weights.unlink()
+    with h5py.File(weights, "w") as handle:
+        handle.attrs["layer_names"] = np.array([b"conv1_1_3x3_s2"])
+        group = handle.create_group("conv1_1_3x3_s2")
+        group.attrs["weight_names"] = np.array([1, 2, 3])
+        group.create_dataset("conv1_1_3x3_s2/kernel:0", data=np.zeros((3, 3, 3, 64), np.float32))
+    result = run_cli("-w", weights, "--data", root, "--report", tmp_path / "r.json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"evaluate: {weights}: layer conv1_1_3x3_s2 has a weight_names attribute that is not a list of names"
+    ]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_special_images_and_labels_are_skipped_one_line_each(tmp_path, network, capsys, hang_guard):
+    root = make_folders(tmp_path / "data")
+    images, labels = root / "images" / "val", root / "labels" / "val"
+    os.mkfifo(images / "d_fifo.png")
+    save_label(labels / "d_fifo.png", np.zeros((HEIGHT, WIDTH)))
+    (images / "e_dir.png").mkdir()
+    save_label(labels / "e_dir.png", np.zeros((HEIGHT, WIDTH)))
+    os.symlink(images / "f_loop.png", images / "f_loop.png")
+    save_label(labels / "f_loop.png", np.zeros((HEIGHT, WIDTH)))
+    save_colour_image(images / "g.png", np.zeros((HEIGHT, WIDTH), np.int64))
+    os.mkfifo(labels / "g.png")
+    save_colour_image(images / "h.png", np.zeros((HEIGHT, WIDTH), np.int64))
+    (labels / "h.png").mkdir()
+    save_colour_image(images / "i.png", np.zeros((HEIGHT, WIDTH), np.int64))
+    os.symlink(labels / "i.png", labels / "i.png")
+    weights = write_user_model(tmp_path / "model")
+    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 0
+    expected = {
+        images / "d_fifo.png": "is a FIFO, not a regular file",
+        images / "e_dir.png": "is a directory, not a file",
+        images / "f_loop.png": "symbolic link loop",
+        labels / "g.png": "is a FIFO, not a regular file",
+        labels / "h.png": "is a directory, not a file",
+        labels / "i.png": "symbolic link loop",
+    }
+    skipped_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: skipped")]
+    assert sorted(skipped_lines) == sorted(f"evaluate: skipped {path}: {problem}" for path, problem in expected.items())
+    report = read_report(tmp_path / "r.json")
+    assert {entry["file"]: entry["problem"] for entry in report["skipped"]} == {
+        str(path): problem for path, problem in expected.items()
+    }
+    assert report["images"] == 3 and report["images_expected"] == 9
+    assert_folders_metrics(report)
+
+
+def test_sigterm_writes_the_partial_report_and_exits_143(tmp_path, network, capsys):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    save_dir = tmp_path / "saved"
+    network.terminate_at_call = 2
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 143
+    assert "evaluate: terminated; reporting the images done so far" in capsys.readouterr().err.splitlines()
+    report = read_report(save_dir / "metrics.json")
+    assert report["partial"] is True and report["images"] == 1
+    # a.png alone: [0,0] = 360, [1,0] = 216, [1,2] = 144, [2,2] = 360.
+    assert by_class(report, "iou") == pytest.approx({0: 360 / 576, 1: 0.0, 2: 360 / 504})
+    assert sorted(path.name for path in save_dir.iterdir()) == ["a.png", "metrics.json", "predictions.json"]
+
+    network.calls.clear()
+    network.terminate_at_call = None
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 0
+    assert len(network.calls) == 2
+    assert_folders_metrics(read_report(save_dir / "metrics.json"))
+
+
+def test_written_files_follow_the_umask(tmp_path, network):
+    root = make_folders(tmp_path / "data")
+    weights = write_user_model(tmp_path / "model")
+    previous = os.umask(0o002)
+    try:
+        assert run("-w", weights, "--data", root, "--save-dir", tmp_path / "saved") == 0
+    finally:
+        os.umask(previous)
+    written = sorted((tmp_path / "saved").iterdir())
+    assert [path.name for path in written] == ["a.png", "b.png", "c.png", "metrics.json", "predictions.json"]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o664, path
