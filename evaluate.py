@@ -56,26 +56,50 @@ class CommandError(Exception):
 
 class Tally:
     """What a run has measured so far: the confusion matrix, the evaluated images, the skipped files
-    and the label files holding values their layout does not define."""
+    and the label files holding values their layout does not define.
+
+    The lists keep the order in which a single process takes the samples: each entry is filed
+    under its sample's place in that order, which is the order of the calls unless given.
+    """
 
     def __init__(self, classes):
         self.confusion = np.zeros((classes, classes), np.int64)
         self.images = 0
-        self.skipped = []
-        self.undefined_labels = []
+        self.places = {"skipped": [], "undefined_labels": []}
 
-    def add(self, sample, label_ids, predicted_ids, undefined):
-        """Counts one evaluated image, and reports on stderr label values its layout does not define."""
-        self.confusion += metrics.confusion_matrix(label_ids, predicted_ids, len(self.confusion))
+    @property
+    def skipped(self):
+        """The files that could not be evaluated: [{"file", "problem"}], in sample order."""
+        return self.in_order("skipped")
+
+    @property
+    def undefined_labels(self):
+        """The label files holding undefined values: [{"file", "values"}], in sample order."""
+        return self.in_order("undefined_labels")
+
+    def in_order(self, kind):
+        """The entries of one list, by the place of their sample."""
+        return [entry for _, entry in sorted(self.places[kind], key=lambda filed: filed[0])]
+
+    def next_place(self):
+        """The place of a sample counted now, when the caller does not give one."""
+        return self.images + len(self.places["skipped"])
+
+    def add(self, sample, confusion, undefined, place=None):
+        """Counts one evaluated image by its confusion matrix, and reports on stderr label values its
+        layout does not define."""
+        place = self.next_place() if place is None else place
+        self.confusion += confusion
         self.images += 1
         if undefined:
             tqdm.write(f"{PROG}: warning: {datasets.undefined_values_problem(sample, undefined)}", file=sys.stderr)
-            self.undefined_labels.append({"file": str(sample.label), "values": list(undefined)})
+            self.places["undefined_labels"].append((place, {"file": str(sample.label), "values": list(undefined)}))
 
-    def skip(self, error):
+    def skip(self, error, place=None):
         """Records, and reports on stderr, a file that could not be evaluated."""
+        place = self.next_place() if place is None else place
         tqdm.write(f"{PROG}: skipped {error.path}: {error.problem}", file=sys.stderr)
-        self.skipped.append({"file": str(error.path), "problem": error.problem})
+        self.places["skipped"].append((place, {"file": str(error.path), "problem": error.problem}))
 
 
 def prediction_path(save_dir, sample):
@@ -104,7 +128,10 @@ def read_saved_prediction(path, shape, classes):
 
 
 def predict_class_ids(network, sample, shape, protocol):
-    """The class id the network predicts at every pixel of `sample`'s image, whose size must be `shape`."""
+    """The class id the network predicts at every pixel of `sample`'s image, whose size must be `shape`;
+    SampleError for an image that cannot be read, has another size or does not fit in memory."""
+    from inference import OutOfMemory  # imports TensorFlow: only once a network is there
+
     try:
         image = utils.read_image(sample.image)
     except utils.ImageError as error:
@@ -114,37 +141,71 @@ def predict_class_ids(network, sample, shape, protocol):
             sample.image,
             f"image is {image.shape[1]}x{image.shape[0]} but its label {sample.label.name} is {shape[1]}x{shape[0]}",
         )
-    class_ids, _ = network.class_map(image, **protocol)
+    try:
+        class_ids, _ = network.class_map(image, **protocol)
+    except OutOfMemory as error:
+        raise datasets.SampleError(sample.image, str(error)) from None
     return class_ids
 
 
+def measure_sample(network, sample, save_dir, protocol):
+    """The confusion matrix of `sample` and its undefined label values, reusing its saved prediction
+    when there is one and saving a new one otherwise; SampleError when it cannot be evaluated."""
+    label_ids, undefined = datasets.read_label(sample)
+    saved = prediction_path(save_dir, sample) if save_dir else None
+    predicted_ids = read_saved_prediction(saved, label_ids.shape, network.classes) if saved else None
+    if predicted_ids is None:
+        predicted_ids = predict_class_ids(network, sample, label_ids.shape, protocol)
+        if saved:
+            utils.write_image_atomic(saved, predicted_ids)
+    return metrics.confusion_matrix(label_ids, predicted_ids, network.classes), undefined
+
+
 def evaluate_sample(network, sample, save_dir, protocol, tally):
-    """Adds `sample` to `tally`, reusing its saved prediction when there is one and saving a new one otherwise."""
+    """Adds `sample` to `tally`, or records why it was skipped."""
     try:
-        label_ids, undefined = datasets.read_label(sample)
-        saved = prediction_path(save_dir, sample) if save_dir else None
-        predicted_ids = read_saved_prediction(saved, label_ids.shape, network.classes) if saved else None
-        if predicted_ids is None:
-            predicted_ids = predict_class_ids(network, sample, label_ids.shape, protocol)
-            if saved:
-                utils.write_image_atomic(saved, predicted_ids)
+        confusion, undefined = measure_sample(network, sample, save_dir, protocol)
     except datasets.SampleError as error:
         tally.skip(error)
         return
-    tally.add(sample, label_ids, predicted_ids, undefined)
+    tally.add(sample, confusion, undefined)
+
+
+def prediction_groups(samples, save_dir):
+    """The numbers of the samples with a saved prediction and of the others, the order a run takes them in."""
+    saved, to_predict = [], []
+    for index, sample in enumerate(samples):
+        has_saved = save_dir is not None and prediction_path(save_dir, sample).is_file()
+        (saved if has_saved else to_predict).append(index)
+    return saved, to_predict
 
 
 def evaluate_samples(network, samples, save_dir, protocol, tally):
     """Adds every sample to `tally`: first those with a saved prediction, then the others,
     each group with its own progress bar so that the ETA reflects the predictions left."""
-    saved, to_predict = [], []
-    for sample in samples:
-        has_saved = save_dir is not None and prediction_path(save_dir, sample).is_file()
-        (saved if has_saved else to_predict).append(sample)
+    saved, to_predict = prediction_groups(samples, save_dir)
     for description, group in (("saved predictions", saved), ("predicting", to_predict)):
         if group:
-            for sample in tqdm(group, desc=description, unit="img", dynamic_ncols=True):
-                evaluate_sample(network, sample, save_dir, protocol, tally)
+            for index in tqdm(group, desc=description, unit="img", dynamic_ncols=True):
+                evaluate_sample(network, samples[index], save_dir, protocol, tally)
+
+
+def evaluate_on_ray(args, config, samples, protocol, tally):
+    """Adds every sample to `tally` as evaluate_samples does, measured by workers on Ray (ray_runner)."""
+    import ray_runner
+
+    saved, to_predict = prediction_groups(samples, args.save_dir)
+    try:
+        ray_runner.evaluate_samples(args, config, samples, saved + to_predict, protocol, tally)
+    except ray_runner.RunError as error:
+        raise CommandError(str(error)) from None
+
+
+def weights_for_workers(config, weights, weights_path):
+    """The weights file Ray workers load, downloaded here first where a released model's is missing."""
+    if not weights_path.exists():
+        load_network(config, weights)
+    return weights_path
 
 
 def build_report(tally, class_names, partial, images_expected, settings, published):
@@ -431,9 +492,13 @@ def run(args):
             raise CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
 
     protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
-    network = load_network(config, args.weights)
+    if args.ray is None:
+        network = load_network(config, args.weights)
+        weights_path = network.weights_path
+    else:
+        weights_path = weights_for_workers(config, args.weights, weights_path)
     try:
-        prediction_settings = {"model": config.name, "weights_sha256": sha256_of(network.weights_path), **protocol}
+        prediction_settings = {"model": config.name, "weights_sha256": sha256_of(weights_path), **protocol}
         if args.save_dir is not None:
             claim_save_dir(args.save_dir, samples, prediction_settings, recorded)
     except (OSError, utils.OutputError) as error:
@@ -443,7 +508,10 @@ def run(args):
     stopped = None
     failure = None
     try:
-        evaluate_samples(network, samples, args.save_dir, protocol, tally)
+        if args.ray is None:
+            evaluate_samples(network, samples, args.save_dir, protocol, tally)
+        else:
+            evaluate_on_ray(args, config, samples, protocol, tally)
     except KeyboardInterrupt as error:
         stopped = error
         reason = "terminated" if isinstance(error, utils.Terminated) else "interrupted"
@@ -453,7 +521,7 @@ def run(args):
 
     settings = {
         **prediction_settings,
-        "weights": str(network.weights_path),
+        "weights": str(weights_path),
         "dataset": dataset.name,
         "split": args.split,
         "data_root": str(args.data),
@@ -545,6 +613,7 @@ def argument_parser():
         "--report", type=Path,
         help=f"JSON report (default: {REPORT_NAME} in --save-dir or the current directory); its folder must exist",
     )
+    pspnet.add_ray_arguments(parser)
     return parser
 
 
@@ -552,6 +621,7 @@ def main(argv=None):
     """Runs the evaluation the command line asks for; returns the exit code."""
     parser = argument_parser()
     args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
+    pspnet.check_ray_arguments(parser, args)
     utils.stop_on_termination()
     try:
         return run(args)

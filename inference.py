@@ -5,17 +5,40 @@ hszhao/PSPNet: the image is scaled so that its longer side is a given length,
 padded with the mean colour to the crop size, cut into overlapping crops, each
 crop's probabilities are softmax(logits + mirrored logits of the mirrored crop),
 overlaps are averaged, and the map is resized back to the image.
+
+The probability map of each scale stays at that scale's size. The image-sized
+result is made in bands of output rows: each band of each scale's map is resized
+from the input rows its kernel reaches, the bands of all scales are averaged and
+reduced to the best class and its probability, so the (H, W, classes) map of the
+whole image is never held (it is written band by band only where asked for).
 """
 
+import collections
+import contextlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-DATA_MEAN_RGB = np.array([123.68, 116.779, 103.939], dtype=np.float32)
+from models import RELEASE_MEAN_RGB
+
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STRIDE_RATE = 2 / 3
+# The size of one band of the image-sized probabilities, float32 (rows, W, classes):
+# small enough to stay near the processor's caches, large enough that the per-band
+# calls cost nothing (bench/README.md, "Memory").
+BAND_BYTES = 32 << 20
+# Bands are resized and reduced in parallel: ScaleAndTranslate and NumPy's argmax each
+# use one core. Each thread holds a few bands at a time.
+BAND_THREADS = min(4, os.cpu_count() or 1)
+FLOAT32_BYTES = 4
+
+
+class OutOfMemory(ValueError):
+    """An image that could not be segmented for lack of memory; the message says what to try."""
 
 
 def matlab_round(value):
@@ -39,23 +62,51 @@ def resize_margin(in_size, out_size):
     return math.ceil(in_size / out_size) + 2
 
 
+def mirrored_indices(length, margin):
+    """Indices 0..length-1 extended by `margin` on each side with MATLAB's mirrored border."""
+    return np.pad(np.arange(length), margin, mode="symmetric")
+
+
+def mirror_padded_rgbx(image, rows, columns):
+    """A uint8 RGB image with `rows` and `columns` of mirrored border, as an (H, W, 4) RGBX array.
+
+    Pillow keeps RGB pixels in four bytes, so it copies an RGB array once more when it
+    makes an image of it; an RGBX array it uses in place (Image.frombuffer). The X
+    byte is left unset: Pillow resizes each band on its own and it is dropped after.
+    """
+    height, width = image.shape[:2]
+    row_sources = mirrored_indices(height, rows)
+    column_sources = mirrored_indices(width, columns)
+    padded = np.empty((height + 2 * rows, width + 2 * columns, 4), dtype=np.uint8)
+    inside = slice(columns, columns + width)
+    padded[rows : rows + height, inside, :3] = image
+    padded[:rows, inside, :3] = image[row_sources[:rows]]
+    padded[rows + height :, inside, :3] = image[row_sources[rows + height :]]
+    padded[:, :columns] = padded[:, columns + column_sources[:columns]]
+    padded[:, columns + width :] = padded[:, columns + column_sources[columns + width :]]
+    return padded
+
+
 def resize_image(image, height, width):
     """`image` (uint8 RGB) resized as MATLAB's imresize(..., 'bilinear') does.
 
     Half-pixel centres, a triangle kernel widened when shrinking (antialiasing), and
-    a mirrored border, which Pillow reads from a symmetric pad around the box.
+    a mirrored border, which Pillow reads from a symmetric pad around the box. The
+    padded copy (4 bytes a pixel) is the only image-sized allocation.
     """
     if image.shape[:2] == (height, width):
         return image
     rows, columns = resize_margin(image.shape[0], height), resize_margin(image.shape[1], width)
-    padded = np.pad(image, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    padded = mirror_padded_rgbx(image, rows, columns)
+    picture = Image.frombuffer("RGBX", (padded.shape[1], padded.shape[0]), padded, "raw", "RGBX", 0, 1)
     box = (columns, rows, columns + image.shape[1], rows + image.shape[0])
-    return np.asarray(Image.fromarray(padded).resize((width, height), Image.BILINEAR, box=box))
+    resized = picture.resize((width, height), Image.BILINEAR, box=box)
+    return np.ascontiguousarray(np.asarray(resized)[..., :3])
 
 
-def preprocess(image):
+def preprocess(image, mean_rgb=RELEASE_MEAN_RGB):
     """The network input for a uint8 RGB image: float32 BGR with the training mean subtracted."""
-    return (image.astype(np.float32) - DATA_MEAN_RGB)[..., ::-1]
+    return (image.astype(np.float32) - np.asarray(mean_rgb, dtype=np.float32))[..., ::-1]
 
 
 def window_starts(length, crop_size, stride):
@@ -64,66 +115,157 @@ def window_starts(length, crop_size, stride):
     return [min(i * stride, length - crop_size) for i in range(count)]
 
 
-def average_windows(windows):
-    """The mean of overlapping windows at every pixel of the map they cover, from its top left.
+def scale_and_translate(images, size, scale, translation):
+    """TensorFlow's ScaleAndTranslate with the kernel of MATLAB's imresize 'bilinear'.
 
-    `windows` are (top, left, (rows, columns, classes) tensor). The map is cut
-    where any window begins or ends; each piece is the mean of the windows over
-    it, so every window is read once and the map written once.
+    A triangle kernel, widened by the shrink factor when shrinking (antialias);
+    output pixel x samples the input at (x + 0.5 - translation) / scale - 0.5.
     """
-    if len(windows) == 1:
-        return windows[0][2]
-    row_cuts = sorted({top for top, _, _ in windows} | {top + w.shape[0] for top, _, w in windows})
-    column_cuts = sorted({left for _, left, _ in windows} | {left + w.shape[1] for _, left, w in windows})
-    bands = []
-    for band_top, band_bottom in zip(row_cuts, row_cuts[1:]):
-        pieces = []
-        for piece_left, piece_right in zip(column_cuts, column_cuts[1:]):
-            covering = [
-                window[band_top - top : band_bottom - top, piece_left - left : piece_right - left]
-                for top, left, window in windows
-                if top <= band_top and band_bottom <= top + window.shape[0]
-                and left <= piece_left and piece_right <= left + window.shape[1]
-            ]
-            pieces.append(covering[0] if len(covering) == 1 else tf.add_n(covering) / len(covering))
-        bands.append(tf.concat(pieces, axis=1))
-    return tf.concat(bands, axis=0)
+    return tf.raw_ops.ScaleAndTranslate(
+        images=images, size=size, scale=scale, translation=translation, kernel_type="triangle", antialias=True
+    )
 
 
-def best_classes(probabilities):
-    """The class id (uint8) and its probability (float32) at every pixel of an (H, W, classes) map."""
-    class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-    return tf.cast(class_ids, tf.uint8).numpy(), tf.reduce_max(probabilities, axis=-1).numpy()
+def resize_weights(in_length, out_length, margin):
+    """The (out_length, in_length + 2 margin) weights of ScaleAndTranslate along one axis.
+
+    The weight of each row of the input padded by `margin` in each output row, when
+    `in_length` rows are resized to `out_length`. They are read from the operation
+    itself, by resizing an identity matrix whose rows are the input rows, each in a
+    channel of its own, so they are exactly the weights it applies.
+    """
+    padded = in_length + 2 * margin
+    scale = out_length / in_length
+    identity = tf.eye(padded)[tf.newaxis, :, tf.newaxis, :]
+    weights = scale_and_translate(identity, (out_length, 1), (scale, 1.0), (-margin * scale, 0.0))
+    return weights[0, :, 0, :].numpy()
 
 
-def mirrored_indices(length, margin):
-    """Indices 0..length-1 extended by `margin` on each side with MATLAB's mirrored border."""
-    return np.pad(np.arange(length), margin, mode="symmetric")
-
-
-def resize_probabilities(probabilities, height, width):
-    """A (h, w, classes) probability map resized to (height, width), as a tensor.
+class BandResize:
+    """A (h, w, classes) probability map resized to (height, width), one band of rows at a time.
 
     Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image), by
-    TensorFlow's ScaleAndTranslate on the map with a mirrored border. The release
-    then renormalises each pixel to sum 1; as both resizes weight each output by
-    weights that sum to 1, that changes nothing but rounding, and is left out.
+    TensorFlow's ScaleAndTranslate on the map with a mirrored border. A band of
+    output rows is the band's row weights (resize_weights) times the input rows
+    they reach, with their mirrored border, then ScaleAndTranslate of those rows
+    along the columns (at row scale 1, which copies the rows). Every band is thus
+    those rows of the whole map resized at once, but for the rounding of sums in
+    another order (up to 1.2e-7). Shifting the translation of ScaleAndTranslate to
+    the band instead would move its single-precision sampling positions: 8e-6 in
+    the probabilities of a 473x355 map resized to 1633x1225.
+
+    The release then renormalises each pixel to sum 1; as both resizes weight each
+    output by weights that sum to 1, that changes nothing but rounding, and is
+    left out.
     """
-    in_height, in_width = probabilities.shape[:2]
-    if (in_height, in_width) == (height, width):
-        return tf.convert_to_tensor(probabilities)
-    rows, columns = resize_margin(in_height, height), resize_margin(in_width, width)
-    padded = tf.gather(probabilities, mirrored_indices(in_height, rows), axis=0)
-    padded = tf.gather(padded, mirrored_indices(in_width, columns), axis=1)
-    scale = (height / in_height, width / in_width)
-    return tf.raw_ops.ScaleAndTranslate(
-        images=padded[tf.newaxis],
-        size=(height, width),
-        scale=scale,
-        translation=(-rows * scale[0], -columns * scale[1]),
-        kernel_type="triangle",
-        antialias=True,
-    )[0]
+
+    def __init__(self, probabilities, height, width):
+        self.probabilities = probabilities
+        self.width = width
+        in_height, in_width = probabilities.shape[:2]
+        self.unchanged = (in_height, in_width) == (height, width)
+        if self.unchanged:
+            return
+        rows, columns = resize_margin(in_height, height), resize_margin(in_width, width)
+        self.row_sources = mirrored_indices(in_height, rows)
+        self.row_weights = resize_weights(in_height, height, rows)
+        reached = self.row_weights != 0
+        self.first_row = reached.argmax(axis=1)
+        self.end_row = reached.shape[1] - reached[:, ::-1].argmax(axis=1)
+        self.column_sources = mirrored_indices(in_width, columns)
+        self.column_scale = width / in_width
+        self.column_translation = -columns * self.column_scale
+
+    def band(self, top, bottom):
+        """Rows top..bottom-1 of the resized map, as a float32 (rows, width, classes) array."""
+        if self.unchanged:
+            return self.probabilities[top:bottom]
+        start, end = self.first_row[top:bottom].min(), self.end_row[top:bottom].max()
+        sources = self.probabilities[np.ix_(self.row_sources[start:end], self.column_sources)]
+        rows = tf.matmul(self.row_weights[top:bottom, start:end], sources.reshape(end - start, -1))
+        rows = tf.reshape(rows, (1, bottom - top) + sources.shape[1:])
+        resized = scale_and_translate(
+            rows, (bottom - top, self.width), (1.0, self.column_scale), (0.0, self.column_translation)
+        )
+        return np.asarray(resized[0])
+
+
+def band_height(width, classes, band_bytes):
+    """The rows of a band: as many as keep float32 (rows, width, classes) within band_bytes, at least one."""
+    return max(1, band_bytes // (width * classes * FLOAT32_BYTES))
+
+
+def in_order(function, items, threads):
+    """function(item) for each item, in order, computed by `threads` threads.
+
+    At most two results per thread wait to be taken, so a slow consumer does not
+    make them pile up.
+    """
+    pool = ThreadPoolExecutor(threads)
+    try:
+        waiting = collections.deque()
+        for item in items:
+            waiting.append(pool.submit(function, item))
+            if len(waiting) >= 2 * threads:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def average_of_resized(maps, height, width, probabilities, band_bytes, threads):
+    """The best class and its probability at every pixel of the mean of `maps` resized to (height, width).
+
+    `maps` are (h, w, classes) float32 probability maps, one per scale, of any sizes.
+    Returns (class ids uint8 (height, width), probabilities float32 (height, width)),
+    the first class where several are best. The resized mean is made in bands of
+    output rows of about `band_bytes` (band_height), `threads` bands at a time;
+    `probabilities`, unless None, an array-like of shape (height, width, classes),
+    receives each band, top to bottom.
+    """
+    resizes = [BandResize(scale_map, height, width) for scale_map in maps]
+    rows = band_height(width, maps[0].shape[-1], band_bytes)
+
+    def band(top):
+        bottom = min(height, top + rows)
+        mean = resizes[0].band(top, bottom)
+        for resize in resizes[1:]:
+            mean = mean + resize.band(top, bottom)
+        if len(resizes) > 1:
+            mean /= len(resizes)
+        best = np.argmax(mean, axis=-1)
+        best_probability = np.take_along_axis(mean, best[..., np.newaxis], axis=-1)[..., 0]
+        return top, bottom, best, best_probability, mean if probabilities is not None else None
+
+    class_ids = np.empty((height, width), dtype=np.uint8)
+    best_probabilities = np.empty((height, width), dtype=np.float32)
+    for top, bottom, best, best_probability, mean in in_order(band, range(0, height, rows), threads):
+        class_ids[top:bottom] = best
+        best_probabilities[top:bottom] = best_probability
+        if mean is not None:
+            probabilities[top:bottom] = mean
+    return class_ids, best_probabilities
+
+
+def mode_description(sliding, multi_scale):
+    """The protocol of a call, as the command line names it."""
+    if multi_scale:
+        return "the multi-scale mode (-ms)"
+    if sliding:
+        return "the sliding-window mode (-s)"
+    return "the default mode"
+
+
+def out_of_memory_message(height, width, sliding, multi_scale):
+    """What OutOfMemory says: the image, the protocol, and what needs less memory."""
+    if multi_scale:
+        advice = "try it without -ms (single scale), or a smaller image"
+    elif sliding:
+        advice = "try the default mode (without -s), or a smaller image"
+    else:
+        advice = "try a smaller image"
+    return f"not enough memory to segment a {width}x{height} image in {mode_description(sliding, multi_scale)}: {advice}"
 
 
 class Predictor:
@@ -135,13 +277,15 @@ class Predictor:
     pixels of the crop (the network's final Interp, layers_builder.split_upsampling;
     it must commute with mirroring, as the x8 Interp does). `base_size` is the longer
     side the single-scale protocol rescales images to (plus one pixel, as the
-    release does).
+    release does). `mean_rgb` is the (R, G, B) mean the network was trained with,
+    subtracted from the image; crops are padded with it.
     """
 
-    def __init__(self, network, crop_size, base_size, upsampling=None):
+    def __init__(self, network, crop_size, base_size, upsampling=None, mean_rgb=RELEASE_MEAN_RGB):
         self.upsampling = upsampling
         self.crop_size = crop_size
         self.base_size = base_size
+        self.mean_rgb = tuple(mean_rgb)
         self.stride = math.ceil(crop_size * STRIDE_RATE)
         self._crop_functions = {}
         batch_spec = tf.TensorSpec((1, crop_size, crop_size, 3), tf.float32)
@@ -200,36 +344,67 @@ class Predictor:
         return crops * (2 if flip else 1)
 
     def scale_probabilities(self, image, flip, progress):
-        """The averaged crop probabilities of an image already at its protocol scale."""
+        """The averaged crop probabilities of an image already at its protocol scale.
+
+        A float32 (h, w, classes) array of the image's size. Overlapping crops are
+        summed into the map as they come and divided by their count at each pixel,
+        so one crop's probabilities are held at a time.
+        """
         height, width = image.shape[:2]
         size = self.crop_size
         data = np.zeros((max(height, size), max(width, size), 3), dtype=np.float32)
-        data[:height, :width] = preprocess(image)
+        data[:height, :width] = preprocess(image, self.mean_rgb)
         crop_probabilities = self.crop_function(flip)
-        windows = []
-        for top, left in self.crop_grid(height, width):
+        grid = self.crop_grid(height, width)
+        total = count = None
+        for top, left in grid:
             rows, columns = min(size, height - top), min(size, width - left)
-            windows.append((top, left, crop_probabilities(data[top : top + size, left : left + size], rows, columns)))
+            window = np.asarray(crop_probabilities(data[top : top + size, left : left + size], rows, columns))
             progress(2 if flip else 1)
-        return average_windows(windows)
+            if len(grid) == 1:
+                return window
+            if total is None:
+                total = np.zeros((height, width, window.shape[-1]), dtype=np.float32)
+                count = np.zeros((height, width, 1), dtype=np.float32)
+            total[top : top + rows, left : left + columns] += window
+            count[top : top + rows, left : left + columns] += 1
+        return np.divide(total, count, out=total)
 
-    def probability_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
-        """The (H, W, classes) float32 class probabilities of a uint8 RGB image, as a tensor.
-
-        See `predict`.
-        """
-        progress = progress or (lambda passes: None)
+    def scale_maps(self, image, sliding, flip, multi_scale, progress):
+        """The averaged crop probabilities at each scale of the protocol, each at its scale's size."""
         height, width = image.shape[:2]
-        long_sides = self.long_sides(sliding, multi_scale)
-        result = None
-        for long_side in long_sides:
-            scaled = resize_image(image, *scaled_size(height, width, long_side))
-            probabilities = self.scale_probabilities(scaled, flip, progress)
-            probabilities = resize_probabilities(probabilities, height, width)
-            result = probabilities if result is None else result + probabilities
-        if len(long_sides) > 1:
-            result /= len(long_sides)
-        return result
+        return [
+            self.scale_probabilities(resize_image(image, *scaled_size(height, width, long_side)), flip, progress)
+            for long_side in self.long_sides(sliding, multi_scale)
+        ]
+
+    @contextlib.contextmanager
+    def out_of_memory_as_error(self, image, sliding, multi_scale):
+        """Raises OutOfMemory, saying what to try, where TensorFlow or NumPy runs out of memory."""
+        try:
+            yield
+        except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+            height, width = image.shape[:2]
+            raise OutOfMemory(out_of_memory_message(height, width, sliding, multi_scale)) from error
+
+    def class_map(self, image, sliding=False, flip=True, multi_scale=False, progress=None, probabilities=None):
+        """The best class and its probability at every pixel of a uint8 RGB image.
+
+        Returns (class ids, uint8 (H, W); their probabilities, float32 (H, W)): the
+        argmax (first of equals) and max over the classes of what `predict` returns,
+        without ever holding that (H, W, classes) map. `probabilities`, an array-like
+        of shape (H, W, classes) such as a memory-mapped .npy, receives that map band
+        by band. The options are `predict`'s. Raises OutOfMemory when memory runs out.
+        """
+        height, width = image.shape[:2]
+        if probabilities is not None and tuple(probabilities.shape[:2]) != (height, width):
+            raise ValueError(f"probabilities has shape {probabilities.shape}, not ({height}, {width}, classes)")
+        with self.out_of_memory_as_error(image, sliding, multi_scale):
+            maps = self.scale_maps(image, sliding, flip, multi_scale, progress or (lambda passes: None))
+            classes = maps[0].shape[-1]
+            if probabilities is not None and tuple(probabilities.shape) != (height, width, classes):
+                raise ValueError(f"probabilities has shape {probabilities.shape}, not {(height, width, classes)}")
+            return average_of_resized(maps, height, width, probabilities, BAND_BYTES, BAND_THREADS)
 
     def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 RGB image.
@@ -239,5 +414,11 @@ class Predictor:
         `multi_scale`: the sliding protocol at 0.5 to 1.75 of base_size, averaged.
         `flip`: each crop's logits plus the mirrored logits of its mirror image.
         `progress` is called with the number of forward passes after each crop.
+        Raises OutOfMemory when memory runs out.
         """
-        return self.probability_map(image, sliding, flip, multi_scale, progress).numpy()
+        height, width = image.shape[:2]
+        with self.out_of_memory_as_error(image, sliding, multi_scale):
+            maps = self.scale_maps(image, sliding, flip, multi_scale, progress or (lambda passes: None))
+            probabilities = np.empty((height, width, maps[0].shape[-1]), dtype=np.float32)
+            average_of_resized(maps, height, width, probabilities, BAND_BYTES, BAND_THREADS)
+        return probabilities

@@ -16,6 +16,7 @@ their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 
 import os
 import stat
+import zipfile
 
 import h5py
 import numpy as np
@@ -40,12 +41,16 @@ DROPOUT_RATE = 0.1
 # Root attributes of the Keras-2 weights files the published models come in.
 KERAS2_BACKEND = np.bytes_(b"tensorflow")
 KERAS2_VERSION = np.bytes_(b"2.1.5")
+# The custom layers are registered as "pspnet>Interp" and "pspnet>PyramidConvolution", so that
+# keras.saving.load_model opens a `.keras` archive of a network once this module is imported.
+SERIALIZATION_PACKAGE = "pspnet"
 
 
 class WeightsError(ValueError):
     """A weights file that does not fit the network it is loaded into."""
 
 
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
 class Interp(layers.Layer):
     """Caffe's `Interp` layer: bilinear resizing with aligned corners.
 
@@ -74,20 +79,16 @@ class Interp(layers.Layer):
 
     def build(self, input_shape):
         out_height, out_width = self.output_size(input_shape[1], input_shape[2])
-        self.row_weights = ops.convert_to_tensor(
-            interpolation_matrix(input_shape[1], out_height), dtype=self.compute_dtype
-        )
-        self.column_weights = ops.convert_to_tensor(
-            interpolation_matrix(input_shape[2], out_width), dtype=self.compute_dtype
-        )
+        self.row_matrix = interpolation_matrix(input_shape[1], out_height)
+        self.column_matrix = interpolation_matrix(input_shape[2], out_width)
 
     def call(self, inputs):
-        return self.upsample(inputs, self.row_weights.shape[0], self.column_weights.shape[0])
+        return self.upsample(inputs, len(self.row_matrix), len(self.column_matrix))
 
     def upsample(self, inputs, height, width):
         """The first `height` rows and `width` columns of this layer's output for `inputs`."""
-        column_weights = ops.cast(self.column_weights[:width], inputs.dtype)
-        row_weights = ops.cast(self.row_weights[:height], inputs.dtype)
+        column_weights = graph_constant(self.column_matrix, inputs.dtype)[:width]
+        row_weights = graph_constant(self.row_matrix, inputs.dtype)[:height]
         columns = ops.einsum("pw,bhwc->bhpc", column_weights, inputs)
         rows = ops.tensordot(row_weights, columns, axes=[[1], [1]])
         return ops.transpose(rows, (1, 0, 2, 3))
@@ -100,6 +101,18 @@ class Interp(layers.Layer):
         config = super().get_config()
         config.update(height=self.height, width=self.width, zoom_factor=self.zoom_factor)
         return config
+
+
+def graph_constant(array, dtype):
+    """`array` as a constant of the computation being traced (a Const node of a tf.function graph).
+
+    The matrices of Interp and PyramidConvolution are kept as NumPy arrays and made
+    tensors in call(): a tensor made in build() is captured by every traced function
+    as an outside value, which tf2onnx turns into an extra graph input that ONNX
+    Runtime then requires; a constant made while tracing is part of the graph.
+    They are not weights, so weights files and `layer.weights` stay as they are.
+    """
+    return ops.convert_to_tensor(array, dtype=dtype)
 
 
 def interpolation_matrix(in_size, out_size):
@@ -119,6 +132,7 @@ def interpolation_matrix(in_size, out_size):
     return matrix
 
 
+@keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
 class PyramidConvolution(layers.Conv2D):
     """Caffe's `conv5_3_concat` + `conv5_4`: a 3x3 convolution of a map and its upsampled pyramid.
 
@@ -142,21 +156,17 @@ class PyramidConvolution(layers.Conv2D):
         channels = features[-1] + sum(branch[-1] for branch in branches)
         super().build((*features[:-1], channels))
         self.input_spec = None
-        self.row_taps = [self.shifted_interpolation(branch[1], features[1]) for branch in branches]
-        self.column_taps = [self.shifted_interpolation(branch[2], features[2]) for branch in branches]
-
-    def shifted_interpolation(self, in_size, out_size):
-        """(3, out_size, in_size): the interpolation matrix read at offsets -1, 0, +1, zero outside."""
-        padded = np.pad(interpolation_matrix(in_size, out_size), ((1, 1), (0, 0)))
-        taps = np.stack([padded[tap : tap + out_size] for tap in range(3)])
-        return ops.convert_to_tensor(taps, dtype=self.compute_dtype)
+        self.row_taps = [shifted_interpolation(branch[1], features[1]) for branch in branches]
+        self.column_taps = [shifted_interpolation(branch[2], features[2]) for branch in branches]
 
     def call(self, inputs):
         features, *branches = inputs
         kernel = self.kernel
         start = features.shape[-1]
         outputs = self.convolution_op(features, kernel[:, :, :start])
-        for branch, rows, columns in zip(branches, self.row_taps, self.column_taps):
+        for branch, row_taps, column_taps in zip(branches, self.row_taps, self.column_taps):
+            rows = graph_constant(row_taps, features.dtype)
+            columns = graph_constant(column_taps, features.dtype)
             end = start + branch.shape[-1]
             taps = ops.einsum("bijc,uvck->buvijk", branch, kernel[:, :, start:end])
             taps = ops.einsum("vxj,buvijk->buixk", columns, taps)
@@ -168,6 +178,12 @@ class PyramidConvolution(layers.Conv2D):
         """The features' shape with `filters` channels (Conv2D.build asks with the concatenation's shape)."""
         pyramid = isinstance(input_shape[0], (list, tuple))
         return super().compute_output_shape(input_shape[0] if pyramid else input_shape)
+
+
+def shifted_interpolation(in_size, out_size):
+    """(3, out_size, in_size): the interpolation matrix read at offsets -1, 0, +1, zero outside."""
+    padded = np.pad(interpolation_matrix(in_size, out_size), ((1, 1), (0, 0)))
+    return np.stack([padded[tap : tap + out_size] for tap in range(3)])
 
 
 def feature_size(input_size):
@@ -471,3 +487,39 @@ def save_weights(model, path):
         if layer.weights
     ]
     write_weights(path, layers)
+
+
+def load_keras_archive(path, model):
+    """The logits network saved in the Keras archive at `path` (export.py --format keras).
+
+    `model` (a models.ModelConfig or a released model's name) is what the archive must
+    hold: a PSPNet of its crop size and classes. Raises WeightsError naming the file
+    for anything else: a missing or unreadable file, a file that is not a Keras
+    archive, or the network of another model.
+    """
+    config = models.model_config(model)
+    problem = weights_file_problem(path)
+    if problem:
+        raise WeightsError(f"{path}: {problem}")
+    if not zipfile.is_zipfile(path):
+        raise WeightsError(f"{path}: not a Keras archive (a .keras file is a zip archive)")
+    try:
+        network = keras.saving.load_model(path, compile=False)
+    except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:
+        raise WeightsError(f"{path}: not a Keras archive this project can open ({first_line(error)})") from None
+    if not isinstance(network, keras.Model) or not {"conv6", "conv6_interp"} <= {layer.name for layer in network.layers}:
+        raise WeightsError(f"{path}: the Keras archive does not hold a PSPNet")
+    expected = (config.crop_size, config.crop_size, 3), config.classes
+    found = tuple(network.input_shape[1:]), network.output_shape[-1]
+    if found != expected:
+        raise WeightsError(
+            f"{path}: holds a network of {found[0][0]} px crops and {found[1]} classes; "
+            f"{config.name} has {config.crop_size} px crops and {config.classes} classes"
+        )
+    return network
+
+
+def first_line(error):
+    """The first line of an exception's message, for one-line error messages."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

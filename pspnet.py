@@ -59,6 +59,8 @@ FALLBACK_PICTURE_EXTENSION = ".png"
 SUMMARY_TOP_CLASSES = 3
 # Images needing at least this many forward passes get a progress bar of their own.
 FORWARD_BAR_MIN_PASSES = 4
+# The --ray value without an address: an embedded Ray on this machine (ray.init(address="local")).
+RAY_LOCAL = "local"
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -399,6 +401,33 @@ def load_network(args, config):
         raise CommandError(str(error)) from None
 
 
+def unfinished(plan, quiet):
+    """The images of `plan` missing an output (--skip-existing); says how many are left out unless quiet.
+
+    Outputs are written all or none, so an image whose outputs all exist was segmented.
+    """
+    left = {source: outputs for source, outputs in plan.items() if not all(map(os.path.isfile, outputs.values()))}
+    if not quiet and len(left) < len(plan):
+        print(
+            f"{PROG}: {len(plan) - len(left)} of {len(plan)} images have all their outputs; "
+            f"segmenting {len(left)} (--skip-existing)", file=sys.stderr,
+        )
+    return left
+
+
+def run_on_ray(args, config, plan):
+    """Segments the images of `plan` on Ray (ray_runner); returns the exit code."""
+    import ray_runner
+
+    weights = Path(args.weights) if args.weights is not None else default_weights_path(config.name)
+    if not weights.exists():
+        load_network(args, config)
+    try:
+        return ray_runner.segment_images(args, config, plan)
+    except ray_runner.RunError as error:
+        raise CommandError(str(error)) from None
+
+
 def run(args):
     """Segments every input image; returns the exit code."""
     try:
@@ -408,6 +437,12 @@ def run(args):
     plan = output_plan(args, input_paths(args))
     check_plan(plan)
     check_output_directories(plan)
+    if args.skip_existing:
+        plan = unfinished(plan, args.quiet)
+        if not plan:
+            return utils.EXIT_OK
+    if args.ray is not None:
+        return run_on_ray(args, config, plan)
     tf_runtime.import_tensorflow(args.verbose)
     if args.id is not None:
         check_gpu(args.id)
@@ -515,6 +550,12 @@ def argument_parser():
         help="also write <stem>_probs.npy: float32 class probabilities, shape (H, W, classes) at "
              "the image size, each pixel summing to 1 (H x W x classes x 4 bytes on disk)",
     )
+    parser.add_argument(
+        "--skip-existing", action="store_true",
+        help="leave out the images whose outputs all exist (a rerun of an interrupted -g run goes on "
+             "where it stopped)",
+    )
+    add_ray_arguments(parser)
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument(
         "-q", "--quiet", action="store_true",
@@ -528,10 +569,67 @@ def argument_parser():
     return parser
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def gpu_count(text):
+    """argparse type: a number of GPUs >= 0; a fraction shares a GPU between workers."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def add_ray_arguments(parser):
+    """The options of a run on Ray (ray_runner.py), shared by pspnet.py and evaluate.py."""
+    parser.add_argument(
+        "--ray", nargs="?", const=RAY_LOCAL, metavar="ADDRESS",
+        help="share the images out to workers on Ray, each loading the model once (needs python -m pip "
+             "install -r requirements-ray.txt): without ADDRESS an embedded Ray on this machine, one worker "
+             "per GPU or CPU workers sized to the cores; 'auto' or HOST:PORT joins a running cluster "
+             "(ray start), whose machines see the project, the weights, the images and the outputs at the "
+             "same paths",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, metavar="N",
+        help="with --ray: the number of workers (default: one per GPU, or one per 4 cores without GPU)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=gpu_count, metavar="G",
+        help="with --ray: each worker's GPUs; 0.5 puts two workers on a GPU (default: 1 where the "
+             "cluster has GPUs, else 0)",
+    )
+    parser.add_argument(
+        "--cpus-per-worker", type=positive_int, metavar="C",
+        help="with --ray: each worker's CPUs, its TensorFlow threads (default: the cores shared out "
+             "among the workers)",
+    )
+
+
+def check_ray_arguments(parser, args):
+    """Refuses the options of a run on Ray without --ray (exit status 2)."""
+    if args.ray is None:
+        for flag in ("workers", "gpus_per_worker", "cpus_per_worker"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} needs --ray")
+
+
 def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
     args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
+    check_ray_arguments(parser, args)
     if args.id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.id
     utils.stop_on_termination()

@@ -54,6 +54,7 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
+import caffe_net  # noqa: E402
 import pspnet  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import utils  # noqa: E402
@@ -66,7 +67,7 @@ from synthetic_caffe import synthetic_weights  # noqa: E402
 from synthetic_caffe import write_caffemodel  # noqa: E402
 
 PROG = "bench/benchmark.py"
-DEFAULT_CAFFE_DIR = PROJECT_ROOT.parent / "shared" / "caffe"
+# The release's file names of the deploy prototxts (evaluation/prototxt of hszhao/PSPNet).
 PROTOTXTS = {
     "pspnet50_ade20k": "pspnet50_ADE20K_473.prototxt",
     "pspnet101_voc2012": "pspnet101_VOC2012_473.prototxt",
@@ -173,7 +174,11 @@ class SyntheticModel:
 
     def __init__(self, name, caffe_dir, work_dir):
         self.name = name
-        self.prototxt = Path(caffe_dir) / PROTOTXTS[name]
+        if caffe_dir is None:
+            self.prototxt = Path(work_dir) / PROTOTXTS[name]
+            self.prototxt.write_text(caffe_net.deploy_prototxt(name))
+        else:
+            self.prototxt = Path(caffe_dir) / PROTOTXTS[name]
         self.weights = synthetic_weights(self.prototxt, WEIGHT_SEEDS[name])
         self.h5 = Path(work_dir) / f"{name}.h5"
         caffemodel = Path(work_dir) / f"{name}.caffemodel"
@@ -586,8 +591,8 @@ def argument_parser():
     parser.add_argument("--warmup", type=int, default=1, help="untimed forward calls first (default: 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="ONNX Runtime intra-op and OpenCV threads (default: the cores, %(default)s)")
-    parser.add_argument("--caffe-dir", type=Path, default=DEFAULT_CAFFE_DIR,
-                        help="directory of the deploy prototxts (default: ../shared/caffe)")
+    parser.add_argument("--caffe-dir", type=Path,
+                        help="directory of the release's deploy prototxts (default: caffe_net's renderings of them)")
     parser.add_argument("--skip-forward", action="store_true", help="skip the forward pass comparison")
     parser.add_argument("--skip-cli", action="store_true", help="skip the CLI time per image")
     parser.add_argument("--cli-models", nargs="+", choices=MODEL_NAMES, metavar="MODEL",
@@ -626,7 +631,8 @@ def checked_arguments(argv):
     for option in ("warmup", "cli_warmup"):
         if getattr(args, option) < 0:
             parser.error(f"--{option.replace('_', '-')} must be at least 0")
-    for path in [args.caffe_dir / PROTOTXTS[name] for name in args.models] + [args.image, args.cityscapes_image]:
+    prototxts = [args.caffe_dir / PROTOTXTS[name] for name in args.models] if args.caffe_dir else []
+    for path in prototxts + [args.image, args.cityscapes_image]:
         if path is not None and not path.is_file():
             parser.error(f"{path}: no such file")
     if args.json is not None and not args.json.resolve().parent.is_dir():

@@ -10,7 +10,7 @@ deploy prototxt, layer by layer, into ONNX operators:
 - Pooling MAX / AVE -> MaxPool / AveragePool with Caffe's ceil-mode output size
 - Interp (spec C) -> Resize, mode linear, coordinate_transformation_mode align_corners
 
-The prototxt is read with weight_converter's parser. Weights are given as
+The prototxt is read with caffe_net's parser (protobuf). Weights are given as
 {Caffe layer name: [float32 blobs in Caffe shapes]} (tests/synthetic_caffe.py's
 `synthetic_weights` layout). The graph takes (1, 3, H, W) BGR mean-subtracted input
 and returns the deploy net's (1, classes, H, W) logits.
@@ -31,18 +31,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from weight_converter import enum_value  # noqa: E402
-from weight_converter import int_value  # noqa: E402
-from weight_converter import net_inputs  # noqa: E402
-from weight_converter import parse_prototxt  # noqa: E402
-from weight_converter import string_value  # noqa: E402
-from weight_converter import strings_value  # noqa: E402
-from weight_converter import sub_block  # noqa: E402
+import caffe_net  # noqa: E402
 
 OPSET = 17
 IR_VERSION = 8
 BN_EPSILON = 1e-5
 INPUT_NAME = "data"
+POOL_METHODS = {number: name for name, number in caffe_net.ENUMS["PoolingParameter"]["PoolMethod"].items()}
+ELTWISE_SUM = caffe_net.ENUMS["EltwiseParameter"]["EltwiseOp"]["SUM"]
 
 
 class OnnxNet(NamedTuple):
@@ -79,13 +75,11 @@ def pool_output_size(size, kernel, stride, pad):
 
 def interp_output_size(layer, size, where):
     """The output size of a Caffe Interp layer along one axis (height/width or zoom_factor)."""
-    interp_param = sub_block(layer, "interp_param", where)
-    height = int_value(interp_param, "height", where)
-    width = int_value(interp_param, "width", where)
-    zoom = int_value(interp_param, "zoom_factor", where)
-    if height is not None and width is not None:
-        return height, width
-    if zoom is not None:
+    interp_param = layer.interp_param
+    if interp_param.HasField("height") and interp_param.HasField("width"):
+        return interp_param.height, interp_param.width
+    if interp_param.HasField("zoom_factor"):
+        zoom = interp_param.zoom_factor
         return tuple(length + (length - 1) * (zoom - 1) for length in size)
     raise ValueError(f"{where}: Interp without height/width or zoom_factor is not supported")
 
@@ -104,13 +98,13 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def convolution(self, layer, name, blob, top, where):
+    def convolution(self, layer, name, blob, top):
         """A Caffe Convolution as an ONNX Conv."""
-        conv_param = sub_block(layer, "convolution_param", where)
-        kernel = int_value(conv_param, "kernel_size", where)
-        stride = int_value(conv_param, "stride", where, default=1)
-        pad = int_value(conv_param, "pad", where, default=0)
-        dilation = int_value(conv_param, "dilation", where, default=1)
+        conv_param = layer.convolution_param
+        (kernel,) = conv_param.kernel_size
+        stride = conv_param.stride[0] if conv_param.stride else 1
+        pad = conv_param.pad[0] if conv_param.pad else 0
+        dilation = conv_param.dilation[0] if conv_param.dilation else 1
         blobs = self.weights[name]
         inputs = [blob.tensor, self.constant(f"{name}/weight", blobs[0])]
         if len(blobs) > 1:
@@ -145,11 +139,9 @@ class GraphBuilder:
 
     def pooling(self, layer, name, blob, top, where):
         """A Caffe Pooling (MAX or AVE) as MaxPool / AveragePool with ceil-mode output."""
-        pooling_param = sub_block(layer, "pooling_param", where)
-        method = enum_value(pooling_param, "pool", where, "MAX")
-        kernel = int_value(pooling_param, "kernel_size", where)
-        stride = int_value(pooling_param, "stride", where, default=1)
-        pad = int_value(pooling_param, "pad", where, default=0)
+        pooling_param = layer.pooling_param
+        method = POOL_METHODS[pooling_param.pool]
+        kernel, stride, pad = pooling_param.kernel_size, pooling_param.stride, pooling_param.pad
         operator = {"MAX": "MaxPool", "AVE": "AveragePool"}.get(method)
         if operator is None:
             raise ValueError(f"{where}: pooling method {method} is not supported")
@@ -192,28 +184,28 @@ def build_onnx_net(prototxt_path, weights):
     In-place Caffe layers (BN, ReLU, Dropout writing their bottom) become new ONNX
     tensors named after the layer, so the graph stays in SSA form.
     """
-    net = parse_prototxt(Path(prototxt_path).read_text())
-    (batch, channels, height, width), _ = net_inputs(net)
-    (input_blob,) = strings_value(net, "input", "net")
+    net = caffe_net.parse_prototxt(Path(prototxt_path).read_text())
+    batch, channels, height, width = net.input_dim
+    (input_blob,) = net.input
     blobs = {input_blob: Blob(INPUT_NAME, channels, height, width)}
     graph = GraphBuilder(weights)
     last_top = input_blob
-    for layer in net.values("layer"):
-        name = string_value(layer, "name", "layer", required=True)
+    for layer in net.layer:
+        name = layer.name
         where = f"layer '{name}'"
-        layer_type = string_value(layer, "type", where, required=True)
-        bottoms = [blobs[bottom] for bottom in strings_value(layer, "bottom", where)]
-        (top_blob,) = strings_value(layer, "top", where)
+        layer_type = layer.type
+        bottoms = [blobs[bottom] for bottom in layer.bottom]
+        (top_blob,) = layer.top
         top = f"{name}/out"
         if layer_type == "Convolution":
-            result = graph.convolution(layer, name, bottoms[0], top, where)
+            result = graph.convolution(layer, name, bottoms[0], top)
         elif layer_type == "BN":
             result = graph.batch_norm(name, bottoms[0], top)
         elif layer_type == "ReLU":
             graph.nodes.append(helper.make_node("Relu", [bottoms[0].tensor], [top], name=name))
             result = bottoms[0]._replace(tensor=top)
         elif layer_type == "Eltwise":
-            if enum_value(sub_block(layer, "eltwise_param", where), "operation", where, "SUM") != "SUM":
+            if layer.eltwise_param.operation != ELTWISE_SUM:
                 raise ValueError(f"{where}: only Eltwise SUM is supported")
             graph.nodes.append(helper.make_node("Sum", [blob.tensor for blob in bottoms], [top], name=name))
             result = bottoms[0]._replace(tensor=top)

@@ -1,13 +1,17 @@
 """Synthetic Caffe PSPNet weights and an independent Caffe implementation to check against.
 
-- A protobuf wire-format writer for .caffemodel files (independent of weight_converter's
-  reader), with the encodings a real file may use: `shape` or legacy num/channels/
-  height/width dims, packed or unpacked repeated fields, float or double data, and
-  `layer` or legacy V1 `layers` messages.
+- A protobuf wire-format writer for .caffemodel files (independent of the protobuf
+  library that caffe_net reads them with), with the encodings a real file may use:
+  `shape` or legacy num/channels/height/width dims, packed or unpacked repeated
+  fields, float or double data, and `layer` or legacy V1 `layers` messages.
 - `synthetic_weights`: seeded random weights for a deploy prototxt whose logits have a
   useful spread (neither flat nor one-hot) through all 101 layers.
-- `opencv_net` / `opencv_logits`: the net run by OpenCV's dnn module (spec L), with each
-  of the fork's BN layers expressed as BVLC BatchNorm + Scale.
+- `opencv_net` / `opencv_logits`: the net run by OpenCV's dnn module (its Caffe importer,
+  opencv-python-headless 4.x), with each of the fork's BN layers expressed as BVLC
+  BatchNorm + Scale.
+
+The prototxts are read with regular expressions over their layer blocks, not with
+caffe_net's parser.
 """
 
 import re
@@ -18,7 +22,7 @@ import cv2
 import h5py
 import numpy as np
 
-# caffe.proto field numbers (written from spec K, independently of weight_converter.py).
+# Field numbers of caffe.proto (hszhao/PSPNet, src/caffe/proto/caffe.proto), written independently of caffe_net.py.
 NET_NAME = 1
 NET_LAYERS_V1 = 2
 NET_LAYER = 100
@@ -156,7 +160,7 @@ def write_caffemodel(path, layers, **options):
 
 
 # --------------------------------------------------------------------------------------
-# Prototxt reading (regular expressions over the release's layer blocks)
+# Prototxt reading (regular expressions over a deploy prototxt's layer blocks)
 
 
 def layer_blocks(text):

@@ -15,6 +15,12 @@ weights at zero (`position_network`) the logits ignore the image, so the image r
 matter and the rest of the protocol (windows, flip, count map, probability resize,
 renormalisation, scales) is compared tightly even where the image is resized.
 
+The image-sized result is made in bands of output rows (inference.average_of_resized). Besides
+the protocol reference, it is compared with the whole map resized at once, summed over scales and
+reduced by argmax/max, as a straightforward full-map implementation does (`whole_map_reference`):
+within BAND_TOLERANCE (float32 rounding of a different summation order), the same class wherever
+the best two classes of the reference are further apart than that.
+
 Tolerances:
 - EXACT (1e-5) wherever the image is not resized, and for everything the image-independent
   network computes: float32 network and TensorFlow arithmetic against this float64 reference.
@@ -32,6 +38,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import inference
 
@@ -42,6 +49,8 @@ DATA_MEAN_RGB = np.array([123.68, 116.779, 103.939])
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 EXACT = 1e-5
 SUM_TOLERANCE = 1e-5
+BAND_TOLERANCE = 1e-6
+FLOAT32_BYTES = 4
 
 
 class StandInNetwork:
@@ -587,3 +596,302 @@ def test_upsampling_only_the_needed_part_gives_what_the_whole_network_gives(smal
     expected = whole.predict(image, flip=flip, **MODES[mode])
     assert_close(split.predict(image, flip=flip, **MODES[mode]), expected, EXACT)
     assert expected.std() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The image-sized result in bands, against the whole map resized at once.
+
+
+def whole_map_resized(probabilities, height, width):
+    """A (h, w, classes) float32 map resized to (height, width) by one ScaleAndTranslate call.
+
+    MATLAB imresize 'bilinear' as TensorFlow's ScaleAndTranslate computes it: half-pixel centres,
+    a triangle kernel widened by the shrink factor (antialias), on the map with a mirrored border
+    of ceil(in / out) + 2 pixels (wider than the kernel's reach of 1 / scale + 1 pixels).
+    """
+    in_height, in_width = probabilities.shape[:2]
+    if (in_height, in_width) == (height, width):
+        return probabilities
+    rows, columns = math.ceil(in_height / height) + 2, math.ceil(in_width / width) + 2
+    padded = np.pad(probabilities, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    scale = (height / in_height, width / in_width)
+    resized = tf.raw_ops.ScaleAndTranslate(
+        images=padded[np.newaxis],
+        size=(height, width),
+        scale=scale,
+        translation=(-rows * scale[0], -columns * scale[1]),
+        kernel_type="triangle",
+        antialias=True,
+    )
+    return resized[0].numpy()
+
+
+def whole_map_reference(maps, height, width):
+    """The mean of `maps` each resized whole to (height, width), in float32 as the bands are."""
+    total = whole_map_resized(maps[0], height, width)
+    for scale_map in maps[1:]:
+        total = total + whole_map_resized(scale_map, height, width)
+    if len(maps) > 1:
+        total = total / np.float32(len(maps))
+    return total
+
+
+def random_maps(shapes, classes, seed):
+    """Probability maps of the given (h, w) shapes: softmax of normal logits, float32."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for shape in shapes:
+        logits = rng.normal(0.0, 2.0, shape + (classes,))
+        exponentials = np.exp(logits - logits.max(axis=2, keepdims=True))
+        maps.append((exponentials / exponentials.sum(axis=2, keepdims=True)).astype(np.float32))
+    return maps
+
+
+def assert_best_classes(class_ids, best, reference):
+    """class_ids and best are the argmax and max of the (H, W, classes) reference map: the same class
+    wherever its best two classes are more than BAND_TOLERANCE apart (elsewhere rounding may pick
+    either), and the best probability within BAND_TOLERANCE everywhere."""
+    assert class_ids.dtype == np.uint8 and best.dtype == np.float32
+    assert class_ids.shape == best.shape == reference.shape[:2]
+    ranked = np.sort(reference, axis=2)
+    clear = ranked[..., -1] - ranked[..., -2] > BAND_TOLERANCE
+    wrong = clear & (class_ids != reference.argmax(axis=2))
+    assert not wrong.any(), f"{wrong.sum()} pixels of {wrong.size} have another class, first at {np.argwhere(wrong)[0]}"
+    assert clear.mean() > 0.99
+    assert_close(best[..., np.newaxis], reference.max(axis=2, keepdims=True), BAND_TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "shapes, classes, size, band_rows",
+    [
+        ([(25, 33)], 5, (1225, 1633), 37),  # 2 MP, enlarged 49x; bands end between input rows
+        ([(33, 25)], 5, (1633, 1225), 100),
+        ([(60, 80)], 150, (301, 401), 7),  # as many classes as ADE20K
+        ([(65, 52)], 5, (50, 40), 3),  # shrunk: the kernel is widened
+        ([(97, 61)], 5, (20, 13), 1),  # shrunk ~5x: each output row reaches ~12 input rows
+        ([(20, 90)], 5, (100, 30), 8),  # rows enlarged, columns shrunk
+        ([(90, 20)], 5, (30, 100), 4),
+        ([(17, 33), (25, 49), (33, 65), (41, 81), (49, 97), (57, 113)], 7, (45, 88), 4),  # both, averaged
+        ([(30, 40), (20, 27)], 4, (30, 40), 7),  # one map already at the image size
+        ([(1, 33)], 5, (1, 200), 1),
+        ([(33, 1)], 5, (200, 3), 16),
+        ([(24, 33)], 5, (50, 70), 1000),  # one band taller than the image
+    ],
+)
+def test_bands_equal_the_whole_map_resized(shapes, classes, size, band_rows):
+    height, width = size
+    maps = random_maps(shapes, classes, seed=17)
+    reference = whole_map_reference(maps, height, width)
+    probabilities = np.full(size + (classes,), np.nan, dtype=np.float32)
+    band_bytes = band_rows * width * classes * FLOAT32_BYTES
+
+    class_ids, best = inference.average_of_resized(maps, height, width, probabilities, band_bytes, threads=2)
+
+    assert inference.band_height(width, classes, band_bytes) == band_rows
+    assert_best_classes(class_ids, best, reference)
+    assert_close(probabilities, reference, BAND_TOLERANCE)
+
+
+def test_bands_do_not_depend_on_the_threads():
+    maps = random_maps([(17, 33), (33, 65)], 6, seed=18)
+    band_bytes = 5 * 300 * 6 * FLOAT32_BYTES
+
+    one = inference.average_of_resized(maps, 200, 300, None, band_bytes, threads=1)
+    four = inference.average_of_resized(maps, 200, 300, None, band_bytes, threads=4)
+
+    assert np.array_equal(one[0], four[0]) and np.array_equal(one[1], four[1])
+
+
+def test_the_first_of_equally_probable_classes_is_the_best():
+    probabilities = np.zeros((6, 7, 4), dtype=np.float32)
+    probabilities[..., [1, 3]] = 0.5
+    probabilities[0, 0] = 0.25
+
+    class_ids, best = inference.average_of_resized([probabilities], 6, 7, None, 7 * 4 * FLOAT32_BYTES, threads=2)
+
+    assert class_ids[0, 0] == 0 and np.all(class_ids.ravel()[1:] == 1)
+    assert best[0, 0] == np.float32(0.25) and np.all(best.ravel()[1:] == np.float32(0.5))
+
+
+@pytest.mark.parametrize(
+    "mode, shape",
+    [("default", (50, 70)), ("default", (20, 27)), ("sliding", (150, 100)), ("multi_scale", (81, 55))],
+)
+def test_one_row_bands_match_the_protocol(position_network, predictors, monkeypatch, mode, shape):
+    monkeypatch.setattr(inference, "BAND_BYTES", 1)
+    image = make_image(*shape, seed=7)
+    expected = eval_sub(position_network, image, CROP_SIZE, BASE_SIZE, flip=True, **MODES[mode])
+
+    probabilities = predictors(position_network).predict(image, flip=True, **MODES[mode])
+
+    assert_close(probabilities, expected, EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# class_map: the best class and its probability, and the probabilities written band by band.
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("shape", [(50, 70), (20, 27), (150, 100)])
+def test_class_map_is_the_best_class_of_predict(image_network, predictors, mode, shape):
+    predictor = predictors(image_network)
+    image = make_image(*shape, seed=13)
+    probabilities = predictor.predict(image, **MODES[mode])
+
+    class_ids, best = predictor.class_map(image, **MODES[mode])
+
+    assert class_ids.dtype == np.uint8 and best.dtype == np.float32
+    assert np.array_equal(class_ids, probabilities.argmax(axis=2))
+    assert np.array_equal(best, probabilities.max(axis=2))
+
+
+class RecordingArray:
+    """An (H, W, classes) array-like that keeps what is written to it and the rows of each write."""
+
+    def __init__(self, shape):
+        self.shape = shape
+        self.array = np.full(shape, np.nan, dtype=np.float32)
+        self.writes = []
+
+    def __setitem__(self, rows, values):
+        self.writes.append((rows.start, rows.stop))
+        self.array[rows] = values
+
+
+def test_class_map_writes_the_probabilities_band_by_band_from_the_top(image_network, predictors, monkeypatch):
+    predictor = predictors(image_network)
+    image = make_image(97, 61, seed=14)
+    expected = predictor.predict(image, sliding=True)
+    monkeypatch.setattr(inference, "BAND_BYTES", 10 * 61 * CLASSES * FLOAT32_BYTES)
+    recorder = RecordingArray(expected.shape)
+
+    class_ids, best = predictor.class_map(image, sliding=True, probabilities=recorder)
+
+    assert recorder.writes == [(top, min(top + 10, 97)) for top in range(0, 97, 10)]
+    assert np.array_equal(recorder.array, expected)
+    assert np.array_equal(class_ids, expected.argmax(axis=2))
+    assert np.array_equal(best, expected.max(axis=2))
+
+
+def test_class_map_streams_the_probabilities_into_a_npy_file(image_network, predictors, tmp_path):
+    predictor = predictors(image_network)
+    image = make_image(61, 97, seed=15)
+    expected = predictor.predict(image, multi_scale=True)
+    path = tmp_path / "probabilities.npy"
+    stored = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=expected.shape)
+
+    predictor.class_map(image, multi_scale=True, probabilities=stored)
+    stored.flush()
+    del stored
+
+    assert np.array_equal(np.load(path), expected)
+
+
+@pytest.mark.parametrize("shape, passes", [((61, 96, CLASSES), 0), ((61, 97, CLASSES + 1), 2)])
+def test_probabilities_of_another_shape_are_refused(image_network, predictors, shape, passes):
+    """A wrong image size is refused before any forward pass, a wrong class count after them."""
+    image_network.batches.clear()
+
+    with pytest.raises(ValueError, match=r"probabilities has shape"):
+        predictors(image_network).class_map(make_image(61, 97, seed=15), probabilities=np.zeros(shape, np.float32))
+
+    assert len(image_network.batches) == passes
+
+
+def test_crops_have_the_models_own_mean_subtracted_and_are_padded_with_it(image_network):
+    mean_rgb = (10.0, 200.0, 55.5)
+    predictor = inference.Predictor(image_network, CROP_SIZE, BASE_SIZE, mean_rgb=mean_rgb)
+    image = make_image(33, 20, seed=16)
+    expected = np.zeros((CROP_SIZE, CROP_SIZE, 3))
+    expected[:, :20] = (image - np.array(mean_rgb))[..., ::-1]
+    image_network.batches.clear()
+
+    predictor.predict(image, flip=False)
+
+    assert len(image_network.batches) == 1
+    assert_close(image_network.batches[0][0], expected, EXACT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running out of memory.
+
+
+class ExhaustingNetwork:
+    """A network that runs out of memory when it runs: TensorFlow raises ResourceExhaustedError,
+    as it does when an allocation fails (tf.py_function turns a MemoryError into that)."""
+
+    def exhaust(self, batch):
+        raise MemoryError("Unable to allocate 13.4 GiB")
+
+    def __call__(self, batch, training=False):
+        return tf.py_function(self.exhaust, [batch], tf.float32)
+
+
+@pytest.mark.parametrize(
+    "mode, named, advice",
+    [("default", "default mode", "smaller image"), ("sliding", "(-s)", "default mode"), ("multi_scale", "(-ms)", "without -ms")],
+)
+@pytest.mark.parametrize("method", ["class_map", "predict"])
+def test_running_out_of_memory_says_what_to_try(mode, named, advice, method):
+    predictor = inference.Predictor(ExhaustingNetwork(), CROP_SIZE, BASE_SIZE)
+
+    with pytest.raises(inference.OutOfMemory) as raised:
+        getattr(predictor, method)(make_image(70, 50, seed=1), **MODES[mode])
+
+    message = str(raised.value)
+    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value.__cause__, tf.errors.ResourceExhaustedError)
+    assert "50x70 image" in message and named in message and advice in message and "smaller image" in message
+    assert "\n" not in message
+
+
+def unable_to_allocate(*args):
+    """What NumPy raises when an allocation fails."""
+    raise MemoryError("Unable to allocate 6.7 GiB for an array with shape (3000, 4000, 150)")
+
+
+@pytest.mark.parametrize(
+    "owner, name",
+    [(inference, "resize_image"), (inference.BandResize, "band")],  # in this thread; in a band's thread
+)
+def test_numpy_running_out_of_memory_says_what_to_try(position_network, predictors, monkeypatch, owner, name):
+    monkeypatch.setattr(owner, name, unable_to_allocate)
+
+    with pytest.raises(inference.OutOfMemory, match="200x150 image in the sliding-window mode") as raised:
+        predictors(position_network).class_map(make_image(150, 200, seed=1), sliding=True)
+
+    assert isinstance(raised.value.__cause__, MemoryError)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image resize reads the mirrored border from one padded copy.
+
+
+def pillow_resize_of_padded_rgb(image, height, width):
+    """The image padded symmetrically as an RGB array and resized by Pillow within the box of the image."""
+    rows, columns = math.ceil(image.shape[0] / height) + 2, math.ceil(image.shape[1] / width) + 2
+    padded = np.pad(image, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    box = (columns, rows, columns + image.shape[1], rows + image.shape[0])
+    return np.asarray(Image.fromarray(padded).resize((width, height), Image.BILINEAR, box=box))
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((50, 70), (24, 33)), ((20, 27), (33, 44)), ((2, 3), (33, 40)), ((1, 33), (1, 17)), ((300, 7), (33, 1)), ((97, 61), (65, 41))],
+)
+def test_image_resize_is_pillows_resize_of_the_mirrored_image(shape, size):
+    image = make_image(*shape, seed=19)
+
+    resized = inference.resize_image(image, *size)
+
+    assert resized.dtype == np.uint8 and resized.flags.c_contiguous
+    assert np.array_equal(resized, pillow_resize_of_padded_rgb(image, *size))
+
+
+@pytest.mark.parametrize("shape, rows, columns", [((5, 7), 3, 4), ((2, 3), 5, 7), ((1, 1), 3, 3)])
+def test_rgbx_padding_is_the_symmetric_padding(shape, rows, columns):
+    image = make_image(*shape, seed=20)
+
+    padded = inference.mirror_padded_rgbx(image, rows, columns)
+
+    assert np.array_equal(padded[..., :3], np.pad(image, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric"))

@@ -2,15 +2,16 @@
 
 - `Interp` against Caffe's `caffe_cpu_interp2` written out pixel by pixel (spec C) and
   against TF1's align-corners `resize_bilinear`.
-- The three networks against the Caffe deploy prototxts (names, convolution settings,
-  blob shapes by Caffe's size arithmetic, parameter counts) and the counts of spec A.5,
+- The three networks against the Caffe deploy prototxts (caffe_net's renderings of the
+  release's files, checked against those in tests/test_weight_converter.py: names,
+  convolution settings, blob shapes by Caffe's size arithmetic, parameter counts) and
+  the counts of spec A.5,
   and, at a small input size, against the prototxt run layer by layer with tf.nn ops.
 - `load_weights` on files written here with h5py in the Keras-2 layout of spec F.
 """
 
 import functools
 import re
-from pathlib import Path
 
 import h5py
 import keras
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import caffe_net
 from layers_builder import (
     Interp,
     MODEL_NAMES,
@@ -27,12 +29,6 @@ from layers_builder import (
     load_weights,
 )
 
-CAFFE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "caffe"
-PROTOTXTS = {
-    "pspnet50_ade20k": CAFFE_DIR / "pspnet50_ADE20K_473.prototxt",
-    "pspnet101_voc2012": CAFFE_DIR / "pspnet101_VOC2012_473.prototxt",
-    "pspnet101_cityscapes": CAFFE_DIR / "pspnet101_cityscapes_713.prototxt",
-}
 # Spec A.0 / A.5.
 NATIVE_SIZES = {"pspnet50_ade20k": 473, "pspnet101_voc2012": 473, "pspnet101_cityscapes": 713}
 CLASSES = {"pspnet50_ade20k": 150, "pspnet101_voc2012": 21, "pspnet101_cityscapes": 19}
@@ -107,18 +103,18 @@ def tf1_align_corners(batch, out_height, out_width):
 
 @functools.cache
 def deploy_layers(model_name):
-    """The parsed deploy prototxt of `model_name` (read once)."""
-    return read_prototxt(PROTOTXTS[model_name])
+    """The parsed deploy prototxt of `model_name` (caffe_net's rendering, parsed once)."""
+    return read_prototxt(caffe_net.deploy_prototxt(model_name))
 
 
-def read_prototxt(path):
-    """The layers of a deploy prototxt in order: name, type, top, bottoms and *_param fields.
+def read_prototxt(text):
+    """The layers of a deploy prototxt's text in order: name, type, top, bottoms and *_param fields.
 
     Layer fields sit at indent 2, the fields of the layer's parameter block at indent 4
     (filler fields, deeper, are ignored).
     """
     layers = []
-    for block in re.split(r"^layer \{$", path.read_text(), flags=re.M)[1:]:
+    for block in re.split(r"^layer \{$", text, flags=re.M)[1:]:
         layer = {"bottom": [], "params": {}}
         for indent, key, value in re.findall(r'^( +)(\w+): "?([^"\n]*?)"?$', block, flags=re.M):
             if len(indent) == 2 and key == "bottom":

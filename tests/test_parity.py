@@ -1,9 +1,9 @@
 """The Keras PSPNets with converted weights compute what Caffe computes.
 
-Reference: OpenCV's dnn module running the Caffe deploy prototxt (spec L), with the
-fork's BN layers expressed as BVLC BatchNorm + Scale, on synthetic weights. The Keras
-side goes through the whole chain: caffemodel -> weight_converter.py -> .h5 ->
-layers_builder.build_pspnet + load_weights. On a mismatch the failure names the first
+Reference: OpenCV's dnn module (its Caffe importer) running the deploy prototxt (caffe_net's
+rendering of the release's file), with the fork's BN layers expressed as BVLC BatchNorm +
+Scale, on synthetic weights. The Keras side goes through the whole chain: caffemodel ->
+weight_converter.py -> .h5 -> layers_builder.build_pspnet + load_weights. On a mismatch the failure names the first
 layer (in Caffe order) whose output differs.
 """
 

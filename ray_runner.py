@@ -1,0 +1,397 @@
+"""pspnet.py and evaluate.py on Ray: the images shared out to a pool of workers, each holding one model.
+
+    python pspnet.py -g 'photos/*.jpg' -o results/ --ray                    # embedded Ray, this machine
+    python pspnet.py -g '/shared/photos/*.jpg' -o /shared/out --ray auto    # the cluster of `ray start`
+    python evaluate.py -m pspnet50_ade20k --data /shared/ADE -s --ray auto
+
+The images are a Ray Data dataset of file paths, one block per image, mapped by an
+actor pool (Ray Data, "Stateful Transforms": `map` with a callable class and an
+ActorPoolStrategy). Each actor loads the model once and runs, for each image, what
+the single-process commands run: pspnet.segment, which writes the image's outputs
+itself, all or none, and evaluate.measure_sample, whose confusion matrix it sends
+back for the driver to add up. The driver reads no image.
+
+Faults: Ray Data creates its actors with max_restarts=-1 and max_task_retries=-1
+(ActorPoolMapOperator's defaults; Ray Core, "Actor Fault Tolerance"): when a worker
+process dies, Ray starts it again and resubmits the images it had not finished, at
+least once each. A worker killed while writing leaves only its temporary files,
+never a half-written output; the driver removes them when the run ends. Every
+result names its image, so an image run twice counts once.
+
+Ray is imported only here, and this module only with --ray.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import datasets
+import pspnet
+import tf_runtime
+import utils
+
+PROJECT_DIR = Path(__file__).resolve().parent
+INSTALL_COMMAND = "python -m pip install -r requirements-ray.txt"
+# A CPU worker's cores when --workers does not say: its TensorFlow thread pool
+# (bench/README.md, "More than one machine" has the measurement).
+CORES_PER_CPU_WORKER = 4
+# Images sent to an actor ahead of the one it runs, so that it never waits for the driver
+# (ActorPoolStrategy's max_tasks_in_flight_per_actor).
+TASKS_IN_FLIGHT_PER_WORKER = 2
+# AtomicFiles' temporary file of a target: ".<target name>.<8 random characters>.tmp" (tempfile.mkstemp).
+TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+class RunError(Exception):
+    """A Ray run that cannot start or go on; the message is one line saying why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """The actor pool of a run: how many workers, each one's CPUs and GPUs, and why that many."""
+
+    workers: int
+    cpus: int
+    gpus: float
+    reason: str
+
+    def description(self):
+        """The pool in words: '2 workers of 1 CPU each', '4 workers of 8 CPUs and 1 GPU each'."""
+        resources = f"{self.cpus} CPU{'s' if self.cpus != 1 else ''}"
+        if self.gpus:
+            resources += f" and {self.gpus:g} GPU{'s' if self.gpus != 1 else ''}"
+        each = " each" if self.workers > 1 else ""
+        return f"{self.workers} worker{'s' if self.workers != 1 else ''} of {resources}{each}"
+
+
+def import_ray():
+    """The ray module with Ray Data; RunError naming the install command when Ray is not installed."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise RunError(f"--ray needs Ray ({error}); install it with: {INSTALL_COMMAND}") from None
+    return ray
+
+
+def room_on(node, cpus, gpus):
+    """How many workers of `cpus` CPUs and `gpus` GPUs fit on a node ({"CPU": n, "GPU": m})."""
+    room = int(node.get("CPU", 0) // cpus)
+    if gpus:
+        room = min(room, math.floor(node.get("GPU", 0) / gpus + 1e-9))
+    return room
+
+
+def worker_cpus(nodes, workers, gpus):
+    """A worker's CPUs when the command line does not say: the CPUs beside each worker's GPUs
+    on the tightest GPU node, the cluster's CPUs shared by --workers, or CORES_PER_CPU_WORKER."""
+    if gpus:
+        shares = [node["CPU"] // (node["GPU"] // gpus) for node in nodes if node.get("GPU", 0) >= gpus]
+        return max(1, int(min(shares)))
+    smallest = int(min(node.get("CPU", 0) for node in nodes))
+    if workers:
+        return max(1, min(smallest, int(sum(node.get("CPU", 0) for node in nodes) // workers)))
+    return max(1, min(CORES_PER_CPU_WORKER, smallest))
+
+
+def plan_pool(nodes, workers=None, gpus_per_worker=None, cpus_per_worker=None):
+    """The Pool for a cluster of `nodes` (the resources of each alive node) and the command line's
+    --workers, --gpus-per-worker and --cpus-per-worker (None where not given).
+
+    Without --workers: one worker per GPU (per --gpus-per-worker GPUs) where the cluster has
+    GPUs, else one CPU worker per CORES_PER_CPU_WORKER cores of each node.
+    """
+    total_gpus = sum(node.get("GPU", 0) for node in nodes)
+    gpus = gpus_per_worker if gpus_per_worker is not None else (1 if total_gpus else 0)
+    if gpus and not total_gpus:
+        raise RunError(f"--gpus-per-worker {gpus:g}: the Ray cluster has no GPU (0 makes CPU workers)")
+    cpus = cpus_per_worker or worker_cpus(nodes, workers, gpus)
+    room = sum(room_on(node, cpus, gpus) for node in nodes)
+    per_cores = "one per core" if cpus == 1 else f"one per {cpus} cores"
+    if workers:
+        reason = "as --workers says"
+    elif gpus:
+        reason = "one per GPU" if gpus == 1 else f"{1 / gpus:.3g} per GPU" if gpus < 1 else f"one per {gpus:g} GPUs"
+    elif total_gpus:
+        reason = f"CPU workers as --gpus-per-worker 0 says, {per_cores}"
+    else:
+        reason = f"no GPU: {per_cores}"
+    return Pool(workers or max(room, 1), cpus, gpus, reason), room
+
+
+@contextlib.contextmanager
+def native_stderr_hidden():
+    """Sends what native code writes on file descriptor 2 to /dev/null while Python's sys.stderr
+    goes on writing to the console: Ray's C++ log lines (the driver's, such as the notice that Ray
+    Data's actors take their arguments from the object store) are not for the user of a command."""
+    try:
+        on_console = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_console = False
+    sys.stderr.flush()
+    console = os.dup(2)
+    stream = os.fdopen(console, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    previous = sys.stderr
+    if on_console:
+        sys.stderr = stream
+    try:
+        yield
+    finally:
+        sys.stderr = previous
+        stream.flush()
+        os.dup2(console, 2)
+        stream.close()
+
+
+def quiet_ray_logging(verbose):
+    """Keeps Ray's Python log lines below errors off the console, unless verbose."""
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(level)
+
+
+def worker_environment():
+    """The runtime environment of the workers: this project on their module path (the same
+    clone at the same path on every machine)."""
+    return {"env_vars": {"PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}"}}
+
+
+@contextlib.contextmanager
+def ray_session(ray, address, verbose):
+    """Ray for one run: the session this process already has (Python callers and tests), else an
+    embedded Ray on this machine (address pspnet.RAY_LOCAL) or the cluster at `address` ('auto',
+    HOST:PORT), left at the end. Ray's log lines and progress bars stay off the console unless verbose.
+
+    Yields whether Ray is embedded and the resources of each alive node.
+    """
+    quiet_ray_logging(verbose)
+    embedded = address == pspnet.RAY_LOCAL
+    with contextlib.ExitStack() as stack:
+        if not verbose:
+            stack.enter_context(native_stderr_hidden())
+        if not ray.is_initialized():
+            options = {"num_cpus": tf_runtime.usable_cores(), "include_dashboard": False} if embedded else {}
+            try:
+                ray.init(
+                    address=address, runtime_env=worker_environment(), log_to_driver=verbose,
+                    logging_level=logging.INFO if verbose else logging.ERROR, **options,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise RunError(f"cannot join the Ray cluster at {address}: {error}") from None
+            stack.callback(ray.shutdown)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = verbose
+        context.print_on_execution_start = verbose
+        yield embedded, [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def start_pool(prog, nodes, embedded, args, quiet):
+    """The Pool of the command line for `nodes`, announced in one line unless quiet; RunError
+    when an embedded Ray has no room for it (a cluster may grow: there it is a warning)."""
+    pool, room = plan_pool(nodes, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    where = "this machine" if embedded else f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}"
+    cores = sum(node.get("CPU", 0) for node in nodes)
+    gpus = sum(node.get("GPU", 0) for node in nodes)
+    found = f"{cores:g} cores, {f'{gpus:g} GPUs' if gpus else 'no GPU'}"
+    if pool.workers > room:
+        problem = f"{where} ({found}) has room for {room} of {pool.description()}"
+        if embedded:
+            raise RunError(f"{problem}; ask for fewer with --workers or less with --cpus-per-worker")
+        tqdm.write(f"{prog}: warning: {problem}; waiting for the cluster to grow", file=sys.stderr)
+    if not quiet:
+        tqdm.write(f"{prog}: Ray on {where} ({found}): {pool.description()}, {pool.reason}", file=sys.stderr)
+    return pool
+
+
+def start_worker_process(pool):
+    """Prepares an actor's process before TensorFlow starts: thread pools of the actor's CPUs, no
+    GPU for a CPU actor (Ray gives a GPU actor its own in CUDA_VISIBLE_DEVICES), GPU memory growth."""
+    os.environ[tf_runtime.INTRA_OP_VARIABLE] = str(pool.cpus)
+    os.environ[tf_runtime.INTER_OP_VARIABLE] = str(tf_runtime.INTER_OP_THREADS)
+    if not pool.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    tf = tf_runtime.import_tensorflow()
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def map_with_pool(ray, rows, worker, arguments, pool):
+    """The results of `worker` (a callable class built with `arguments`) over `rows`, one image
+    per block, on an actor pool of `pool`, as they come."""
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    results = dataset.map(
+        worker,
+        fn_constructor_kwargs=arguments,
+        compute=ray.data.ActorPoolStrategy(
+            size=pool.workers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_WORKER
+        ),
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
+    )
+    return results.iter_rows()
+
+
+def remove_temporaries(targets):
+    """Removes the temporary files that workers killed while writing left beside `targets`."""
+    names = {}
+    for target in map(Path, targets):
+        names.setdefault(target.parent, set()).add(target.name)
+    for folder, wanted in names.items():
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                match = TEMPORARY_NAME.fullmatch(entry.name)
+                if match and match["target"] in wanted:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+
+
+def consume(prog, results, total, quiet, handle):
+    """Calls handle(result) on each result, once per image, under one progress bar; a worker's
+    `fatal` problem (its model did not load) stops the run. Ray's own failures become RunError."""
+    from ray.exceptions import RayError
+
+    seen = set()
+    try:
+        with tqdm(total=total, unit="image", disable=quiet or total == 1) as bar:
+            for result in results:
+                if result["fatal"]:
+                    raise RunError(result["fatal"])
+                if result["key"] in seen:
+                    continue
+                seen.add(result["key"])
+                handle(result)
+                bar.update(1)
+    except RayError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RunError(f"Ray stopped the run: {reason}") from None
+
+
+class ImageWorker:
+    """A Ray actor segmenting images as pspnet.py does: one network, each image's outputs written here."""
+
+    def __init__(self, args, config, pool):
+        start_worker_process(pool)
+        self.args = argparse.Namespace(**{**vars(args), "quiet": True})
+        self.net, self.fatal = None, ""
+        try:
+            self.net = pspnet.load_network(self.args, config)
+        except pspnet.CommandError as error:
+            self.fatal = str(error)
+
+    def __call__(self, row):
+        """Segments the image of `row` ({"key": source path, "outputs": {kind: path}}); returns the
+        error or the summary lines pspnet.py prints."""
+        result = {"key": row["key"], "fatal": self.fatal, "error": "", "summary": ""}
+        if self.fatal:
+            return result
+        source = Path(row["key"])
+        outputs = {kind: Path(path) for kind, path in row["outputs"].items()}
+        try:
+            class_ids = pspnet.segment(self.net, utils.read_image(source), source, outputs, self.args)
+        except utils.ImageError as error:
+            result["error"] = str(error)
+            return result
+        result["summary"] = "\n".join(pspnet.summary_lines(source, class_ids, self.net.class_names, self.args.verbose))
+        return result
+
+
+def segment_images(args, config, plan):
+    """pspnet.py's run over `plan` ({source: {kind: output path}}) on Ray; returns the exit code."""
+    ray = import_ray()
+    rows = [{"key": str(source), "outputs": {kind: str(path) for kind, path in outputs.items()}}
+            for source, outputs in plan.items()]
+    failures = 0
+
+    def report(result):
+        nonlocal failures
+        if result["error"]:
+            tqdm.write(f"{pspnet.PROG}: error: {result['error']}", file=sys.stderr)
+            failures += 1
+        elif not args.quiet:
+            tqdm.write(result["summary"], file=sys.stdout)
+
+    try:
+        with ray_session(ray, args.ray, args.verbose) as (embedded, nodes):
+            pool = start_pool(pspnet.PROG, nodes, embedded, args, args.quiet)
+            results = map_with_pool(ray, rows, ImageWorker, {"args": args, "config": config, "pool": pool}, pool)
+            consume(pspnet.PROG, results, len(rows), args.quiet, report)
+    finally:
+        remove_temporaries(path for outputs in plan.values() for path in outputs.values())
+    return utils.EXIT_FAILURE if failures else utils.EXIT_OK
+
+
+class SampleWorker:
+    """A Ray actor measuring samples as evaluate.py does: one network, predictions saved here."""
+
+    def __init__(self, config, weights, samples, save_dir, protocol, pool):
+        start_worker_process(pool)
+        import evaluate
+
+        self.evaluate = evaluate
+        self.samples, self.save_dir, self.protocol = samples, save_dir, protocol
+        self.network, self.fatal = None, ""
+        try:
+            self.network = evaluate.load_network(config, weights)
+        except evaluate.CommandError as error:
+            self.fatal = str(error)
+
+    def __call__(self, row):
+        """Measures the sample numbered row["key"]: the nonzero cells of its confusion matrix
+        (flat indices and counts) and its undefined label values, or why it was skipped."""
+        result = {"key": row["key"], "fatal": self.fatal, "skipped": "", "problem": "",
+                  "cells": [], "counts": [], "undefined": []}
+        if self.fatal:
+            return result
+        try:
+            confusion, undefined = self.evaluate.measure_sample(
+                self.network, self.samples[row["key"]], self.save_dir, self.protocol
+            )
+        except datasets.SampleError as error:
+            result.update(skipped=str(error.path), problem=error.problem)
+            return result
+        cells = np.flatnonzero(confusion)
+        result.update(cells=cells.tolist(), counts=confusion.flat[cells].tolist(), undefined=list(undefined))
+        return result
+
+
+def evaluate_samples(args, config, samples, order, protocol, tally):
+    """Adds every sample to `tally` as evaluate.py does, measured by Ray workers; `order` lists the
+    sample numbers in the order the single-process run takes them, which the report keeps."""
+    import evaluate
+
+    ray = import_ray()
+    position = {index: place for place, index in enumerate(order)}
+    classes = len(tally.confusion)
+
+    def count(result):
+        index = result["key"]
+        if result["skipped"]:
+            tally.skip(datasets.SampleError(Path(result["skipped"]), result["problem"]), position[index])
+            return
+        confusion = np.zeros(classes * classes, np.int64)
+        confusion[np.asarray(result["cells"], np.int64)] = result["counts"]
+        tally.add(samples[index], confusion.reshape(classes, classes), tuple(result["undefined"]), position[index])
+
+    arguments = {"config": config, "weights": args.weights, "samples": samples,
+                 "save_dir": args.save_dir, "protocol": protocol}
+    try:
+        with ray_session(ray, args.ray, False) as (embedded, nodes):
+            pool = start_pool(evaluate.PROG, nodes, embedded, args, False)
+            results = map_with_pool(ray, [{"key": index} for index in order], SampleWorker, {**arguments, "pool": pool},
+                                    pool)
+            consume(evaluate.PROG, results, len(order), False, count)
+    finally:
+        if args.save_dir is not None:
+            remove_temporaries(evaluate.prediction_path(args.save_dir, sample) for sample in samples)
