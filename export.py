@@ -19,10 +19,12 @@ TensorFlow is imported only after the command line and its files are checked.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -64,6 +66,8 @@ IMAGE_NAME = "image"
 CLASS_IDS = "class_ids"
 MAX_PROBABILITY = "max_probability"
 SAVED_MODEL_FILE = "saved_model.pb"
+# The LiteRT interpreter's notice on stderr when it applies its default CPU delegate.
+LITERT_NOTICE = re.compile(r"INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")
 
 # An export passes when its logits on a random crop are within MAX_RELATIVE_DELTA of
 # the Keras network's logit range (max - min) and their argmax agrees on at least
@@ -319,8 +323,28 @@ def litert_logits(path, crops, config):
     """Logits of a LiteRT model run by the LiteRT interpreter (ai-edge-litert), one crop at a time."""
     from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_path=os.fspath(path)).get_signature_runner(LOGITS)
-    return np.concatenate([runner(**{INPUT_NAME: crop[np.newaxis]})[LOGITS] for crop in crops])
+    with native_stderr_without(LITERT_NOTICE):
+        runner = Interpreter(model_path=os.fspath(path)).get_signature_runner(LOGITS)
+        return np.concatenate([runner(**{INPUT_NAME: crop[np.newaxis]})[LOGITS] for crop in crops])
+
+
+@contextlib.contextmanager
+def native_stderr_without(pattern):
+    """Runs the block with file descriptor 2 caught; then passes on every caught line but those matching `pattern`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if not pattern.match(line)))
+            sys.stderr.flush()
 
 
 RUNTIMES = {"keras": keras_logits, "saved_model": saved_model_logits, "onnx": onnx_logits, "litert": litert_logits}
@@ -449,7 +473,7 @@ def directory_problem(directory):
 
 def check_outputs(path, file_format, description):
     """Refuses outputs that cannot be written, before any work; `description`: the JSON beside it too."""
-    problem = output_problem(path, file_format) or directory_problem(path.parent)
+    problem = directory_problem(path.parent) or output_problem(path, file_format)
     if problem:
         raise CommandError(f"{path}: {problem}")
     if description:

@@ -146,13 +146,15 @@ class BandResize:
 
     Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image), by
     TensorFlow's ScaleAndTranslate on the map with a mirrored border. A band of
-    output rows is the band's row weights (resize_weights) times the input rows
-    they reach, with their mirrored border, then ScaleAndTranslate of those rows
-    along the columns (at row scale 1, which copies the rows). Every band is thus
-    those rows of the whole map resized at once, but for the rounding of sums in
-    another order (up to 1.2e-7). Shifting the translation of ScaleAndTranslate to
-    the band instead would move its single-precision sampling positions: 8e-6 in
-    the probabilities of a 473x355 map resized to 1633x1225.
+    output rows is made from the input rows its kernel reaches, with their mirrored
+    border: ScaleAndTranslate resizes them along the columns (at row scale 1, which
+    copies rows), then the band's row weights (resize_weights) combine them. The
+    band is thus those rows of the whole map resized at once, but for the rounding
+    of sums in another order (up to 1.2e-7); shifting the translation of
+    ScaleAndTranslate to the band instead would move its single-precision sampling
+    positions (8e-6 in the probabilities of a 473x355 map resized to 1633x1225).
+    Resizing the columns first resizes a few input rows instead of the band's many
+    output rows when the map is enlarged, as photos are.
 
     The release then renormalises each pixel to sum 1; as both resizes weight each
     output by weights that sum to 1, that changes nothing but rounding, and is
@@ -182,12 +184,11 @@ class BandResize:
             return self.probabilities[top:bottom]
         start, end = self.first_row[top:bottom].min(), self.end_row[top:bottom].max()
         sources = self.probabilities[np.ix_(self.row_sources[start:end], self.column_sources)]
-        rows = tf.matmul(self.row_weights[top:bottom, start:end], sources.reshape(end - start, -1))
-        rows = tf.reshape(rows, (1, bottom - top) + sources.shape[1:])
-        resized = scale_and_translate(
-            rows, (bottom - top, self.width), (1.0, self.column_scale), (0.0, self.column_translation)
+        columns = scale_and_translate(
+            sources[np.newaxis], (end - start, self.width), (1.0, self.column_scale), (0.0, self.column_translation)
         )
-        return np.asarray(resized[0])
+        rows = tf.matmul(self.row_weights[top:bottom, start:end], tf.reshape(columns, (end - start, -1)))
+        return np.asarray(tf.reshape(rows, (bottom - top, self.width, -1)))
 
 
 def band_height(width, classes, band_bytes):
@@ -368,6 +369,7 @@ class Predictor:
                 count = np.zeros((height, width, 1), dtype=np.float32)
             total[top : top + rows, left : left + columns] += window
             count[top : top + rows, left : left + columns] += 1
+            del window  # not held while the next crop is computed
         return np.divide(total, count, out=total)
 
     def scale_maps(self, image, sliding, flip, multi_scale, progress):
