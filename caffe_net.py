@@ -27,7 +27,6 @@ from google.protobuf import message_factory
 from google.protobuf import text_format
 
 import models
-import tf_runtime
 
 # Protobuf field kinds of the declarations below.
 OPTIONAL = "optional"
@@ -475,20 +474,11 @@ def weight_shapes(net):
 # Rendering the release's deploy nets
 
 
-def network_description():
-    """layers_builder, whose constants describe the networks (imported on first use: it loads TensorFlow, quietly)."""
-    tf_runtime.import_tensorflow()
-    import layers_builder
-
-    return layers_builder
-
-
 class DeployNet:
-    """Writes the deploy NetParameter of a model layer by layer, from layers_builder's constants."""
+    """Writes the deploy NetParameter of a model layer by layer, from the architecture constants of models.py."""
 
     def __init__(self, config):
         self.config = config
-        self.network = network_description()
         size = config.crop_size
         self.net = NetParameter(input=[INPUT_BLOB], input_dim=[INPUT_BATCH, INPUT_CHANNELS, size, size])
 
@@ -522,7 +512,7 @@ class DeployNet:
         bn.bias_filler.type = "constant"
         bn.bias_filler.value = BN_BIAS_FILL
         bn.frozen = True
-        bn.momentum = self.network.BN_MOMENTUM
+        bn.momentum = models.BN_MOMENTUM
         if relu:
             self.layer(f"{name}/relu", "ReLU", [name], name)
 
@@ -567,8 +557,7 @@ class DeployNet:
 
     def residual_stages(self, bottom):
         """Stages conv2..conv5 of the dilated ResNet (output stride 8). Returns the last block's top."""
-        network = self.network
-        stages = zip(network.BLOCKS_PER_STAGE[self.config.depth], network.STAGE_WIDTHS, network.STAGE_DILATIONS)
+        stages = zip(models.BLOCKS_PER_STAGE[self.config.depth], models.STAGE_WIDTHS, models.STAGE_DILATIONS)
         for stage, (blocks, width, dilation) in enumerate(stages, start=FIRST_STAGE):
             for block in range(1, blocks + 1):
                 stride = 2 if stage == DOWNSAMPLING_STAGE and block == 1 else 1
@@ -582,36 +571,34 @@ class DeployNet:
         convolved, and interpolated back to the map's side; the concatenation takes
         `bottom` and the branches in PYRAMID_BINS order.
         """
-        network = self.network
-        side = network.feature_size(self.config.crop_size)
-        for bins in sorted(network.PYRAMID_BINS):
+        side = models.feature_size(self.config.crop_size)
+        for bins in sorted(models.PYRAMID_BINS):
             name = f"{bottom}_pool{bins}"
             pool = self.layer(name, "Pooling", [bottom]).pooling_param
             pool.pool = "AVE"
             pool.kernel_size = side // bins
             pool.stride = side // bins
-            self.convolution(f"{name}_conv", name, network.PYRAMID_CHANNELS, 1, params=HEAD_CONVOLUTION_PARAMS)
+            self.convolution(f"{name}_conv", name, models.PYRAMID_CHANNELS, 1, params=HEAD_CONVOLUTION_PARAMS)
             self.batch_norm(f"{name}_conv", params=HEAD_BN_PARAMS)
             interp = self.layer(f"{name}_interp", "Interp", [f"{name}_conv"]).interp_param
             interp.height = side
             interp.width = side
-        branches = [f"{bottom}_pool{bins}_interp" for bins in network.PYRAMID_BINS]
+        branches = [f"{bottom}_pool{bins}_interp" for bins in models.PYRAMID_BINS]
         self.layer(f"{bottom}_concat", "Concat", [bottom] + branches)
         return f"{bottom}_concat"
 
     def head(self, bottom):
         """conv5_4 with its BN, ReLU and dropout, the conv6 classifier and its upsampling to the input size."""
-        network = self.network
-        self.convolution("conv5_4", bottom, network.HEAD_CHANNELS, 3, pad=1, params=HEAD_CONVOLUTION_PARAMS)
+        self.convolution("conv5_4", bottom, models.HEAD_CHANNELS, 3, pad=1, params=HEAD_CONVOLUTION_PARAMS)
         self.batch_norm("conv5_4", params=PARAMS_OF_LAYER.get((self.config.name, "conv5_4/bn"), HEAD_BN_PARAMS))
         dropout = self.layer("conv5_4/dropout", "Dropout", ["conv5_4"], "conv5_4").dropout_param
-        dropout.dropout_ratio = network.DROPOUT_RATE
+        dropout.dropout_ratio = models.DROPOUT_RATE
         classifier = self.layer("conv6", "Convolution", ["conv5_4"], params=CLASSIFIER_PARAMS).convolution_param
         classifier.num_output = self.config.classes
         classifier.kernel_size.append(1)
         classifier.stride.append(1)
         classifier.weight_filler.type = WEIGHT_FILLER
-        self.layer("conv6_interp", "Interp", ["conv6"]).interp_param.zoom_factor = network.OUTPUT_STRIDE
+        self.layer("conv6_interp", "Interp", ["conv6"]).interp_param.zoom_factor = models.OUTPUT_STRIDE
 
     def build(self):
         """The whole net: stem, residual stages, pyramid and head."""

@@ -14,40 +14,34 @@ One layer is computed differently from Caffe, with the same result: conv5_4
 their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 """
 
-import os
-import stat
 import zipfile
 
-import h5py
 import numpy as np
 import keras
 from keras import layers
 from keras import ops
 
 import models
-import utils
+from keras2_weights import WeightsError
+from keras2_weights import read_weights
+from keras2_weights import weights_file_problem
+from keras2_weights import write_weights
+from models import BLOCKS_PER_STAGE
+from models import BN_EPSILON
+from models import BN_MOMENTUM
+from models import DROPOUT_RATE
+from models import HEAD_CHANNELS
+from models import OUTPUT_STRIDE
+from models import PYRAMID_BINS
+from models import PYRAMID_CHANNELS
+from models import STAGE_DILATIONS
+from models import STAGE_WIDTHS
+from models import feature_size
 from tf_runtime import PRECISION_POLICIES
 
-BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-STAGE_WIDTHS = (64, 128, 256, 512)
-STAGE_DILATIONS = (1, 1, 2, 4)
-PYRAMID_BINS = (6, 3, 2, 1)
-PYRAMID_CHANNELS = 512
-HEAD_CHANNELS = 512
-OUTPUT_STRIDE = 8
-BN_EPSILON = 1e-5
-BN_MOMENTUM = 0.95
-DROPOUT_RATE = 0.1
-# Root attributes of the Keras-2 weights files the published models come in.
-KERAS2_BACKEND = np.bytes_(b"tensorflow")
-KERAS2_VERSION = np.bytes_(b"2.1.5")
 # The custom layers are registered as "pspnet>Interp" and "pspnet>PyramidConvolution", so that
 # keras.saving.load_model opens a `.keras` archive of a network once this module is imported.
 SERIALIZATION_PACKAGE = "pspnet"
-
-
-class WeightsError(ValueError):
-    """A weights file that does not fit the network it is loaded into."""
 
 
 @keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
@@ -184,13 +178,6 @@ def shifted_interpolation(in_size, out_size):
     """(3, out_size, in_size): the interpolation matrix read at offsets -1, 0, +1, zero outside."""
     padded = np.pad(interpolation_matrix(in_size, out_size), ((1, 1), (0, 0)))
     return np.stack([padded[tap : tap + out_size] for tap in range(3)])
-
-
-def feature_size(input_size):
-    """The side of the conv5_3 feature map for a square input of side `input_size`."""
-    stem = (input_size - 1) // 2 + 1
-    pooled = -(-(stem - 1) // 2) + 1
-    return (pooled - 1) // 2 + 1
 
 
 def check_input_size(input_size):
@@ -353,80 +340,6 @@ def file_weight_shapes(model):
     return {layer.name: [tuple(weight.shape) for weight in layer.weights] for layer in model.layers if layer.weights}
 
 
-def weights_file_problem(path):
-    """Why `path` cannot be a weights file, or None for a readable regular file."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such weights file"
-    except OSError as error:
-        return f"cannot read ({error.strerror or error})"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a weights file"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file"
-    return None
-
-
-def decoded_names(path, group_name, names):
-    """The `weight_names` attribute of a layer group as a list of str; WeightsError if it is not one."""
-    if isinstance(names, (bytes, str)):
-        names = [names]
-    try:
-        names = list(np.asarray(names).reshape(-1))
-    except (TypeError, ValueError):
-        names = None
-    if names is None or not all(isinstance(n, (bytes, np.bytes_, str, np.str_)) for n in names):
-        raise WeightsError(f"{path}: layer {group_name} has a weight_names attribute that is not a list of names")
-    try:
-        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-    except UnicodeDecodeError:
-        raise WeightsError(f"{path}: layer {group_name} has a weight name that is not UTF-8") from None
-
-
-def read_layer_arrays(path, name, group):
-    """The float32 arrays of one layer group, in the order of its `weight_names` attribute."""
-    names = decoded_names(path, name, group.attrs.get("weight_names", []))
-    arrays = []
-    for weight_name in names:
-        dataset = group.get(weight_name)
-        if not isinstance(dataset, h5py.Dataset):
-            raise WeightsError(f"{path}: layer {name} lists {weight_name} but the file has no such dataset")
-        try:
-            array = np.asarray(dataset, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise WeightsError(f"{path}: layer {name}: {weight_name} does not hold numbers") from None
-        if not np.all(np.isfinite(array)):
-            raise WeightsError(f"{path}: layer {name}: {weight_name} holds NaN or infinite values")
-        arrays.append(array)
-    return arrays
-
-
-def read_weights(path):
-    """The arrays of every weighted layer of a Keras-2 HDF5 weights file, by layer name.
-
-    Accepts `save_weights` files and full-model files (a `model_weights` group);
-    arrays are listed in the order of the group's `weight_names` attribute. Raises
-    WeightsError naming the file for anything that is not such a file, and naming
-    the layer for a malformed group or a non-finite value.
-    """
-    problem = weights_file_problem(path)
-    if problem:
-        raise WeightsError(f"{path}: {problem}")
-    try:
-        with h5py.File(path, "r") as handle:
-            root = handle["model_weights"] if isinstance(handle.get("model_weights"), h5py.Group) else handle
-            weights = {}
-            for name, group in root.items():
-                if isinstance(group, h5py.Group):
-                    arrays = read_layer_arrays(path, name, group)
-                    if arrays:
-                        weights[name] = arrays
-            return weights
-    except (OSError, KeyError, RuntimeError) as error:
-        raise WeightsError(f"{path}: not a readable HDF5 weights file ({error})") from None
-
-
 def and_more(names):
     """` (and N more)` for a list of more than one name, else nothing."""
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
@@ -454,29 +367,6 @@ def load_weights(model, path):
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(arrays[layer.name])
-
-
-def write_weights(path, layers):
-    """Writes [(layer name, [(weight name, array)])] as a Keras-2 `save_weights` HDF5 file, atomically.
-
-    The layout of the published `.h5` files: a root `layer_names` attribute, one
-    group per weighted layer with a `weight_names` attribute, datasets named
-    `<layer>/<weight>:0` (read back by `read_weights`).
-    """
-
-    def write(temporary):
-        with h5py.File(temporary, "w") as handle:
-            handle.attrs["layer_names"] = np.array([name.encode("utf-8") for name, _ in layers])
-            handle.attrs["backend"] = KERAS2_BACKEND
-            handle.attrs["keras_version"] = KERAS2_VERSION
-            for name, weights in layers:
-                group = handle.create_group(name)
-                weight_names = [f"{name}/{weight_name}:0" for weight_name, _ in weights]
-                group.attrs["weight_names"] = np.array([weight_name.encode("utf-8") for weight_name in weight_names])
-                for weight_name, (_, array) in zip(weight_names, weights):
-                    group.create_dataset(weight_name, data=np.asarray(array, dtype=np.float32))
-
-    utils.write_atomic(path, write)
 
 
 def save_weights(model, path):

@@ -32,6 +32,20 @@ DESCRIPTION_VERSION = 1
 DEPTHS = (50, 101)
 # The mean (R, G, B) the released models were trained with (evaluation/eval_all.m).
 RELEASE_MEAN_RGB = (123.68, 116.779, 103.939)
+# The architecture of every PSPNet: the dilated ResNet of the paper (section 3.3, output
+# stride 8) and its pyramid pooling module (bins 1, 2, 3, 6), with the layer parameters of
+# the release's evaluation/prototxt/*.prototxt. layers_builder builds the Keras network and
+# caffe_net renders the Caffe deploy net from these same numbers.
+BLOCKS_PER_STAGE = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+STAGE_WIDTHS = (64, 128, 256, 512)
+STAGE_DILATIONS = (1, 1, 2, 4)
+PYRAMID_BINS = (6, 3, 2, 1)
+PYRAMID_CHANNELS = 512
+HEAD_CHANNELS = 512
+OUTPUT_STRIDE = 8
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.95
+DROPOUT_RATE = 0.1
 # Class ids are written as 8-bit images, and 255 marks unlabelled pixels in labels.
 MAX_CLASSES = 255
 # The network's conv5_3 map is 1/8 of the input and is pooled into 6x6 bins exactly.
@@ -129,6 +143,13 @@ RELEASED_MODELS = {
 }
 RELEASED_MODEL_NAMES = tuple(RELEASED_MODELS)
 DEFAULT_MODEL = "pspnet50_ade20k"
+
+
+def feature_size(input_size):
+    """The side of the conv5_3 feature map for a square input of side `input_size`."""
+    stem = (input_size - 1) // 2 + 1
+    pooled = -(-(stem - 1) // 2) + 1
+    return (pooled - 1) // 2 + 1
 
 
 def nearest_crop_sizes(size):

@@ -25,18 +25,15 @@ import os
 import sys
 from typing import NamedTuple
 
-import h5py
 import numpy as np
-from tqdm import tqdm
 
 import caffe_net
+import keras2_weights
 import models
 import utils
 
 PROG = "weight_converter"
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "keras")
-KERAS_VERSION = np.bytes_(b"2.1.5")
-KERAS_BACKEND = np.bytes_(b"tensorflow")
 
 CLASSIFIER = "conv6"
 CONV_BLOB_ROLES = ("kernel", "bias")
@@ -171,10 +168,9 @@ def caffemodel_model(layers, path):
     The classes come from conv6's kernel, the depth from the residual blocks of each
     stage; otherwise ConversionError saying what the file holds.
     """
-    network = caffe_net.network_description()
-    stages = range(caffe_net.FIRST_STAGE, caffe_net.FIRST_STAGE + len(network.STAGE_WIDTHS))
+    stages = range(caffe_net.FIRST_STAGE, caffe_net.FIRST_STAGE + len(models.STAGE_WIDTHS))
     blocks = tuple(residual_blocks(layers, stage) for stage in stages)
-    depths = {counts: depth for depth, counts in network.BLOCKS_PER_STAGE.items()}
+    depths = {counts: depth for depth, counts in models.BLOCKS_PER_STAGE.items()}
     classifier = layers.get(CLASSIFIER)
     kernel_shape = caffe_net.blob_shape(classifier.blobs[0]) if classifier else ()
     if not kernel_shape:
@@ -272,41 +268,6 @@ def keras_weights(layer_type, arrays):
     return weights
 
 
-def write_weights_file(path, layers):
-    """Writes [(keras layer name, [(weight name, array)])] in the Keras-2 save_weights HDF5 layout.
-
-    A failed write raises OSError with the system's reason (see write_failure).
-    """
-    try:
-        with h5py.File(path, "w") as handle:
-            handle.attrs["layer_names"] = np.array([name.encode("utf-8") for name, _ in layers])
-            handle.attrs["backend"] = KERAS_BACKEND
-            handle.attrs["keras_version"] = KERAS_VERSION
-            for name, weights in tqdm(layers, desc="writing", unit="layer", leave=False, disable=None):
-                group = handle.create_group(name)
-                weight_names = [f"{name}/{weight_name}:0" for weight_name, _ in weights]
-                group.attrs["weight_names"] = np.array([weight_name.encode("utf-8") for weight_name in weight_names])
-                for weight_name, (_, array) in zip(weight_names, weights):
-                    group.create_dataset(weight_name, data=array)
-    except (OSError, RuntimeError) as error:
-        raise write_failure(error) from None
-
-
-def write_failure(error):
-    """An OSError saying why h5py failed to write ('File too large').
-
-    h5py raises OSError with the errno of a failed write, with HDF5's whole error
-    report as its text, and closing the file afterwards can raise a RuntimeError
-    in its place; the errno is looked for along the chain of exceptions.
-    """
-    cause = error
-    while cause is not None and not (isinstance(cause, OSError) and cause.errno):
-        cause = cause.__context__
-    if cause is None:
-        return OSError(f"HDF5: {error}")
-    return OSError(cause.errno, os.strerror(cause.errno))
-
-
 def same_file(path, other):
     """Whether two paths name the same existing file."""
     try:
@@ -362,7 +323,7 @@ def convert(caffemodel_path, prototxt_path=None, output_path=None):
     if output_path is None:
         output_path = os.path.join(DEFAULT_OUTPUT_DIR, f"{model_name}.h5")
         check_output(output_path, inputs)
-    utils.write_atomic(output_path, lambda temporary: write_weights_file(temporary, layers))
+    keras2_weights.write_weights(output_path, layers, show_progress=True)
     return Conversion(model_name, output_path, len(layers))
 
 

@@ -2,7 +2,7 @@
 
 End-to-end runs use pspnet50_ade20k with synthetic weights converted by
 weight_converter.py (conftest), on small images. Expected outputs are computed
-here from the saved probabilities, the spec's palette and formulas, and from
+here from the saved probabilities, the palette of color150.mat and the output formulas, and from
 the Keras network called directly (not through inference.py). Argument, file
 and progress handling is checked quickly with a stand-in network.
 """

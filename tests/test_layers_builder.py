@@ -1,13 +1,14 @@
 """Tests of layers_builder against independent references.
 
-- `Interp` against Caffe's `caffe_cpu_interp2` written out pixel by pixel (spec C) and
+- `Interp` against Caffe's `caffe_cpu_interp2` (src/caffe/util/interp.cpp of the release)
+  written out pixel by pixel and
   against TF1's align-corners `resize_bilinear`.
 - The three networks against the Caffe deploy prototxts (caffe_net's renderings of the
   release's files, checked against those in tests/test_weight_converter.py: names,
   convolution settings, blob shapes by Caffe's size arithmetic, parameter counts) and
-  the counts of spec A.5,
+  the layer and parameter counts those prototxts imply,
   and, at a small input size, against the prototxt run layer by layer with tf.nn ops.
-- `load_weights` on files written here with h5py in the Keras-2 layout of spec F.
+- `load_weights` on files written here with h5py in the Keras-2 `save_weights` layout.
 """
 
 import functools
@@ -20,16 +21,16 @@ import pytest
 import tensorflow as tf
 
 import caffe_net
+from models import RELEASED_MODEL_NAMES as MODEL_NAMES
 from layers_builder import (
     Interp,
-    MODEL_NAMES,
     PyramidConvolution,
     WeightsError,
     build_pspnet,
     load_weights,
 )
 
-# Spec A.0 / A.5.
+# The release's deploy prototxts: input sides, classes, depths, weighted layers, parameter counts.
 NATIVE_SIZES = {"pspnet50_ade20k": 473, "pspnet101_voc2012": 473, "pspnet101_cityscapes": 713}
 CLASSES = {"pspnet50_ade20k": 150, "pspnet101_voc2012": 21, "pspnet101_cityscapes": 19}
 DEPTHS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 101}
@@ -95,7 +96,7 @@ def caffe_interp_batch(batch, out_height, out_width):
 
 
 def tf1_align_corners(batch, out_height, out_width):
-    """TF1's bilinear resize with aligned corners and no half-pixel offset (spec C)."""
+    """TF1's bilinear resize with aligned corners and no half-pixel offset, as Caffe's Interp samples."""
     return tf.compat.v1.image.resize_bilinear(
         batch, (out_height, out_width), align_corners=True, half_pixel_centers=False
     ).numpy()
@@ -306,7 +307,7 @@ def keras2_layer_list(model, weights):
 
 
 def write_keras2_weights(path, entries, full_model=False, split_layer_names=False, name_suffix=""):
-    """Writes `entries` [(layer name, {weight name: array or shape})] as Keras 2.1.5 does (spec F).
+    """Writes `entries` [(layer name, {weight name: array or shape})] as Keras 2.1.5's save_weights does.
 
     `save_weights` layout by default; `full_model` nests it in the `model_weights` group of a
     `model.save` file, next to an `optimizer_weights` group; `split_layer_names` stores the
@@ -590,7 +591,7 @@ def test_pyramid_convolution_output_shape_in_a_functional_model():
 
 
 # ---------------------------------------------------------------------------------------
-# The networks against the prototxts and spec A
+# The networks against the prototxts
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
@@ -657,7 +658,7 @@ SPEC_SIDES = {
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
-def test_feature_map_sides_are_those_of_spec_a(model_name, native_models):
+def test_feature_map_sides_are_those_of_the_deploy_nets(model_name, native_models):
     model = native_models[model_name]
     size = NATIVE_SIZES[model_name]
     for name, side in SPEC_SIDES[size].items():
@@ -758,7 +759,7 @@ def test_unsupported_sizes_are_refused():
 
 @pytest.mark.parametrize("size", [500, 512, 480, 472])
 def test_unsupported_size_message_names_the_size_and_a_supported_one(size):
-    with pytest.raises(ValueError, match=rf"\b{size}\b.*not supported") as raised:
+    with pytest.raises(ValueError, match=rf"\b{size}\b is not a supported crop size") as raised:
         build_pspnet("pspnet101_voc2012", size)
     assert "473" in str(raised.value)
 
