@@ -145,9 +145,11 @@ def resize_axis(images, axis, out_size, rounded):
 def resize_image(image, height, width):
     """A uint8 (H, W, 3) image resized as inference.resize_image does, as float32 grey levels.
 
-    Pillow's bilinear resize makes a horizontal pass and then a vertical one, each
-    rounded to 8 bits; so is this, which leaves differences of a grey level where
-    Pillow's fixed-point weights round the other way.
+    Pillow resizes in two passes, each rounded to 8 bits, horizontal then vertical
+    (src/libImaging/Resample.c, ImagingResampleInner); so does this. A grey level
+    can differ where Pillow's fixed-point weights round the other way, and where
+    the Pillow installed takes the vertical pass first, as Pillow 13.0 does for some
+    sizes (mostly when the height shrinks more than the width).
     """
     tf = tf_runtime.import_tensorflow()
     images = tf.cast(image, tf.float32)[tf.newaxis]
@@ -243,8 +245,11 @@ def write_saved_model(network, config, path, opset):
     saved_model_archive(network, config).write_out(path, verbose=False)
 
 
-def write_onnx(network, config, path, opset):
-    """An ONNX model of the logits at `opset`, input "data" (any batch), output "logits" (tf2onnx)."""
+def write_onnx(network, config, path, opset, skipped_optimizers=ONNX_SKIPPED_OPTIMIZERS):
+    """An ONNX model of the logits at `opset`, input "data" (any batch), output "logits" (tf2onnx).
+
+    tf2onnx's graph optimizers run but for `skipped_optimizers`.
+    """
     os.environ.setdefault(ONNX_CATCH_ERRORS_VARIABLE, "FALSE")
     import onnx
     import tf2onnx
@@ -252,7 +257,7 @@ def write_onnx(network, config, path, opset):
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     optimizers = {
-        name: factory for name, factory in optimizer._get_optimizers().items() if name not in ONNX_SKIPPED_OPTIMIZERS
+        name: factory for name, factory in optimizer._get_optimizers().items() if name not in skipped_optimizers
     }
     model_proto, _ = tf2onnx.convert.from_keras(
         network, input_signature=[crop_spec(network, None)], opset=opset, optimizers=optimizers
@@ -386,9 +391,9 @@ def check_export(network, config, file_format, path):
     delta, agreeing = agreement(reference, RUNTIMES[file_format](path, crops, config))
     if not (delta <= MAX_RELATIVE_DELTA and agreeing >= MIN_ARGMAX_AGREEMENT):
         raise ExportMismatch(
-            f"{RUNTIME_NAMES[file_format]}'s logits differ from the Keras network's by {delta:.1e} of the logit "
-            f"range (at most {MAX_RELATIVE_DELTA:.0e}) and their argmax agrees on {agreeing:.3%} of the pixels "
-            f"(at least {MIN_ARGMAX_AGREEMENT:.1%})"
+            f"opened in {RUNTIME_NAMES[file_format]}, its logits on a random crop differ from the Keras network's "
+            f"by {delta:.1e} of the logit range (at most {MAX_RELATIVE_DELTA:.0e}) and their argmax agrees on "
+            f"{agreeing:.3%} of the pixels (at least {MIN_ARGMAX_AGREEMENT:.1%})"
         )
     return delta, agreeing
 
@@ -547,8 +552,9 @@ def run(args):
         described = f" and {description_target(path)}" if with_description else ""
         opset = f" opset {args.opset}" if args.format == "onnx" else ""
         print(
-            f"{PROG}: wrote {path}{described} ({args.format}{opset}): {RUNTIME_NAMES[args.format]}'s logits on a "
-            f"random crop are within {delta:.1e} of the Keras network's logit range, argmax agrees on {agreeing:.3%}"
+            f"{PROG}: wrote {path}{described} ({args.format}{opset}); opened in {RUNTIME_NAMES[args.format]}, its "
+            f"logits on a random crop differ from the Keras network's by at most {delta:.1e} of the logit range, "
+            f"argmax agrees on {agreeing:.3%} of the pixels"
         )
     return utils.EXIT_OK
 

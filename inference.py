@@ -31,6 +31,9 @@ STRIDE_RATE = 2 / 3
 # small enough to stay near the processor's caches, large enough that the per-band
 # calls cost nothing (bench/README.md, "Memory").
 BAND_BYTES = 32 << 20
+# A band's row weights are a dense (rows, input rows reached) matrix: where a map is
+# shrunk, the input rows grow with the band, and so would the cost of multiplying.
+MAX_BAND_ROWS = 32
 # Bands are resized and reduced in parallel: ScaleAndTranslate and NumPy's argmax each
 # use one core. Each thread holds a few bands at a time.
 BAND_THREADS = min(4, os.cpu_count() or 1)
@@ -150,7 +153,7 @@ class BandResize:
     border: ScaleAndTranslate resizes them along the columns (at row scale 1, which
     copies rows), then the band's row weights (resize_weights) combine them. The
     band is thus those rows of the whole map resized at once, but for the rounding
-    of sums in another order (up to 1.2e-7); shifting the translation of
+    of sums in another order (up to 2e-7); shifting the translation of
     ScaleAndTranslate to the band instead would move its single-precision sampling
     positions (8e-6 in the probabilities of a 473x355 map resized to 1633x1225).
     Resizing the columns first resizes a few input rows instead of the band's many
@@ -192,8 +195,8 @@ class BandResize:
 
 
 def band_height(width, classes, band_bytes):
-    """The rows of a band: as many as keep float32 (rows, width, classes) within band_bytes, at least one."""
-    return max(1, band_bytes // (width * classes * FLOAT32_BYTES))
+    """The rows of a band: as many as keep float32 (rows, width, classes) within band_bytes, 1 to MAX_BAND_ROWS."""
+    return min(MAX_BAND_ROWS, max(1, band_bytes // (width * classes * FLOAT32_BYTES)))
 
 
 def in_order(function, items, threads):

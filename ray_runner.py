@@ -28,7 +28,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +170,23 @@ def worker_environment():
     return {"env_vars": {"PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}"}}
 
 
+def start_ray(ray, address, embedded, verbose):
+    """Starts an embedded Ray or joins the cluster at `address`, keeping the caller's SIGTERM
+    handling (ray.init installs its own, which exits without the commands' cleanup)."""
+    sigterm = signal.getsignal(signal.SIGTERM)
+    options = {"num_cpus": tf_runtime.usable_cores(), "include_dashboard": False} if embedded else {}
+    try:
+        ray.init(
+            address=address, runtime_env=worker_environment(), log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR, **options,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise RunError(f"cannot join the Ray cluster at {address}: {error}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
+
+
 @contextlib.contextmanager
 def ray_session(ray, address, verbose):
     """Ray for one run: the session this process already has (Python callers and tests), else an
@@ -182,14 +201,7 @@ def ray_session(ray, address, verbose):
         if not verbose:
             stack.enter_context(native_stderr_hidden())
         if not ray.is_initialized():
-            options = {"num_cpus": tf_runtime.usable_cores(), "include_dashboard": False} if embedded else {}
-            try:
-                ray.init(
-                    address=address, runtime_env=worker_environment(), log_to_driver=verbose,
-                    logging_level=logging.INFO if verbose else logging.ERROR, **options,
-                )
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                raise RunError(f"cannot join the Ray cluster at {address}: {error}") from None
+            start_ray(ray, address, embedded, verbose)
             stack.callback(ray.shutdown)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = verbose

@@ -34,7 +34,6 @@ SCALE_RANGE = (0.5, 2.0)
 ROTATION_DEGREES = 10.0
 BLUR_PROBABILITY = 0.5
 MIRROR_PROBABILITY = 0.5
-# RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0), whose sigma for a
-# 5-tap kernel is 0.3 * ((5 - 1) / 2 - 1) + 0.8 (OpenCV getGaussianKernel).
-BLUR_TAPS = 5
-BLUR_SIGMA = 0.3 * ((BLUR_TAPS - 1) / 2 - 1) + 0.8
+# RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0), whose kernel for 5
+# taps and sigma 0 is OpenCV's fixed binomial one (getGaussianKernel), in rows and columns.
+BLUR_KERNEL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)

@@ -52,6 +52,7 @@ from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
 import datasets
+import keras2_weights
 import layers_builder
 import metrics
 import models
@@ -60,9 +61,8 @@ from inference import Predictor
 from layers_builder import Interp
 from recipe import AUX_WEIGHT
 from recipe import BASE_LR
+from recipe import BLUR_KERNEL
 from recipe import BLUR_PROBABILITY
-from recipe import BLUR_SIGMA
-from recipe import BLUR_TAPS
 from recipe import HEAD_LR_MULTIPLIER
 from recipe import MIRROR_PROBABILITY
 from recipe import MOMENTUM
@@ -199,7 +199,7 @@ def auxiliary_head(x, seeds, classes):
     x = layers_builder.conv_bn(x, AUX_CHANNELS, 3, f"{AUX_PREFIX}_3x3")
     x = SampleDropout(AUX_DROPOUT_RATE, salt=1, name=f"{AUX_PREFIX}_dropout")([x, seeds])
     x = layers.Conv2D(classes, 1, name=f"{AUX_PREFIX}_conv6")(x)
-    return Interp(zoom_factor=layers_builder.OUTPUT_STRIDE, name=f"{AUX_PREFIX}_interp")(x)
+    return Interp(zoom_factor=models.OUTPUT_STRIDE, name=f"{AUX_PREFIX}_interp")(x)
 
 
 class TrainingModel(keras.Model):
@@ -235,7 +235,7 @@ class TrainingModel(keras.Model):
 
 def stage4_output(network, depth):
     """The output of the last block of stage 4 (conv4_6 of ResNet-50, conv4_23 of ResNet-101)."""
-    blocks = layers_builder.BLOCKS_PER_STAGE[depth][2]
+    blocks = models.BLOCKS_PER_STAGE[depth][2]
     return network.get_layer(f"conv4_{blocks}_relu").output
 
 
@@ -253,7 +253,7 @@ def build_training_model(config, crop_size=None, train_bn=False, precision="floa
     try:
         seeds = keras.Input((2,), dtype="int64", name="dropout_seeds")
         x = network.get_layer("conv5_4_relu").output
-        x = SampleDropout(layers_builder.DROPOUT_RATE, salt=0, name="conv5_4_sample_dropout")([x, seeds])
+        x = SampleDropout(models.DROPOUT_RATE, salt=0, name="conv5_4_sample_dropout")([x, seeds])
         x = network.get_layer("conv6")(x)
         logits = network.get_layer("conv6_interp")(x)
         aux_logits = auxiliary_head(stage4_output(network, config.depth), seeds, config.classes)
@@ -295,7 +295,11 @@ def is_head_layer(name):
 
 @keras.saving.register_keras_serializable(package="pspnet")
 class PolyDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """Caffe's "poly" learning rate policy: base_lr * (1 - iteration / iterations) ^ power."""
+    """Caffe's "poly" learning rate policy: base_lr * (1 - iteration / iterations) ^ power.
+
+    Computed in double precision, as Caffe's SGDSolver::GetLearningRate does, and
+    returned as float32.
+    """
 
     def __init__(self, base_lr, iterations, power=POLY_POWER):
         self.base_lr = base_lr
@@ -303,8 +307,8 @@ class PolyDecay(keras.optimizers.schedules.LearningRateSchedule):
         self.power = power
 
     def __call__(self, step):
-        progress = tf.minimum(tf.cast(step, tf.float32) / self.iterations, 1.0)
-        return self.base_lr * (1.0 - progress) ** self.power
+        progress = tf.minimum(tf.cast(step, tf.float64) / self.iterations, 1.0)
+        return tf.cast(self.base_lr * (1.0 - progress) ** self.power, tf.float32)
 
     def get_config(self):
         return {"base_lr": self.base_lr, "iterations": self.iterations, "power": self.power}
@@ -423,20 +427,15 @@ def rotate_pair(image, label, degrees):
     return image, tf.cast(label, tf.uint8)
 
 
-def gaussian_taps(taps=BLUR_TAPS, sigma=BLUR_SIGMA):
-    """The 1-D Gaussian kernel OpenCV's GaussianBlur uses, summing to 1."""
-    offsets = np.arange(taps) - (taps - 1) / 2
-    weights = np.exp(-(offsets**2) / (2 * sigma**2))
-    return (weights / weights.sum()).astype(np.float32)
-
-
 def blur(image):
-    """Gaussian blur of a (H, W, 3) image, BLUR_TAPS x BLUR_TAPS, with OpenCV's default mirrored
-    border (BORDER_REFLECT_101); images of at most BLUR_TAPS // 2 rows or columns are left as they are."""
-    radius = BLUR_TAPS // 2
-    taps = tf.constant(gaussian_taps())
-    rows = tf.tile(tf.reshape(taps, (BLUR_TAPS, 1, 1, 1)), (1, 1, 3, 1))
-    columns = tf.tile(tf.reshape(taps, (1, BLUR_TAPS, 1, 1)), (1, 1, 3, 1))
+    """Gaussian blur of a (H, W, 3) image by BLUR_KERNEL along rows and columns, with OpenCV's
+    default mirrored border (BORDER_REFLECT_101), as cv2.GaussianBlur; images of at most
+    len(BLUR_KERNEL) // 2 rows or columns are left as they are."""
+    taps = len(BLUR_KERNEL)
+    radius = taps // 2
+    kernel = tf.constant(BLUR_KERNEL, tf.float32)
+    rows = tf.tile(tf.reshape(kernel, (taps, 1, 1, 1)), (1, 1, 3, 1))
+    columns = tf.tile(tf.reshape(kernel, (1, taps, 1, 1)), (1, 1, 3, 1))
 
     def blurred():
         padded = tf.pad(image, [[radius, radius], [radius, radius], [0, 0]], mode="REFLECT")[tf.newaxis]
@@ -692,8 +691,8 @@ def init_model(init):
 def read_init_arrays(path):
     """The arrays of a weights file by layer name; TrainingError naming the file otherwise."""
     try:
-        return layers_builder.read_weights(path)
-    except layers_builder.WeightsError as error:
+        return keras2_weights.read_weights(path)
+    except keras2_weights.WeightsError as error:
         raise TrainingError(str(error)) from None
 
 

@@ -14,8 +14,10 @@ that child from wait4), the wall time of class_map, the part of it spent in the 
 loop (`inference.average_of_resized`), and the network's forward pass timed in the same
 process (crop -> logits at crop size, as bench/benchmark.py times it; the median of two
 calls before and two after class_map), so that overhead = class_map time - forward
-passes x forward time. The compiled crop function is traced before the timed call
-(once per process in the CLI; reported as warm-up).
+passes x forward time. The same is reported in processor seconds of the process
+(user + system, all threads), which other jobs on the machine inflate less than wall
+time. The compiled crop function is traced before the timed call (once per process
+in the CLI; reported as warm-up).
 
 `--inference FILE` runs the cases with another version of inference.py (for example
 `git show REV:inference.py > old.py`), to measure the code before a change; a version
@@ -177,23 +179,24 @@ def run_case(name, inference_path):
     warmup_s = time.perf_counter() - start
 
     def forward_seconds():
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         network(crop).numpy()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     forward = [forward_seconds() for _ in range(FORWARD_CALLS_EACH_SIDE)]
     bands_s = None
     if hasattr(inference, "average_of_resized"):
         inference.average_of_resized, band_calls = timed(inference.average_of_resized)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     class_ids, best = segment(inference, predictor, image, protocol)
-    class_map_s = time.perf_counter() - start
+    class_map_s, class_map_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     if hasattr(inference, "average_of_resized"):
         bands_s = sum(band_calls)
     forward += [forward_seconds() for _ in range(FORWARD_CALLS_EACH_SIDE)]
     assert class_ids.shape == best.shape == (height, width)
     passes = predictor.forward_count(height, width, **protocol)
-    forward_s = statistics.median(forward)
+    forward_s = statistics.median(wall for wall, _ in forward)
+    forward_cpu_s = statistics.median(cpu for _, cpu in forward)
     return {
         "case": name,
         "model": model_name,
@@ -202,12 +205,15 @@ def run_case(name, inference_path):
         "forward_passes": passes,
         "build_s": build_s,
         "warmup_s": warmup_s,
-        "forward_calls_s": forward,
+        "forward_calls_s": [wall for wall, _ in forward],
         "forward_s": forward_s,
         "class_map_s": class_map_s,
         "bands_s": bands_s,
         "passes_x_forward_s": passes * forward_s,
         "overhead_s": class_map_s - passes * forward_s,
+        "forward_cpu_s": forward_cpu_s,
+        "class_map_cpu_s": class_map_cpu_s,
+        "overhead_cpu_s": class_map_cpu_s - passes * forward_cpu_s,
         "peak_rss_mib": peak_rss_mib(),
     }
 
@@ -276,7 +282,7 @@ def report_text(results):
     """The results as a Markdown table."""
     header = [
         "case", "model", "image", "flags", "exit", "peak RSS MiB", "passes", "forward s", "class_map s",
-        "passes x forward s", "overhead s", "band loop s",
+        "passes x forward s", "overhead s", "band loop s", "overhead CPU s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for result in results["cases"]:
@@ -286,6 +292,7 @@ def report_text(results):
             f"{result.get('peak_rss_mib', result['ru_maxrss_mib']):.0f}", str(result.get("forward_passes", "-")),
             seconds(result.get("forward_s")), seconds(result.get("class_map_s")),
             seconds(result.get("passes_x_forward_s")), seconds(result.get("overhead_s")), seconds(result.get("bands_s")),
+            seconds(result.get("overhead_cpu_s")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

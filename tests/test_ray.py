@@ -213,7 +213,9 @@ def test_skip_existing_makes_no_forward_pass_when_every_output_exists(tmp_path, 
         *WORKER_FLAGS,
     )
     assert result.code == 0
-    assert result.stderr == "pspnet.py: 4 of 4 images have all their outputs; segmenting 0 (--skip-existing)\n"
+    assert result.stderr == (
+        f"pspnet.py: {PHOTOS} of {PHOTOS} images have all their outputs; segmenting 0 (--skip-existing)\n"
+    )
     assert {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == times
 
 

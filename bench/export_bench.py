@@ -1,0 +1,206 @@
+"""Speed of export.py's ONNX file in ONNX Runtime against this project's TensorFlow path.
+
+    python bench/export_bench.py [--models ...] [--runs N] [--warmup N] [--threads N] [--decomposed-einsum]
+
+For each model at its crop size, in one process: the Keras network with seeded
+weights (Keras' initialisers under keras.utils.set_random_seed: dense float32
+arithmetic, so the values do not change the time), written as ONNX by
+export.export (which checks the file against the network), then these calls on the
+same crop, taken in turns so that a machine that speeds up or slows down affects all
+of them alike, each with --threads threads:
+
+- ours: the Keras network compiled with tf.function, crop -> logits read back to
+  NumPy (the call inference.Predictor makes), TensorFlow with --threads intra-op threads;
+- onnxruntime: the exported file in ONNX Runtime, CPU, fp32, ORT_ENABLE_ALL,
+  --threads intra-op threads, sequential execution;
+- onnxruntime_decomposed (--decomposed-einsum): the same export with tf2onnx's einsum
+  optimizer, which export.py leaves out, decomposing conv5_4's Einsums into
+  Transpose/Reshape/MatMul.
+
+Prints the medians, the ratios to ours, and each ONNX file's agreement with the network.
+"""
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = BENCH_DIR.parent
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+# pspnet.py runs TensorFlow with its BFC allocator on the CPU (bench/README.md, "What made it fast").
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+
+import numpy as np  # noqa: E402
+
+import tf_runtime  # noqa: E402
+
+tf = tf_runtime.import_tensorflow()
+
+import keras  # noqa: E402
+import onnxruntime  # noqa: E402
+
+import export  # noqa: E402
+import layers_builder  # noqa: E402
+import models  # noqa: E402
+
+PROG = "bench/export_bench.py"
+WEIGHT_SEED = 2017
+PACKAGES = ("tensorflow", "keras", "numpy", "tf2onnx", "onnx", "onnxruntime")
+LABELS = {
+    "ours": "ours: Keras network, tf.function",
+    "onnxruntime": "export.py ONNX in ONNX Runtime",
+    "onnxruntime_decomposed": "same, tf2onnx's einsum optimizer on",
+}
+
+
+def interleaved_timings(calls, warmup, runs):
+    """{name: [seconds of each timed call]} of `calls` ({name: function}), taken in turns.
+
+    `warmup` untimed rounds, then `runs` rounds, each calling every function once.
+    """
+    times = {name: [] for name in calls}
+    for round_index in range(warmup + runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def onnxruntime_session(path, threads):
+    """An fp32 CPU ONNX Runtime session of the file at `path` with all graph optimisations, sequential."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def seeded_network(config):
+    """The Keras network of `config` with Keras' initial weights under a fixed seed."""
+    keras.utils.set_random_seed(WEIGHT_SEED)
+    return layers_builder.build_pspnet(config)
+
+
+def onnx_files(network, config, directory, decomposed):
+    """{name: path} of the ONNX files to time: export.py's, and the decomposed-einsum variant if asked.
+
+    export.export writes and checks the first; the variant is written by the same
+    writer with no optimizer left out and checked the same way.
+    """
+    files = {"onnxruntime": Path(directory) / f"{config.name}.onnx"}
+    export.export(network, config, "onnx", files["onnxruntime"])
+    if decomposed:
+        files["onnxruntime_decomposed"] = Path(directory) / f"{config.name}_decomposed.onnx"
+        export.write_onnx(network, config, files["onnxruntime_decomposed"], export.DEFAULT_OPSET, skipped_optimizers=())
+        export.check_export(network, config, "onnx", files["onnxruntime_decomposed"])
+    return files
+
+
+def measure(model_name, args, directory):
+    """Timings, ratios and agreement of one model's calls."""
+    config = models.RELEASED_MODELS[model_name]
+    network = seeded_network(config)
+    started = time.perf_counter()
+    files = onnx_files(network, config, directory, args.decomposed_einsum)
+    export_s = time.perf_counter() - started
+    crop = export.check_crops(network, config)
+    compiled = tf.function(lambda batch: network(batch, training=False))
+    calls = {"ours": lambda: compiled(crop).numpy()}
+    for name, path in files.items():
+        session = onnxruntime_session(path, args.threads)
+        calls[name] = lambda session=session: session.run([export.LOGITS], {export.INPUT_NAME: crop})[0]
+    reference = calls["ours"]()
+    agreement = {name: export.agreement(reference, calls[name]()) for name in files}
+    times = interleaved_timings(calls, args.warmup, args.runs)
+    medians = {name: statistics.median(spent) for name, spent in times.items()}
+    return {
+        "model": model_name,
+        "crop_size": config.crop_size,
+        "export_s": export_s,
+        "times": times,
+        "medians": medians,
+        "ratios": {name: medians[name] / medians["ours"] for name in calls},
+        "agreement": agreement,
+    }
+
+
+def cpu_name():
+    """The processor's model name (Linux), else what platform knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
+
+
+def machine_line(args):
+    """The machine, the packages, the threads and the load average."""
+    cpu = cpu_name()
+    packages = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in PACKAGES)
+    load = "/".join(f"{value:.2f}" for value in os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} cores, {args.threads} threads; {packages}; load average {load}"
+
+
+def report(results, args):
+    """The Markdown table of the results, with the machine line and each file's agreement."""
+    lines = [
+        machine_line(args),
+        f"median of {args.runs} calls after {args.warmup} warm-up, taken in turns",
+        "",
+        "| model (crop) | runtime | median s | ÷ ours | all timed calls, s | vs the network's logits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for name, median in result["medians"].items():
+            spent = " ".join(f"{value:.2f}" for value in result["times"][name])
+            if name in result["agreement"]:
+                delta, agreeing = result["agreement"][name]
+                parity = f"max abs diff {delta:.1e} of range, argmax {agreeing:.3%}"
+            else:
+                parity = "reference"
+            lines.append(
+                f"| {result['model']} ({result['crop_size']}) | {LABELS[name]} | {median:.3f} | "
+                f"{result['ratios'][name]:.2f} | {spent} | {parity} |"
+            )
+        lines.append(f"{result['model']}: export.py's ONNX export and check took {result['export_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def argument_parser():
+    """The benchmark's command line."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=models.RELEASED_MODEL_NAMES, default=[models.DEFAULT_MODEL],
+                        metavar="MODEL", help=f"models to measure (default: {models.DEFAULT_MODEL})")
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per runtime (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per runtime first (default: 1)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="intra-op threads of TensorFlow and ONNX Runtime alike (default: 2)")
+    parser.add_argument("--decomposed-einsum", action="store_true",
+                        help="also time the export with tf2onnx's einsum optimizer (minutes more per model)")
+    return parser
+
+
+def main(argv=None):
+    """Runs the benchmark and prints its report; returns the exit status."""
+    args = argument_parser().parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        argument_parser().error("--runs and --threads must be at least 1, --warmup at least 0")
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pspnet-export-bench-") as directory:
+        results = [measure(model_name, args, directory) for model_name in args.models]
+    print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
