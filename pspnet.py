@@ -8,6 +8,7 @@ release's evaluation protocol (`inference.Predictor`).
 
     python pspnet.py -m pspnet50_ade20k -i photo.jpg -o results/photo.png
     python pspnet.py -w runs/mine/final.h5 -g 'photos/*.jpg' -o results/
+    python pspnet.py -g 'photos/*.jpg' -o results/ --ray    # workers on Ray (ray_runner.py)
 
 TensorFlow is imported only after the command line is parsed, so that `--id`
 can choose the GPU before TensorFlow looks for devices, and quietly
@@ -384,9 +385,9 @@ def segment(net, image, source, outputs, args):
     return class_ids
 
 
-def check_gpu(gpu_id):
+def check_gpu(gpu_id, verbose):
     """Warns when the GPU chosen with --id (through CUDA_VISIBLE_DEVICES) does not exist."""
-    tf = tf_runtime.import_tensorflow()
+    tf = tf_runtime.import_tensorflow(verbose)
     if not tf.config.list_physical_devices("GPU"):
         print(f"{PROG}: warning: GPU {gpu_id} not found; running on the CPU", file=sys.stderr)
 
@@ -395,6 +396,7 @@ def load_network(args, config):
     """The network of the command line."""
     from layers_builder import WeightsError
 
+    tf_runtime.import_tensorflow(args.verbose)
     try:
         return PSPNet(config, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
     except (WeightsError, WeightsNotFound, ValueError) as error:
@@ -443,9 +445,8 @@ def run(args):
             return utils.EXIT_OK
     if args.ray is not None:
         return run_on_ray(args, config, plan)
-    tf_runtime.import_tensorflow(args.verbose)
     if args.id is not None:
-        check_gpu(args.id)
+        check_gpu(args.id, args.verbose)
     net = None
     failures = 0
     for source, outputs in tqdm(plan.items(), unit="image", disable=args.quiet or len(plan) == 1):

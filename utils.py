@@ -212,11 +212,12 @@ def class_summary(class_ids, class_names, top=None):
 def output_target_problem(path):
     """Why `path` cannot be replaced by an output file, or None.
 
-    An existing directory, device, FIFO or socket is never replaced.
+    An existing directory, device, FIFO or socket is never replaced. A path
+    whose directory cannot exist is left to the directory's own check.
     """
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as error:
         return f"cannot write ({error.strerror or error})"
