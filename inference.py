@@ -29,7 +29,7 @@ MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STRIDE_RATE = 2 / 3
 # The size of one band of the image-sized probabilities, float32 (rows, W, classes):
 # small enough to stay near the processor's caches, large enough that the per-band
-# calls cost nothing (bench/README.md, "Memory").
+# calls cost little (bench/README.md, "Memory and time on large photos").
 BAND_BYTES = 32 << 20
 # A band's row weights are a dense (rows, input rows reached) matrix: where a map is
 # shrunk, the input rows grow with the band, and so would the cost of multiplying.
@@ -269,7 +269,8 @@ def out_of_memory_message(height, width, sliding, multi_scale):
         advice = "try the default mode (without -s), or a smaller image"
     else:
         advice = "try a smaller image"
-    return f"not enough memory to segment a {width}x{height} image in {mode_description(sliding, multi_scale)}: {advice}"
+    mode = mode_description(sliding, multi_scale)
+    return f"not enough memory to segment a {width}x{height} image in {mode}: {advice}"
 
 
 class Predictor:

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -49,6 +50,8 @@ CORES_PER_CPU_WORKER = 4
 # Images sent to an actor ahead of the one it runs, so that it never waits for the driver
 # (ActorPoolStrategy's max_tasks_in_flight_per_actor).
 TASKS_IN_FLIGHT_PER_WORKER = 2
+# Seconds to wait for the head of a cluster to answer at HOST:PORT.
+CONNECT_TIMEOUT_S = 10
 # AtomicFiles' temporary file of a target: ".<target name>.<8 random characters>.tmp" (tempfile.mkstemp).
 TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
@@ -85,24 +88,27 @@ def import_ray():
     return ray
 
 
+def gpu_slots(node, gpus):
+    """How many workers of `gpus` GPUs the GPUs of a node ({"CPU": n, "GPU": m}) hold."""
+    return math.floor(node.get("GPU", 0) / gpus + 1e-9)
+
+
 def room_on(node, cpus, gpus):
-    """How many workers of `cpus` CPUs and `gpus` GPUs fit on a node ({"CPU": n, "GPU": m})."""
+    """How many workers of `cpus` CPUs and `gpus` GPUs fit on a node."""
     room = int(node.get("CPU", 0) // cpus)
-    if gpus:
-        room = min(room, math.floor(node.get("GPU", 0) / gpus + 1e-9))
-    return room
+    return min(room, gpu_slots(node, gpus)) if gpus else room
 
 
 def worker_cpus(nodes, workers, gpus):
     """A worker's CPUs when the command line does not say: the CPUs beside each worker's GPUs
-    on the tightest GPU node, the cluster's CPUs shared by --workers, or CORES_PER_CPU_WORKER."""
+    on the tightest GPU node; else the cores --workers shares out, or CORES_PER_CPU_WORKER, at
+    most the cores of the smallest node that has any."""
     if gpus:
-        shares = [node["CPU"] // (node["GPU"] // gpus) for node in nodes if node.get("GPU", 0) >= gpus]
-        return max(1, int(min(shares)))
-    smallest = int(min(node.get("CPU", 0) for node in nodes))
-    if workers:
-        return max(1, min(smallest, int(sum(node.get("CPU", 0) for node in nodes) // workers)))
-    return max(1, min(CORES_PER_CPU_WORKER, smallest))
+        shares = [node.get("CPU", 0) // gpu_slots(node, gpus) for node in nodes if gpu_slots(node, gpus)]
+        return max(1, int(min(shares, default=1)))
+    cores = [int(node["CPU"]) for node in nodes if node.get("CPU", 0) >= 1] or [1]
+    wanted = sum(cores) // workers if workers else CORES_PER_CPU_WORKER
+    return max(1, min(min(cores), wanted))
 
 
 def plan_pool(nodes, workers=None, gpus_per_worker=None, cpus_per_worker=None):
@@ -170,9 +176,24 @@ def worker_environment():
     return {"env_vars": {"PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}"}}
 
 
+def check_reachable(address):
+    """RunError unless something listens at a HOST:PORT address (ray.init retries a silent one for
+    minutes); 'auto' and ray:// addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        raise RunError(f"cannot join the Ray cluster at {address}: {error}; give HOST:PORT of its head "
+                       "(ray start --head) or 'auto' on one of its machines") from None
+
+
 def start_ray(ray, address, embedded, verbose):
     """Starts an embedded Ray or joins the cluster at `address`, keeping the caller's SIGTERM
     handling (ray.init installs its own, which exits without the commands' cleanup)."""
+    if not embedded:
+        check_reachable(address)
     sigterm = signal.getsignal(signal.SIGTERM)
     options = {"num_cpus": tf_runtime.usable_cores(), "include_dashboard": False} if embedded else {}
     try:

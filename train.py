@@ -182,31 +182,31 @@ def settings_of(values, args):
     )
 
 
-def run(args):
-    """Trains as the command line asks; returns the exit code."""
-    out = Path(args.out)
-    check_out(out, args.resume)
-    record = read_run_record(out) if args.resume else None
-    values = recipe_values(args, record)
-    tf = tf_runtime.import_tensorflow()
-    import keras
+def open_data(values, args):
+    """(dataset, training samples, validation samples) of --data; fills in values["dataset"]."""
+    try:
+        values["dataset"] = choose_dataset(values["dataset"], args.data)
+        dataset = datasets.open_dataset(values["dataset"], args.data)
+        return dataset, dataset.samples("train"), dataset.samples("val") if args.val_every else []
+    except datasets.DataRootError as error:
+        raise CommandError(str(error)) from None
 
+
+def starting_model(values):
+    """(ModelConfig, weights path or None for a released model's own) of --init; fills in values["init"]."""
     import training
 
+    values["init"] = values["init"] or recipe.INIT_MODELS[values["dataset"]]
     try:
-        strategy = training.distribution_strategy()
-        chief = training.is_chief()
-        dataset_name = choose_dataset(values["dataset"], args.data)
-        dataset = datasets.open_dataset(dataset_name, args.data)
-        values["dataset"] = dataset_name
-        values["init"] = values["init"] or recipe.INIT_MODELS[dataset_name]
-        init_config, init_path = training.init_model(values["init"])
-        samples = dataset.samples("train")
-        val_samples = dataset.samples("val") if args.val_every else []
-    except (datasets.DataRootError, training.TrainingError) as error:
+        return training.init_model(values["init"])
+    except training.TrainingError as error:
         raise CommandError(str(error)) from None
-    values = resolved(values, dataset_name, init_config)
-    settings = settings_of(values, args)
+
+
+def check_settings(settings, strategy):
+    """Refuses a batch the replicas cannot share and a mixed precision without a GPU."""
+    import tensorflow as tf
+
     replicas = strategy.num_replicas_in_sync
     if settings.batch % replicas:
         raise CommandError(
@@ -214,23 +214,23 @@ def run(args):
         )
     if settings.precision != "float32" and not tf.config.list_physical_devices("GPU"):
         raise CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
-    config = models.ModelConfig(
-        name=training.FINAL_STEM, depth=init_config.depth, classes=dataset.classes, crop_size=settings.crop_size,
-        base_size=values["base_size"], class_names=dataset.class_names, palette=dataset.palette,
-        mean_rgb=init_config.mean_rgb,
-    )
-    quiet = args.quiet or not chief
-    samples = checked_samples(samples, "train", args.skip_bad, quiet)
-    if val_samples:
-        val_samples = checked_samples(val_samples, "val", args.skip_bad, quiet)
-    fingerprint = training.samples_fingerprint(samples, dataset.root)
-    if chief:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            if record is None:
-                utils.write_json_atomic(out / training.RUN_NAME, {**values, "classes": dataset.classes})
-        except (OSError, utils.OutputError) as error:
-            raise CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+
+
+def start_out(out, values, classes):
+    """Creates OUT and records the run's settings in OUT/run.json."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        utils.write_json_atomic(out / "run.json", {**values, "classes": classes})
+    except (OSError, utils.OutputError) as error:
+        raise CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+
+
+def build(strategy, config, settings):
+    """(training model, inference network, optimiser) of a run, made in the strategy's scope and
+    seeded, so that fresh layers start alike in every process of the run."""
+    import keras
+
+    import training
 
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
@@ -243,13 +243,44 @@ def run(args):
         )
         model.compile(optimizer=optimizer, jit_compile=False)
         optimizer.build(model.trainable_variables)
+    return model, network, optimizer
+
+
+def run(args):
+    """Trains as the command line asks; returns the exit code."""
+    out = Path(args.out)
+    chief = is_chief(cluster_spec())
+    if chief:
+        check_out(out, args.resume)
+    record = read_run_record(out) if args.resume else None
+    values = recipe_values(args, record)
+    strategy = distribution_strategy()
+    import training
+
+    dataset, samples, val_samples = open_data(values, args)
+    init_config, init_path = starting_model(values)
+    values = resolved(values, dataset.name, init_config)
+    settings = settings_of(values, args)
+    check_settings(settings, strategy)
+    config = models.ModelConfig(
+        name=training.FINAL_STEM, depth=init_config.depth, classes=dataset.classes, crop_size=settings.crop_size,
+        base_size=values["base_size"], class_names=dataset.class_names, palette=dataset.palette,
+        mean_rgb=init_config.mean_rgb,
+    )
+    quiet = args.quiet or not chief
+    samples = checked_samples(samples, "train", args.skip_bad, quiet)
+    if val_samples:
+        val_samples = checked_samples(val_samples, "val", args.skip_bad, quiet)
+    if chief and record is None:
+        start_out(out, values, dataset.classes)
+    model, network, optimizer = build(strategy, config, settings)
     trainer = training.Trainer(
         strategy, model, network, optimizer, settings, config, out, samples, val_samples,
-        fingerprint=fingerprint, chief=chief, quiet=args.quiet,
+        fingerprint=training.samples_fingerprint(samples, dataset.root), chief=chief, quiet=args.quiet,
     )
     try:
         start = trainer.resume() if args.resume else 0
-        if not (out / training.CHECKPOINT_NAME).exists() or not args.resume:
+        if start == 0:
             fresh = training.load_init_weights(network, init_weights_path(init_config, init_path, quiet))
             if fresh and not quiet:
                 print(f"{PROG}: {', '.join(fresh)} starts fresh ({dataset.classes} classes)", file=sys.stderr)
@@ -267,6 +298,51 @@ def run(args):
     if final is not None and not args.quiet:
         print(f"wrote {final} and {models.description_path(final)} ({settings.iterations} iterations)")
     return utils.EXIT_OK
+
+
+def cluster_spec():
+    """The TF_CONFIG of this process as a dict ({} when unset); CommandError when it is not a JSON object."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError as error:
+        raise CommandError(f"TF_CONFIG is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CommandError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    return config
+
+
+def worker_count(config):
+    """The number of workers (chief included) of a TF_CONFIG."""
+    cluster = config.get("cluster", {})
+    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+
+
+def is_chief(config):
+    """Whether this process writes the run's files: the chief, or worker 0 of a cluster without one."""
+    if worker_count(config) <= 1:
+        return True
+    task = config.get("task", {})
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def distribution_strategy():
+    """The tf.distribute strategy of this process.
+
+    MultiWorkerMirroredStrategy when TF_CONFIG describes several workers (made
+    before TensorFlow runs anything, as it must be), MirroredStrategy over the GPUs
+    when there are several, else the default strategy.
+    """
+    tf = tf_runtime.import_tensorflow()
+    if worker_count(cluster_spec()) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
 def integer(minimum):

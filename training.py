@@ -107,6 +107,14 @@ class TrainingError(Exception):
     """A training run that cannot go on; the message is one line saying why and what to do."""
 
 
+class NonFiniteWeights(TrainingError):
+    """Weights holding NaN or infinity, which are never written; `path` names the variable."""
+
+    def __init__(self, path):
+        super().__init__(f"the weights are not finite ({path}); nothing was written")
+        self.path = path
+
+
 # ---------------------------------------------------------------------------------------
 # Loss
 
@@ -730,55 +738,6 @@ def network_depth(network):
 
 
 # ---------------------------------------------------------------------------------------
-# Distribution
-
-
-def cluster_spec():
-    """The TF_CONFIG of this process as a dict ({} when unset); TrainingError when it is not JSON."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return {}
-    try:
-        config = json.loads(text)
-    except ValueError as error:
-        raise TrainingError(f"TF_CONFIG is not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise TrainingError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
-    return config
-
-
-def worker_count(config):
-    """The number of workers (chief included) of a TF_CONFIG."""
-    cluster = config.get("cluster", {})
-    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
-
-
-def is_chief(config=None):
-    """Whether this process writes the run's files: the chief, or worker 0 of a cluster without one."""
-    config = cluster_spec() if config is None else config
-    if worker_count(config) <= 1:
-        return True
-    task = config.get("task", {})
-    if "chief" in config.get("cluster", {}):
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and int(task.get("index", 0)) == 0
-
-
-def distribution_strategy():
-    """The tf.distribute strategy of this process.
-
-    MultiWorkerMirroredStrategy when TF_CONFIG describes several workers (it must be
-    made before TensorFlow runs anything), MirroredStrategy over the GPUs when there
-    are several, else the default strategy.
-    """
-    if worker_count(cluster_spec()) > 1:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-# ---------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -791,11 +750,11 @@ def unique_paths(variables):
 
 
 def variable_arrays(variables):
-    """The values of `variables` as NumPy arrays; TrainingError when one is not finite."""
+    """The values of `variables` as NumPy arrays; NonFiniteWeights when one is not finite."""
     arrays = [np.asarray(variable.numpy()) for variable in variables]
     for variable, array in zip(variables, arrays):
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise TrainingError(f"the weights are not finite ({variable.path}); nothing was written")
+            raise NonFiniteWeights(variable.path)
     return arrays
 
 
@@ -803,7 +762,7 @@ def write_checkpoint(path, model, optimizer, state):
     """Writes model and optimiser variables and `state` (a JSON-able dict) to `path`, atomically.
 
     Model variables are stored by path, the optimiser's in order with the paths of
-    the variables it trains. TrainingError, writing nothing, when a value is not finite.
+    the variables it trains. NonFiniteWeights, writing nothing, when a value is not finite.
     """
     model_paths = unique_paths(model.variables)
     model_arrays = variable_arrays(model.variables)
@@ -903,23 +862,6 @@ def validation_miou(predictor, samples, classes, quiet=True):
     return metrics.summary(confusion)["miou"]
 
 
-def read_log_rows(path, last_iteration):
-    """The complete rows of a log.csv up to `last_iteration` (a resumed run rewrites the rest)."""
-    rows = []
-    try:
-        with open(path, newline="", encoding="utf-8") as file:
-            for row in csv.DictReader(file):
-                try:
-                    iteration = int(row["iteration"])
-                except (TypeError, ValueError, KeyError):
-                    continue
-                if iteration <= last_iteration and None not in row.values():
-                    rows.append(row)
-    except FileNotFoundError:
-        pass
-    return rows
-
-
 @dataclasses.dataclass
 class Settings:
     """What a run trains: the recipe's hyper-parameters and the run's bookkeeping intervals."""
@@ -940,16 +882,83 @@ class Settings:
     checkpoint_every: int = 1000
 
 
+class RunLog:
+    """OUT/log.csv and OUT/tensorboard/ of a run (the chief's; a no-op elsewhere).
+
+    A resumed run drops the rows after its checkpoint (a killed run may have logged
+    iterations it did not checkpoint) and appends from there; every row is flushed.
+    TensorBoard gets each column as a scalar at the row's iteration.
+    """
+
+    def __init__(self, out, start, enabled=True):
+        self.out = Path(out)
+        self.start = start
+        self.enabled = enabled
+        self.file = self.writer = self.board = None
+
+    def __enter__(self):
+        if self.enabled:
+            path = self.out / LOG_NAME
+            rows = read_log_rows(path, self.start)
+            utils.write_atomic(path, lambda temporary: write_log_rows(temporary, rows))
+            self.file = open(path, "a", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
+            self.board = tf.summary.create_file_writer(str(self.out / TENSORBOARD_DIR))
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.enabled:
+            self.file.close()
+            self.board.close()
+        return False
+
+    def write(self, row):
+        """Appends one iteration's row (LOG_COLUMNS; val_miou None when not measured)."""
+        if not self.enabled:
+            return
+        self.writer.writerow({column: "" if row[column] is None else row[column] for column in LOG_COLUMNS})
+        self.file.flush()
+        with self.board.as_default(step=row["iteration"]):
+            for column in LOG_COLUMNS[1:]:
+                if row[column] is not None:
+                    tf.summary.write(column, tf.constant(row[column], tf.float32), metadata=SCALAR_METADATA)
+
+
+def read_log_rows(path, last_iteration):
+    """The complete rows of a log.csv up to `last_iteration`."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            for row in csv.DictReader(file):
+                try:
+                    iteration = int(row["iteration"])
+                except (TypeError, ValueError, KeyError):
+                    continue
+                if iteration <= last_iteration and None not in row.values():
+                    rows.append(row)
+    except FileNotFoundError:
+        pass
+    return rows
+
+
+def write_log_rows(path, rows):
+    """Writes log.csv's header and `rows` (dicts by LOG_COLUMNS) to `path`."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, LOG_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 class Trainer:
     """The training loop of train.py around a training model, with its files in `out`.
 
     Each iteration: one step on the distributed batch, a row of log.csv and
-    TensorBoard scalars, validation mIoU every `val_every` iterations and at the end
-    (on `val_samples`, in the inference protocol's default mode), a checkpoint every
-    `checkpoint_every` iterations. Only the chief writes files. SIGINT or SIGTERM
-    finishes the step, writes a checkpoint and raises KeyboardInterrupt (or
-    utils.Terminated); a non-finite loss raises TrainingError naming the iteration,
-    and nothing with non-finite weights is ever written.
+    TensorBoard scalars (RunLog), validation mIoU every `val_every` iterations and
+    at the end (on `val_samples`, in the inference protocol's default mode), a
+    checkpoint every `checkpoint_every` iterations. Only the chief writes files.
+    SIGINT or SIGTERM finishes the step, writes a checkpoint and raises
+    KeyboardInterrupt (or utils.Terminated). A non-finite loss or weights raise
+    TrainingError naming the iteration; nothing with non-finite weights is written.
     """
 
     def __init__(self, strategy, model, network, optimizer, settings, config, out, samples, val_samples=(),
@@ -967,6 +976,7 @@ class Trainer:
         self.chief = chief
         self.quiet = quiet or not chief
         self.predictor = None
+        self.checkpointed = None
 
     @property
     def iteration(self):
@@ -975,23 +985,7 @@ class Trainer:
 
     def learning_rate(self, iteration):
         """The base learning rate of (0-based) step `iteration`."""
-        schedule = PolyDecay(self.settings.lr, self.settings.iterations, self.settings.power)
-        return float(schedule(iteration))
-
-    def state(self):
-        """What a checkpoint records besides the variables."""
-        iteration = self.iteration
-        return {
-            "iteration": iteration,
-            "position": iteration * self.settings.batch,
-            "seed": self.settings.seed,
-            "fingerprint": self.fingerprint,
-        }
-
-    def checkpoint(self):
-        """Writes OUT/checkpoint.h5 (chief only)."""
-        if self.chief:
-            write_checkpoint(self.out / CHECKPOINT_NAME, self.model, self.optimizer, self.state())
+        return float(PolyDecay(self.settings.lr, self.settings.iterations, self.settings.power)(iteration))
 
     def resume(self):
         """Restores OUT/checkpoint.h5 when there is one; returns the iteration training goes on from."""
@@ -1006,6 +1000,26 @@ class Trainer:
             )
         return state["iteration"]
 
+    def failure(self, what, iteration):
+        """TrainingError: `what` went wrong at `iteration`, what is kept, and what to try."""
+        kept = f"the last checkpoint is at iteration {self.checkpointed}" if self.checkpointed else "no checkpoint"
+        return TrainingError(
+            f"{what} at iteration {iteration}; nothing more was written ({kept}); "
+            f"try a lower --lr than {self.settings.lr:g}"
+        )
+
+    def checkpoint(self):
+        """Writes OUT/checkpoint.h5 (chief only); TrainingError when the weights are not finite."""
+        iteration = self.iteration
+        if self.chief:
+            state = {"iteration": iteration, "position": iteration * self.settings.batch,
+                     "seed": self.settings.seed, "fingerprint": self.fingerprint}
+            try:
+                write_checkpoint(self.out / CHECKPOINT_NAME, self.model, self.optimizer, state)
+            except NonFiniteWeights as error:
+                raise self.failure(f"the weights are not finite ({error.path})", iteration) from None
+        self.checkpointed = iteration
+
     def step_function(self):
         """The compiled step: the next distributed batch through model.train_step on every replica."""
 
@@ -1015,6 +1029,21 @@ class Trainer:
             return {name: self.strategy.experimental_local_results(value)[0] for name, value in results.items()}
 
         return step
+
+    def take_step(self, step, iterator):
+        """One iteration: its losses, as floats; TrainingError when they are not finite or the data fails."""
+        iteration = self.iteration + 1
+        try:
+            results = {name: float(value) for name, value in step(iterator).items()}
+        except tf.errors.OpError as error:
+            message = error.message.strip().splitlines()[0] if error.message else type(error).__name__
+            raise TrainingError(
+                f"training stopped at iteration {iteration}: {message} (the last checkpoint is at iteration "
+                f"{self.checkpointed})"
+            ) from None
+        if not math.isfinite(results["loss"]):
+            raise self.failure(f"the loss is not finite ({results['loss']})", iteration)
+        return results
 
     def validate(self):
         """The validation mIoU of the current weights (chief only; None elsewhere)."""
@@ -1027,18 +1056,12 @@ class Trainer:
             )
         return validation_miou(self.predictor, self.val_samples, self.config.classes, quiet=self.quiet)
 
-    def open_logs(self, start):
-        """The CSV log (rows after `start` dropped, header written when new) and the TensorBoard writer."""
-        path = self.out / LOG_NAME
-        rows = read_log_rows(path, start)
-        utils.write_atomic(path, lambda temporary: write_rows(temporary, rows))
-        log = open(path, "a", newline="", encoding="utf-8")
-        board = tf.summary.create_file_writer(str(self.out / TENSORBOARD_DIR))
-        return log, board
-
     def write_final(self):
         """Writes OUT/final.h5 (the inference network, Keras-2 layout) and OUT/final.json, together."""
-        variable_arrays(self.network.weights)
+        try:
+            variable_arrays(self.network.weights)
+        except NonFiniteWeights as error:
+            raise self.failure(f"the weights are not finite ({error.path})", self.iteration) from None
         weights = self.out / f"{FINAL_STEM}.h5"
         with utils.AtomicFiles() as files:
             files.write(weights, lambda temporary: layers_builder.save_weights(self.network, temporary))
@@ -1047,88 +1070,37 @@ class Trainer:
         return weights
 
     def run(self, start):
-        """Trains from iteration `start` to settings.iterations; writes the final files; returns their path."""
+        """Trains from iteration `start` to settings.iterations; writes and returns OUT/final.h5 (chief; None
+        elsewhere)."""
         settings = self.settings
         dataset = distributed_dataset(
             self.strategy, self.samples, self.config.mean_rgb, settings.crop_size, settings.batch, settings.seed, start
         )
         iterator = iter(dataset)
         step = self.step_function()
-        log = board = None
-        if self.chief:
-            log, board = self.open_logs(start)
-        writer = csv.writer(log) if log else None
-        checkpointed = start
-        try:
-            with Interruptions() as interruptions, tqdm(
-                total=settings.iterations, initial=start, desc="training", unit="it",
-                disable=self.quiet, dynamic_ncols=True,
-            ) as bar:
+        self.checkpointed = start
+        with RunLog(self.out, start, self.chief) as log, Interruptions() as interruptions, tqdm(
+            total=settings.iterations, initial=start, desc="training", unit="it", disable=self.quiet,
+            dynamic_ncols=True,
+        ) as bar:
+            clock = time.perf_counter()
+            while self.iteration < settings.iterations and interruptions.received is None:
+                results = self.take_step(step, iterator)
+                iteration = self.iteration
+                now = time.perf_counter()
+                row = {**results, "iteration": iteration, "lr": self.learning_rate(iteration - 1),
+                       "images_per_s": settings.batch / (now - clock), "val_miou": None}
+                last = iteration == settings.iterations
+                if settings.val_every and (iteration % settings.val_every == 0 or last):
+                    row["val_miou"] = self.validate()
+                log.write(row)
+                if iteration % settings.checkpoint_every == 0 or last:
+                    self.checkpoint()
+                bar.set_postfix(loss=f"{results['loss']:.4f}", refresh=False)
+                bar.update()
                 clock = time.perf_counter()
-                while self.iteration < settings.iterations and interruptions.received is None:
-                    iteration = self.iteration + 1
-                    try:
-                        results = {name: float(value) for name, value in step(iterator).items()}
-                    except tf.errors.OpError as error:
-                        raise TrainingError(
-                            f"reading or training failed at iteration {iteration} "
-                            f"({error.message.splitlines()[0] if error.message else error}); "
-                            f"the last checkpoint is at iteration {checkpointed}"
-                        ) from None
-                    now = time.perf_counter()
-                    images_per_s = settings.batch / (now - clock)
-                    clock = now
-                    if not math.isfinite(results["loss"]):
-                        raise TrainingError(
-                            f"the loss is not finite ({results['loss']}) at iteration {iteration}; nothing more "
-                            f"was written (last checkpoint: iteration {checkpointed}); try a lower --lr than "
-                            f"{settings.lr:g}"
-                        )
-                    last = iteration == settings.iterations
-                    miou = None
-                    if settings.val_every and (iteration % settings.val_every == 0 or last):
-                        miou = self.validate()
-                        clock = time.perf_counter()
-                    row = {
-                        "iteration": iteration,
-                        "loss": results["loss"],
-                        "main_loss": results["main_loss"],
-                        "aux_loss": results["aux_loss"],
-                        "lr": self.learning_rate(iteration - 1),
-                        "images_per_s": images_per_s,
-                        "val_miou": miou,
-                    }
-                    if self.chief:
-                        write_log_row(writer, log, board, row)
-                    if iteration % settings.checkpoint_every == 0 or last:
-                        self.checkpoint()
-                        checkpointed = iteration
-                    bar.set_postfix(loss=f"{results['loss']:.4f}", refresh=False)
-                    bar.update()
-                if interruptions.received is not None:
-                    if self.iteration != checkpointed:
-                        self.checkpoint()
-                    interruptions.raise_received()
-        finally:
-            if log:
-                log.close()
-                board.close()
+            if interruptions.received is not None:
+                if self.iteration != self.checkpointed:
+                    self.checkpoint()
+                interruptions.raise_received()
         return self.write_final() if self.chief else None
-
-
-def write_rows(path, rows):
-    """Writes log.csv's header and `rows` (dicts by LOG_COLUMNS) to `path`."""
-    with open(path, "w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_log_row(writer, log, board, row):
-    """Appends one iteration to log.csv (flushed) and its scalars to TensorBoard."""
-    writer.writerow(["" if row[column] is None else row[column] for column in LOG_COLUMNS])
-    log.flush()
-    with board.as_default(step=row["iteration"]):
-        for column in LOG_COLUMNS[1:]:
-            if row[column] is not None:
-                tf.summary.write(column, tf.constant(row[column], tf.float32), metadata=SCALAR_METADATA)

@@ -948,3 +948,28 @@ def test_written_files_follow_the_umask(tmp_path, network):
     assert [path.name for path in written] == ["a.png", "b.png", "c.png", "metrics.json", "predictions.json"]
     for path in written:
         assert path.stat().st_mode & 0o777 == 0o664, path
+
+
+def test_an_image_that_runs_out_of_memory_is_skipped_with_one_line(tmp_path, monkeypatch, network, weights, capsys):
+    from inference import OutOfMemory
+
+    make_voc(tmp_path / "data")
+    problem = "not enough memory to segment a 40x30 image in the default mode: try a smaller image"
+    predict = network.class_map
+
+    def first_runs_out_of_memory(self, image, **protocol):
+        if not self.calls:
+            self.calls.append(protocol)
+            raise OutOfMemory(problem)
+        return predict(self, image, **protocol)
+
+    monkeypatch.setattr(network, "class_map", first_runs_out_of_memory)
+    report_path = tmp_path / "out.json"
+    assert run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--report", report_path) == 0
+    image = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")] == [
+        f"evaluate: skipped {image}: {problem}"
+    ]
+    report = read_report(report_path)
+    assert report["images"] == 1 and report["skipped"] == [{"file": str(image), "problem": problem}]
+    assert len(network.calls) == 2

@@ -372,6 +372,10 @@ def test_missing_ray_is_one_line_naming_the_install_command(tmp_path, monkeypatc
     ([{"CPU": 8, "GPU": 2}], {"gpus_per_worker": 0.5}, ray_runner.Pool(4, 2, 0.5, "2 per GPU"), 4),
     ([{"CPU": 8, "GPU": 2}], {"gpus_per_worker": 0, "cpus_per_worker": 3},
      ray_runner.Pool(2, 3, 0, "CPU workers as --gpus-per-worker 0 says, one per 3 cores"), 2),
+    # A head node that runs no work (ray start --head --num-cpus=0), tenths of a GPU, a GPU too few.
+    ([{"CPU": 0}, {"CPU": 6}, {"CPU": 8}], {}, ray_runner.Pool(3, 4, 0, "no GPU: one per 4 cores"), 3),
+    ([{"CPU": 20, "GPU": 1}], {"gpus_per_worker": 0.1}, ray_runner.Pool(10, 2, 0.1, "10 per GPU"), 10),
+    ([{"CPU": 8, "GPU": 1}], {"gpus_per_worker": 2}, ray_runner.Pool(1, 1, 2, "one per 2 GPUs"), 0),
 ])
 def test_pool_plan(nodes, flags, expected, room):
     assert ray_runner.plan_pool(nodes, **flags) == (expected, room)

@@ -114,6 +114,45 @@ def checkpoint_iteration(out):
 
 
 # ---------------------------------------------------------------------------------------
+# Datasets
+
+
+def shapes_example(rng, size=SHAPE_IMAGE_SIZE):
+    """(uint8 RGB image, uint8 label): one to three coloured shapes on a noisy grey background."""
+    image = np.full((size, size, 3), rng.uniform(70, 190)) + rng.normal(0, 8, 3)
+    label = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(label)
+    for cls in rng.permutation(list(SHAPE_COLOURS))[: rng.integers(1, 4)]:
+        r = rng.uniform(12, 24)
+        x, y = rng.uniform(r, size - r, 2)
+        if cls == 1:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=int(cls))
+        elif cls == 2:
+            draw.rectangle([x - r, y - r, x + r, y + r], fill=int(cls))
+        else:
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=int(cls))
+    label = np.asarray(label)
+    for cls, colour in SHAPE_COLOURS.items():
+        image[label == cls] = np.array(colour) + rng.normal(0, 10, 3)
+    image += rng.normal(0, 18, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8), label
+
+
+def write_folders_dataset(root, counts, seed=0, size=SHAPE_IMAGE_SIZE):
+    """A folders-layout dataset of shapes_example images: {split: count}; returns the root."""
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        for index in range(count):
+            image, label = shapes_example(rng, size)
+            for folder, pixels in (("images", image), ("labels", label)):
+                path = root / folder / split / f"{split}{index:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+    (root / "classes.txt").write_text("\n".join(SHAPE_CLASSES) + "\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------
 # Augmentation: the label stays a function of the image's colour
 
 
@@ -386,3 +425,457 @@ def test_sgd_steps_are_caffes_with_l2_decay_in_the_gradient_and_head_multiplier(
     decoupled = 1.0 * np.prod([1 - poly(base_lr, i, iterations, power) * decay for i in range(3)])
     assert not np.isclose(backbone.numpy()[1] / -2.0, decoupled, rtol=1e-3)
     assert int(optimizer.iterations.numpy()) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# The training network
+
+
+@pytest.fixture(scope="module")
+def small_training_model():
+    """The training model of a 4-class PSPNet-50 at crop 41, with its inference network."""
+    config = models.ModelConfig("small", 50, 4, 41, 64, SHAPE_CLASSES, ((0, 0, 0),) * 4)
+    return training.build_training_model(config, 41)
+
+
+def test_training_model_adds_the_aux_head_on_stage_4_and_shares_the_networks_weights(small_training_model):
+    model, network = small_training_model
+    aux_input = model.get_layer("aux_3x3").input
+    assert aux_input is network.get_layer("conv4_6_relu").output
+    assert [tuple(output.shape) for output in model.outputs] == [(None, 41, 41, 4)] * 2
+    assert {id(variable) for variable in network.weights} <= {id(variable) for variable in model.weights}
+    assert not any(layer.name.startswith("aux") for layer in network.layers)
+    assert isinstance(model.get_layer("aux_interp"), layers_builder.Interp)
+    assert model.get_layer("aux_interp").zoom_factor == models.OUTPUT_STRIDE
+    assert model.get_layer("aux_3x3").kernel.shape == (3, 3, 1024, 256)
+
+
+def test_frozen_bn_keeps_statistics_gamma_and_beta_and_train_bn_synchronises(small_training_model):
+    model, _ = small_training_model
+    bn_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    trainable = {variable.path for variable in model.trainable_variables}
+    for layer in bn_layers:
+        trains = layer.name.startswith("aux")
+        assert layer.trainable == trains and layer.synchronized == trains, layer.name
+        assert (layer.gamma.path in trainable) == trains
+    training.set_batch_norm_training(model, True)
+    try:
+        assert all(layer.trainable and layer.synchronized for layer in bn_layers)
+        assert {layer.gamma.path for layer in bn_layers} <= {variable.path for variable in model.trainable_variables}
+    finally:
+        training.set_batch_norm_training(model, False)
+
+
+def test_head_layers_train_at_ten_times_the_learning_rate(small_training_model):
+    model, _ = small_training_model
+    multipliers = training.head_lr_multipliers(model)
+    layers_at_10x = {path.split("/")[0] for path in multipliers}
+    pyramid = {f"conv5_3_pool{bins}_conv" for bins in models.PYRAMID_BINS}
+    expected = pyramid | {f"{name}_bn" for name in pyramid} | {"conv5_4", "conv5_4_bn", "conv6", "aux_3x3",
+                                                                 "aux_3x3_bn", "aux_conv6"}
+    assert layers_at_10x == expected
+    assert set(multipliers.values()) == {recipe.HEAD_LR_MULTIPLIER}
+
+
+def test_dropout_masks_follow_each_samples_seed(small_training_model):
+    layer = training.SampleDropout(0.5, salt=0)
+    features = tf.ones((3, 4, 5, 6))
+    seeds = tf.constant([[1, 2], [3, 4], [1, 2]], tf.int64)
+    dropped = np.asarray(layer([features, seeds], training=True))
+    assert set(np.unique(dropped)) == {0.0, 2.0}
+    np.testing.assert_array_equal(dropped[0], dropped[2])
+    assert not np.array_equal(dropped[0], dropped[1])
+    alone = np.asarray(layer([features[1:2], seeds[1:2]], training=True))
+    np.testing.assert_array_equal(alone[0], dropped[1])
+    np.testing.assert_array_equal(layer([features, seeds], training=False), features)
+
+
+
+# ---------------------------------------------------------------------------------------
+# The data pipeline
+
+
+def test_sample_order_is_a_new_permutation_each_epoch_and_resumes_at_any_position():
+    order = [tuple(map(int, pair)) for pair in training.sample_order(5, seed=1).take(15)]
+    assert [position for position, _ in order] == list(range(15))
+    epochs = [[index for _, index in order[start : start + 5]] for start in (0, 5, 10)]
+    assert all(sorted(epoch) == list(range(5)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+    resumed = [tuple(map(int, pair)) for pair in training.sample_order(5, seed=1, start_position=7).take(8)]
+    assert resumed == order[7:]
+    other_seed = [int(index) for _, index in training.sample_order(5, seed=2).take(15)]
+    assert other_seed != [index for _, index in order]
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """A folders dataset of 6 training and 2 validation images of 50x60 pixels."""
+    root = write_folders_dataset(tmp_path_factory.mktemp("small"), {"train": 6, "val": 2}, seed=9, size=56)
+    return datasets.open_dataset("folders", root)
+
+
+def batches(dataset, count):
+    """The first `count` elements of a dataset as NumPy ((images, seeds), labels) tuples."""
+    return [tf.nest.map_structure(np.asarray, element) for element in dataset.take(count)]
+
+
+def test_pipeline_is_deterministic_resumable_and_split_over_replicas_without_changing_a_batch(small_dataset):
+    samples = small_dataset.samples("train")
+    arguments = (samples, models.RELEASE_MEAN_RGB, 41, 4, 5)
+    full = batches(training.training_dataset(*arguments), 3)
+    (images, seeds), labels = full[0]
+    assert images.shape == (4, 41, 41, 3) and images.dtype == np.float32
+    assert seeds.shape == (4, 2) and labels.shape == (4, 41, 41) and labels.dtype == np.uint8
+    again = batches(training.training_dataset(*arguments), 3)
+    for first, second in zip(tf.nest.flatten(full), tf.nest.flatten(again)):
+        np.testing.assert_array_equal(first, second)
+    (resumed,) = batches(training.training_dataset(*arguments, start_iteration=2), 1)
+    for first, second in zip(tf.nest.flatten(full[2]), tf.nest.flatten(resumed)):
+        np.testing.assert_array_equal(first, second)
+    # Two pipelines (workers) of two replicas each: replica batches of one, in order.
+    shares = [
+        batches(training.training_dataset(*arguments, pipeline=p, pipelines=2, replica_batch=1), 6) for p in (0, 1)
+    ]
+    for step in range(3):
+        parts = [shares[p][2 * step + r] for p in (0, 1) for r in (0, 1)]
+        joined = tf.nest.map_structure(lambda *arrays: np.concatenate(arrays), *parts)
+        for first, second in zip(tf.nest.flatten(full[step]), tf.nest.flatten(joined)):
+            np.testing.assert_array_equal(first, second)
+
+
+def test_pipeline_examples_are_the_read_sample_augmented_with_its_positions_seed(small_dataset):
+    samples = small_dataset.samples("train")
+    (images, seeds), labels = batches(training.training_dataset(samples, models.RELEASE_MEAN_RGB, 41, 2, 5), 1)[0]
+    order = [int(index) for _, index in training.sample_order(len(samples), 5).take(2)]
+    for position, index in enumerate(order):
+        image, label = training.SampleReader(samples)(index)
+        augmentation_seed, dropout_seed = tf.random.experimental.stateless_split(tf.constant([5, position], tf.int64), 2)
+        expected_image, expected_label = training.augment(
+            tf.constant(image, tf.float32) - MEAN_RGB, tf.constant(label), augmentation_seed, 41
+        )
+        np.testing.assert_allclose(images[position], expected_image, atol=1e-4)
+        np.testing.assert_array_equal(labels[position], expected_label)
+        np.testing.assert_array_equal(seeds[position], dropout_seed)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad data and bad flags
+
+
+@pytest.fixture
+def bad_dataset(tmp_path):
+    """A folders dataset of 4 classes with two good samples and one of each problem; returns (root, problems)."""
+    root = write_folders_dataset(tmp_path / "bad", {"train": 6}, seed=4, size=48)
+    images, labels = root / "images" / "train", root / "labels" / "train"
+    (images / "train002.png").write_bytes(b"not a picture\n")
+    (labels / "train003.png").unlink()
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(labels / "train004.png")
+    values = np.zeros((48, 48), np.uint8)
+    values[:5, :5], values[-5:, -5:], values[0, -1] = 7, 9, 255
+    Image.fromarray(values).save(labels / "train005.png")
+    problems = {
+        images / "train002.png": "unreadable image",
+        labels / "train003.png": "missing label",
+        labels / "train004.png": "label is 48x40 but its image train004.png is 48x48",
+        labels / "train005.png": "label values 7, 9 are neither a class nor unlabelled",
+    }
+    return root, problems
+
+
+def test_every_data_problem_is_one_line_naming_its_file_and_nothing_is_trained(bad_dataset, tmp_path):
+    root, problems = bad_dataset
+    out = tmp_path / "out"
+    code, stdout, stderr = run_train("--data", root, "--crop", 41, "--out", out, "-q")
+    assert code == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == len(problems) + 1
+    for path, problem in problems.items():
+        (line,) = [line for line in lines if f"{path}:" in line]
+        assert line.startswith("train.py: error: ") and problem in line
+    assert lines[-1] == (
+        "train.py: error: 4 of the 6 samples of the train split cannot be used (above); "
+        "fix them, or pass --skip-bad to train without them"
+    )
+    assert not out.exists()
+
+
+def test_skip_bad_leaves_the_bad_samples_out_and_says_how_many(bad_dataset, capsys):
+    root, problems = bad_dataset
+    samples = datasets.open_dataset("folders", root).samples("train")
+    good = train.checked_samples(samples, "train", skip_bad=True, quiet=True)
+    assert [sample.image.name for sample in good] == ["train000.png", "train001.png"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert sum(line.startswith("train.py: skipped: ") for line in lines) == len(problems)
+    assert lines[-1] == "train.py: skipping 4 of the 6 samples of the train split"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--crop", "100"], "argument --crop: 100 is not a supported crop size: PSPNet needs 48k - 7 (for example 89 or 137)"),
+        (["--crop", "473.5"], "argument --crop: not an integer: '473.5'"),
+        (["--lr", "0"], "argument --lr: must be above 0, got 0"),
+        (["--lr", "nan"], "argument --lr: must be above 0, got nan"),
+        (["--momentum", "1"], "argument --momentum: must be below 1, got 1"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
+        (["--precision", "float64"], "argument --precision: invalid choice: 'float64'"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--data", str(tmp_path), *flags])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"train.py: error: {message}")
+
+
+def test_bad_paths_and_runs_are_one_line_each(small_dataset, tmp_path):
+    root = small_dataset.root
+    cases = [
+        (["--resume", "--out", tmp_path / "none"], f"{tmp_path / 'none' / 'run.json'}: no such file; there is no run"),
+        (["--init", tmp_path / "missing.h5", "--out", tmp_path / "a"], f"{tmp_path / 'missing.h5'}: no such file"),
+        (["--precision", "bfloat16", "--out", tmp_path / "b"], "precision bfloat16 needs a GPU and none is visible"),
+        (["--dataset", "ade20k", "--out", tmp_path / "c"], f"{root} is not an ADE20K root"),
+        (["--val-every", "5", "--out", tmp_path / "d", "--data", tmp_path], "no dataset layout found"),
+    ]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "run.json").write_text("{}")
+    cases.append((["--out", tmp_path / "taken"], f"{tmp_path / 'taken'}: holds a run (run.json); pass --resume"))
+    for flags, message in cases:
+        arguments = ["--data", root, "--crop", 41, *flags]
+        code, stdout, stderr = run_train(*arguments)
+        assert code == 1, flags
+        (line,) = stderr.strip().splitlines()
+        assert line.startswith("train.py: error: ") and message in line, (flags, line)
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--data", "--dataset", "--init", "--crop", "--base-size", "--batch", "--iterations", "--lr", "--momentum",
+        "--weight-decay", "--power", "--aux-weight", "--head-lr-mult", "--train-bn", "--val-every",
+        "--checkpoint-every", "--out", "--resume", "--seed", "--precision", "--skip-bad", "--quiet",
+    ):
+        assert flag in text, flag
+    assert "(default: 16)" in text and "ade20k 150000" in text and "(default: 0.01)" in text
+
+
+def test_checkpoints_round_trip_and_are_never_written_with_non_finite_weights(tmp_path):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="conv6")], name="tiny")
+    optimizer = training.CaffeSGD(learning_rate=0.1, momentum=0.9)
+    optimizer.apply([tf.ones((3, 2)), tf.ones(2)], model.trainable_variables)
+    path = tmp_path / "checkpoint.h5"
+    training.write_checkpoint(path, model, optimizer, {"iteration": 1, "fingerprint": "x"})
+    saved = [variable.numpy().copy() for variable in model.variables + optimizer.variables]
+    optimizer.apply([tf.ones((3, 2)), tf.ones(2)], model.trainable_variables)
+    assert training.restore_checkpoint(path, model, optimizer) == {"iteration": 1, "fingerprint": "x"}
+    for variable, value in zip(model.variables + optimizer.variables, saved):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    model.get_layer("conv6").bias.assign([np.nan, 0.0])
+    with pytest.raises(training.NonFiniteWeights, match="conv6/bias"):
+        training.write_checkpoint(path, model, optimizer, {"iteration": 2})
+    assert training.read_checkpoint_state(path)["iteration"] == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.h5"]
+
+
+def test_a_non_finite_loss_stops_naming_the_iteration_and_writes_nothing(small_dataset, calibrated_weights, tmp_path):
+    out = tmp_path / "run"
+    code, _, stderr = run_train(
+        "--data", small_dataset.root, "--init", calibrated_weights, "--crop", 41, "--batch", 2, "--iterations", 4,
+        "--lr", "1e4", "--out", out, "-q",
+    )
+    assert code == 1
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("train.py: error: the loss is not finite (") and "at iteration 2; nothing more was " in line
+    assert line.endswith("(no checkpoint); try a lower --lr than 10000")
+    assert sorted(path.name for path in out.iterdir()) == ["log.csv", "run.json", "tensorboard"]
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: learning, interrupted and resumed
+
+
+def natural_images(size, count):
+    """Network inputs of smooth colour blobs with pixel noise, as photographs are, BGR minus the mean."""
+    rng = np.random.default_rng(0)
+    pixels = np.stack([smooth_image(size, size, seed) for seed in range(count)]).astype(np.float32)
+    pixels = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255)
+    return ((pixels - MEAN_RGB)[..., ::-1]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def calibrated_weights(tmp_path_factory, synthetic_model):
+    """The synthetic pspnet50_ade20k weights with well-scaled activations, as a released .h5.
+
+    Each BN's stored mean and variance become those of the activations it receives
+    from natural-looking images (one forward pass with batch statistics and a moving
+    average momentum of 0), so that its output is about zero-mean, unit-variance; the
+    synthetic residual branches' last BN scales are already small (0.1-0.3).
+    """
+    network = layers_builder.build_pspnet("pspnet50_ade20k", CROP)
+    layers_builder.load_weights(network, synthetic_model("pspnet50_ade20k").converted_h5)
+    bn_layers = [layer for layer in network.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in bn_layers:
+        layer.momentum = 0.0
+    network(natural_images(CROP, 8), training=True)
+    for layer in bn_layers:
+        layer.momentum = models.BN_MOMENTUM
+    path = tmp_path_factory.mktemp("calibrated") / "pspnet50_ade20k.h5"
+    layers_builder.save_weights(network, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, calibrated_weights):
+    """A learning run of train.py on the shapes: SIGTERM at iteration 3, resumed and SIGKILLed after a
+    checkpoint, resumed again (in this process) to the end. Returns what each part left behind."""
+    folder = tmp_path_factory.mktemp("learned")
+    root = write_folders_dataset(folder / "shapes", {"train": TRAIN_IMAGES, "val": HELD_OUT_IMAGES})
+    out = folder / "run"
+    flags = [
+        "--data", root, "--init", calibrated_weights, "--crop", CROP, "--batch", BATCH, "--iterations", ITERATIONS,
+        "--checkpoint-every", CHECKPOINT_EVERY, "--val-every", ITERATIONS, "--seed", SEED, "--out", out, "-q",
+    ]
+    process = train_process(*flags)
+    wait_for_iteration(process, out, 3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    terminated = {"code": process.returncode, "stderr": stderr, "rows": log_rows(out), "at": checkpoint_iteration(out)}
+    process = train_process(*flags, "--resume")
+    wait_for_iteration(process, out, terminated["at"] + CHECKPOINT_EVERY + 2)
+    process.kill()
+    process.communicate(timeout=60)
+    killed = {"rows": log_rows(out), "at": checkpoint_iteration(out)}
+    code, stdout, stderr = run_train(*flags, "--resume")
+    assert code == 0, stderr
+    return {"root": root, "out": out, "terminated": terminated, "killed": killed, "stdout": stdout}
+
+
+def test_sigterm_writes_a_checkpoint_at_the_iteration_reached_and_exits_143(learned_run):
+    terminated = learned_run["terminated"]
+    assert terminated["code"] == 143
+    iterations = [int(row["iteration"]) for row in terminated["rows"]]
+    assert iterations == list(range(1, terminated["at"] + 1)) and terminated["at"] >= 3
+    assert f"train.py: stopped at iteration {terminated['at']}; checkpoint in" in terminated["stderr"]
+    assert terminated["stderr"].strip().endswith("train.py: terminated")
+
+
+def test_resumed_runs_continue_the_log_and_repeat_exactly_what_a_sigkill_lost(learned_run):
+    killed, rows = learned_run["killed"], log_rows(learned_run["out"])
+    assert [int(row["iteration"]) for row in rows] == list(range(1, ITERATIONS + 1))
+    lost = [row for row in killed["rows"] if int(row["iteration"]) > killed["at"]]
+    assert killed["at"] % CHECKPOINT_EVERY == 0 and 0 < len(lost) <= CHECKPOINT_EVERY
+    # Iterations run before the interruptions and again after them compute the same losses:
+    # the data order, augmentation, dropout and optimiser state resume exactly.
+    for before in learned_run["terminated"]["rows"] + killed["rows"]:
+        after = rows[int(before["iteration"]) - 1]
+        for column in ("loss", "main_loss", "aux_loss", "lr"):
+            assert float(after[column]) == pytest.approx(float(before[column]), rel=1e-4), (before, after)
+    for row in rows:
+        iteration = int(row["iteration"])
+        assert float(row["lr"]) == pytest.approx(poly(recipe.BASE_LR, iteration - 1, ITERATIONS, recipe.POLY_POWER))
+        assert float(row["images_per_s"]) > 0
+        assert (row["val_miou"] != "") == (iteration == ITERATIONS)
+    assert checkpoint_iteration(learned_run["out"]) == ITERATIONS
+
+
+def test_training_learns_the_shapes(learned_run, tmp_path):
+    """The final model segments held-out images at LEARNED_PIXEL_ACCURACY (evaluate.py's default mode),
+    and the validation mIoU of the log is evaluate.py's."""
+    report = tmp_path / "metrics.json"
+    final = learned_run["out"] / "final.h5"
+    code = evaluate.main(["-w", str(final), "--data", str(learned_run["root"]), "--dataset", "folders",
+                          "--report", str(report)])
+    assert code == 0
+    metrics = json.loads(report.read_text())
+    first_loss = float(log_rows(learned_run["out"])[0]["loss"])
+    last = log_rows(learned_run["out"])[-1]
+    assert metrics["pixel_acc"] >= LEARNED_PIXEL_ACCURACY, (metrics, first_loss, last)
+    assert float(last["val_miou"]) == pytest.approx(metrics["miou"], rel=1e-9)
+    assert float(last["loss"]) < first_loss
+
+
+def test_final_model_has_the_released_layout_and_runs_in_pspnet(learned_run, tmp_path):
+    final = learned_run["out"] / "final.h5"
+    description = json.loads(final.with_suffix(".json").read_text())
+    dataset = datasets.open_dataset("folders", learned_run["root"])
+    base_size = models.RELEASED_MODELS["pspnet50_ade20k"].base_size
+    assert description == models.ModelConfig(
+        "final", 50, 4, CROP, base_size, SHAPE_CLASSES, dataset.palette, models.RELEASE_MEAN_RGB
+    ).description()
+    network = layers_builder.build_pspnet(models.read_description(final.with_suffix(".json")))
+    layers_builder.load_weights(network, final)
+    with h5py.File(final, "r") as handle:
+        assert not any(name.startswith("aux") for name in handle)
+    image, _ = shapes_example(np.random.default_rng(77))
+    source = tmp_path / "photo.png"
+    Image.fromarray(image).save(source)
+    result = run_pspnet("-w", final, "-i", source, "-o", tmp_path / "out" / "photo.png", "-q")
+    assert result.code == 0, result.stderr
+    with Image.open(tmp_path / "out" / "photo_seg_read.png") as seg_read:
+        assert seg_read.size == (SHAPE_IMAGE_SIZE, SHAPE_IMAGE_SIZE)
+
+
+def test_tensorboard_has_the_logged_scalars(learned_run):
+    from tensorflow.core.util import event_pb2
+
+    steps = {}
+    for path in (learned_run["out"] / "tensorboard").iterdir():
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                steps.setdefault(value.tag, set()).add(event.step)
+    assert steps["loss"] >= set(range(1, ITERATIONS + 1))
+    assert steps["val_miou"] == {ITERATIONS}
+    assert {"main_loss", "aux_loss", "lr", "images_per_s"} <= set(steps)
+
+
+# ---------------------------------------------------------------------------------------
+# Beyond one process
+
+
+def free_ports(count):
+    """`count` TCP ports of 127.0.0.1 that nothing listens on now."""
+    sockets = [socket.socket() for _ in range(count)]
+    for bound in sockets:
+        bound.bind(("127.0.0.1", 0))
+    ports = [bound.getsockname()[1] for bound in sockets]
+    for bound in sockets:
+        bound.close()
+    return ports
+
+
+def test_two_workers_reach_the_weights_of_one_process(small_dataset, calibrated_weights, tmp_path):
+    """MultiWorkerMirroredStrategy from TF_CONFIG, two CPU workers of one replica each, against one
+    process with the same global batch and seed; BN trained, so its statistics are synchronised."""
+    flags = [
+        "--data", small_dataset.root, "--init", calibrated_weights, "--crop", 41, "--batch", 2, "--iterations", 2,
+        "--seed", 11, "--train-bn", "--checkpoint-every", 100, "-q",
+    ]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [
+        train_process(
+            *flags, "--out", tmp_path / "workers",
+            env=dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})),
+        )
+        for index in (0, 1)
+    ]
+    code, _, stderr = run_train(*flags, "--out", tmp_path / "single")
+    assert code == 0, stderr
+    for worker in workers:
+        _, worker_stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, worker_stderr
+    single = keras2_weights.read_weights(tmp_path / "single" / "final.h5")
+    distributed = keras2_weights.read_weights(tmp_path / "workers" / "final.h5")
+    initial = keras2_weights.read_weights(calibrated_weights)
+    assert single.keys() == distributed.keys()
+    for name, arrays in single.items():
+        for mine, theirs in zip(arrays, distributed[name]):
+            np.testing.assert_allclose(theirs, mine, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(mine).max()), err_msg=name)
+    moved = [name for name in single if name != "conv6" and not np.array_equal(single[name][0], initial[name][0])]
+    assert {"conv1_1_3x3_s2", "conv1_1_3x3_s2_bn", "conv5_4"} <= set(moved)
+    for one, two in zip(log_rows(tmp_path / "single"), log_rows(tmp_path / "workers")):
+        assert float(two["loss"]) == pytest.approx(float(one["loss"]), rel=1e-5)
