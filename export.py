@@ -82,8 +82,8 @@ class CommandError(Exception):
     """A command that cannot be carried out; the message says why."""
 
 
-class ExportMismatch(ValueError):
-    """An exported file whose logits are not the Keras network's; the message gives the figures."""
+class ExportError(ValueError):
+    """An export that failed, or whose file does not compute the Keras network's logits; the message says why."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +256,7 @@ def write_onnx(network, config, path, opset, skipped_optimizers=ONNX_SKIPPED_OPT
     from tf2onnx import optimizer
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    # tf2onnx's default list of optimizers, in its order (tf2onnx/optimizer/__init__.py).
     optimizers = {
         name: factory for name, factory in optimizer._get_optimizers().items() if name not in skipped_optimizers
     }
@@ -373,7 +374,7 @@ def agreement(reference, logits):
     reference = np.asarray(reference, dtype=np.float64)
     logits = np.asarray(logits, dtype=np.float64)
     if logits.shape != reference.shape:
-        raise ExportMismatch(f"gives logits of shape {logits.shape}, the Keras network {reference.shape}")
+        raise ExportError(f"gives logits of shape {logits.shape}, the Keras network {reference.shape}")
     delta = np.max(np.abs(logits - reference)) / (np.ptp(reference) or 1.0)
     agreeing = np.mean(logits.argmax(axis=-1) == reference.argmax(axis=-1))
     return float(delta), float(agreeing)
@@ -382,15 +383,21 @@ def agreement(reference, logits):
 def check_export(network, config, file_format, path):
     """(delta, argmax agreement) of the file at `path` against `network` on a random crop.
 
-    Raises ExportMismatch when the file's logits are further than MAX_RELATIVE_DELTA
-    of the logit range from the network's, or their argmax agrees on fewer than
-    MIN_ARGMAX_AGREEMENT of the pixels.
+    Raises ExportError when the runtime cannot run the file, when the file's logits
+    are further than MAX_RELATIVE_DELTA of the logit range from the network's, or
+    when their argmax agrees on fewer than MIN_ARGMAX_AGREEMENT of the pixels.
     """
+    from layers_builder import first_line
+
     crops = check_crops(network, config)
     reference = np.asarray(network(crops, training=False))
-    delta, agreeing = agreement(reference, RUNTIMES[file_format](path, crops, config))
+    try:
+        logits = RUNTIMES[file_format](path, crops, config)
+    except Exception as error:  # each runtime raises its own types (ONNX Runtime's come from its C++ bindings)
+        raise ExportError(f"{RUNTIME_NAMES[file_format]} cannot run the file ({first_line(error)})") from None
+    delta, agreeing = agreement(reference, logits)
     if not (delta <= MAX_RELATIVE_DELTA and agreeing >= MIN_ARGMAX_AGREEMENT):
-        raise ExportMismatch(
+        raise ExportError(
             f"opened in {RUNTIME_NAMES[file_format]}, its logits on a random crop differ from the Keras network's "
             f"by {delta:.1e} of the logit range (at most {MAX_RELATIVE_DELTA:.0e}) and their argmax agrees on "
             f"{agreeing:.3%} of the pixels (at least {MIN_ARGMAX_AGREEMENT:.1%})"
@@ -415,7 +422,7 @@ def export(network, config, file_format, path, opset=DEFAULT_OPSET, description=
 
     The file is written and checked (check_export) in a temporary directory beside
     `path` and renamed into place only when it passes; otherwise nothing is left
-    and ExportMismatch says why. With `description`, the model's JSON description
+    and ExportError says why (OSError when the disk refuses). With `description`, the model's JSON description
     is written beside it (description_target), in the same all-or-nothing way.
     """
     target = Path(path)
@@ -423,7 +430,7 @@ def export(network, config, file_format, path, opset=DEFAULT_OPSET, description=
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         staged = staging / target.name
-        WRITERS[file_format](network, config, os.fspath(staged), opset)
+        write(network, config, file_format, staged, opset)
         result = check_export(network, config, file_format, staged)
         with utils.AtomicFiles() as files:
             if description:
@@ -433,6 +440,18 @@ def export(network, config, file_format, path, opset=DEFAULT_OPSET, description=
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write(network, config, file_format, path, opset):
+    """Writes the file of `file_format` at `path`; a converter's failure becomes ExportError."""
+    from layers_builder import first_line
+
+    try:
+        WRITERS[file_format](network, config, os.fspath(path), opset)
+    except OSError:
+        raise
+    except Exception as error:  # TensorFlow's, tf2onnx's and the LiteRT converter's errors have no common type
+        raise ExportError(f"cannot write it as {file_format} ({first_line(error)})") from None
 
 
 def description_target(path):
@@ -542,7 +561,7 @@ def run(args):
     network = load_network(config, args.weights, args.quiet)
     try:
         delta, agreeing = export(network, config, args.format, path, args.opset, with_description)
-    except ExportMismatch as error:
+    except ExportError as error:
         raise CommandError(f"{path}: {error}; nothing was written") from None
     except utils.OutputError as error:
         raise CommandError(str(error)) from None

@@ -397,7 +397,8 @@ def load_keras_archive(path, model):
         network = keras.saving.load_model(path, compile=False)
     except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:
         raise WeightsError(f"{path}: not a Keras archive this project can open ({first_line(error)})") from None
-    if not isinstance(network, keras.Model) or not {"conv6", "conv6_interp"} <= {layer.name for layer in network.layers}:
+    layer_names = {layer.name for layer in network.layers} if isinstance(network, keras.Model) else set()
+    if not {"conv6", "conv6_interp"} <= layer_names:
         raise WeightsError(f"{path}: the Keras archive does not hold a PSPNet")
     expected = (config.crop_size, config.crop_size, 3), config.classes
     found = tuple(network.input_shape[1:]), network.output_shape[-1]

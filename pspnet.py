@@ -394,9 +394,9 @@ def check_gpu(gpu_id, verbose):
 
 def load_network(args, config):
     """The network of the command line."""
+    tf_runtime.import_tensorflow(args.verbose)  # quietly, before layers_builder imports it
     from layers_builder import WeightsError
 
-    tf_runtime.import_tensorflow(args.verbose)
     try:
         return PSPNet(config, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
     except (WeightsError, WeightsNotFound, ValueError) as error:

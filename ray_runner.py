@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 import datasets
+import evaluate
 import pspnet
 import tf_runtime
 import utils
@@ -176,6 +177,13 @@ def worker_environment():
     return {"env_vars": {"PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}"}}
 
 
+def root_cause(error):
+    """The first sentence of the innermost cause of `error`: why Ray could not connect."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return str(error).strip().split(". ")[0].splitlines()[0]
+
+
 def check_reachable(address):
     """RunError unless something listens at a HOST:PORT address (ray.init retries a silent one for
     minutes); 'auto' and ray:// addresses are left to Ray."""
@@ -202,7 +210,7 @@ def start_ray(ray, address, embedded, verbose):
             logging_level=logging.INFO if verbose else logging.ERROR, **options,
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise RunError(f"cannot join the Ray cluster at {address}: {error}") from None
+        raise RunError(f"cannot join the Ray cluster at {address}: {root_cause(error)}") from None
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
@@ -370,9 +378,6 @@ class SampleWorker:
 
     def __init__(self, config, weights, samples, save_dir, protocol, pool):
         start_worker_process(pool)
-        import evaluate
-
-        self.evaluate = evaluate
         self.samples, self.save_dir, self.protocol = samples, save_dir, protocol
         self.network, self.fatal = None, ""
         try:
@@ -388,7 +393,7 @@ class SampleWorker:
         if self.fatal:
             return result
         try:
-            confusion, undefined = self.evaluate.measure_sample(
+            confusion, undefined = evaluate.measure_sample(
                 self.network, self.samples[row["key"]], self.save_dir, self.protocol
             )
         except datasets.SampleError as error:
@@ -402,8 +407,6 @@ class SampleWorker:
 def evaluate_samples(args, config, samples, order, protocol, tally):
     """Adds every sample to `tally` as evaluate.py does, measured by Ray workers; `order` lists the
     sample numbers in the order the single-process run takes them, which the report keeps."""
-    import evaluate
-
     ray = import_ray()
     position = {index: place for place, index in enumerate(order)}
     classes = len(tally.confusion)

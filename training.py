@@ -82,8 +82,7 @@ AUX_DROPOUT_RATE = 0.1
 HEAD_LAYER_PREFIXES = ("conv5_3_pool", "conv5_4", "conv6", AUX_PREFIX)
 
 IGNORE_LABEL = datasets.IGNORE_LABEL
-# Stateless seeds drawn from each sample's (seed, position): scale, rotation, blur,
-# mirror, crop; dropout.
+# The stateless seeds `augment` draws from an example's seed: scale, rotation, blur, mirror, crop.
 AUGMENTATION_DRAWS = 5
 
 CHECKPOINT_NAME = "checkpoint.h5"

@@ -2,12 +2,12 @@
 
     python bench/export_bench.py [--models ...] [--runs N] [--warmup N] [--threads N] [--decomposed-einsum]
 
-For each model at its crop size, in one process: the Keras network with seeded
-weights (Keras' initialisers under keras.utils.set_random_seed: dense float32
-arithmetic, so the values do not change the time), written as ONNX by
-export.export (which checks the file against the network), then these calls on the
-same crop, taken in turns so that a machine that speeds up or slows down affects all
-of them alike, each with --threads threads:
+For each model at its crop size: the Keras network with seeded weights (Keras'
+initialisers under keras.utils.set_random_seed: dense float32 arithmetic, so the
+values do not change the time), written as ONNX by export.export in a child process
+(which checks the file against the network), then these calls on the same crop in
+this process, taken in turns so that a machine that speeds up or slows down affects
+all of them alike, each with --threads threads:
 
 - ours: the Keras network compiled with tf.function, crop -> logits read back to
   NumPy (the call inference.Predictor makes), TensorFlow with --threads intra-op threads;
@@ -22,12 +22,14 @@ Prints the medians, the ratios to ours, and each ONNX file's agreement with the 
 
 import argparse
 import importlib.metadata
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -37,8 +39,6 @@ if str(PROJECT_ROOT) not in sys.path:
 
 # pspnet.py runs TensorFlow with its BFC allocator on the CPU (bench/README.md, "What made it fast").
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-
-import numpy as np  # noqa: E402
 
 import tf_runtime  # noqa: E402
 
@@ -86,34 +86,52 @@ def onnxruntime_session(path, threads):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def seeded_network(config):
-    """The Keras network of `config` with Keras' initial weights under a fixed seed."""
+def seeded_weights(config, path):
+    """Writes the Keras network of `config` with Keras' initial weights under a fixed seed to `path` (.h5)."""
     keras.utils.set_random_seed(WEIGHT_SEED)
-    return layers_builder.build_pspnet(config)
+    layers_builder.save_weights(layers_builder.build_pspnet(config), path)
 
 
-def onnx_files(network, config, directory, decomposed):
-    """{name: path} of the ONNX files to time: export.py's, and the decomposed-einsum variant if asked.
+def write_onnx_file(model_name, weights, path, decomposed):
+    """Seconds to write and check one ONNX file of the model with `weights`, in a process of its own.
 
-    export.export writes and checks the first; the variant is written by the same
-    writer with no optimizer left out and checked the same way.
+    export.py's file (export.export), or with `decomposed` the same writer with no
+    tf2onnx optimizer left out, checked the same way. A conversion holds several
+    copies of the weights (about 10 GiB at its peak for pspnet50_ade20k), which a
+    process of its own gives back.
     """
-    files = {"onnxruntime": Path(directory) / f"{config.name}.onnx"}
-    export.export(network, config, "onnx", files["onnxruntime"])
+    config = models.RELEASED_MODELS[model_name]
+    network = layers_builder.build_pspnet(config)
+    layers_builder.load_weights(network, weights)
+    started = time.perf_counter()
     if decomposed:
-        files["onnxruntime_decomposed"] = Path(directory) / f"{config.name}_decomposed.onnx"
-        export.write_onnx(network, config, files["onnxruntime_decomposed"], export.DEFAULT_OPSET, skipped_optimizers=())
-        export.check_export(network, config, "onnx", files["onnxruntime_decomposed"])
-    return files
+        export.write_onnx(network, config, path, export.DEFAULT_OPSET, skipped_optimizers=())
+        export.check_export(network, config, "onnx", path)
+    else:
+        export.export(network, config, "onnx", path)
+    return time.perf_counter() - started
+
+
+def onnx_files(model_name, weights, directory, decomposed):
+    """({name: path}, {name: export seconds}) of the ONNX files to time, each written by a child process."""
+    variants = {"onnxruntime": False, "onnxruntime_decomposed": True} if decomposed else {"onnxruntime": False}
+    files = {name: Path(directory) / f"{model_name}_{name}.onnx" for name in variants}
+    seconds = {}
+    context = multiprocessing.get_context("spawn")
+    for name, variant in variants.items():
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+            seconds[name] = child.submit(write_onnx_file, model_name, weights, files[name], variant).result()
+    return files, seconds
 
 
 def measure(model_name, args, directory):
     """Timings, ratios and agreement of one model's calls."""
     config = models.RELEASED_MODELS[model_name]
-    network = seeded_network(config)
-    started = time.perf_counter()
-    files = onnx_files(network, config, directory, args.decomposed_einsum)
-    export_s = time.perf_counter() - started
+    weights = Path(directory) / f"{model_name}.h5"
+    seeded_weights(config, weights)
+    files, export_s = onnx_files(model_name, weights, directory, args.decomposed_einsum)
+    network = layers_builder.build_pspnet(config)
+    layers_builder.load_weights(network, weights)
     crop = export.check_crops(network, config)
     compiled = tf.function(lambda batch: network(batch, training=False))
     calls = {"ours": lambda: compiled(crop).numpy()}
@@ -172,7 +190,8 @@ def report(results, args):
                 f"| {result['model']} ({result['crop_size']}) | {LABELS[name]} | {median:.3f} | "
                 f"{result['ratios'][name]:.2f} | {spent} | {parity} |"
             )
-        lines.append(f"{result['model']}: export.py's ONNX export and check took {result['export_s']:.0f} s")
+        exports = ", ".join(f"{LABELS[name]} {seconds:.0f} s" for name, seconds in result["export_s"].items())
+        lines.append(f"{result['model']}: ONNX export and check: {exports}")
     return "\n".join(lines)
 
 

@@ -239,7 +239,9 @@ def test_image_resize_is_matlabs_and_pillows_within_a_grey_level(height, width):
     assert np.max(np.abs(resized - inference.resize_image(photo, height, width))) <= 1.0
 
 
-@pytest.mark.parametrize("size, out", [((11, 7), (89, 40)), ((89, 59), (427, 640)), ((30, 20), (7, 5)), ((1, 9), (4, 9))])
+@pytest.mark.parametrize(
+    "size, out", [((11, 7), (89, 40)), ((89, 59), (427, 640)), ((30, 20), (7, 5)), ((1, 9), (4, 9))]
+)
 def test_probability_resize_is_matlabs_imresize(size, out):
     probabilities = np.random.default_rng(4).dirichlet(np.ones(6), size).astype(np.float32)
     resized = export.resize_probabilities(tf.constant(probabilities), tf.constant(out[0]), tf.constant(out[1]))
@@ -355,20 +357,42 @@ def test_saved_model_segment_is_pspnets_default_mode(user_saved_model, user_h5):
 # Refusals: one line, exit 1, nothing written
 
 
-def test_file_failing_the_comparison_is_not_left_behind(tmp_path, monkeypatch, user_h5):
-    opened = export.RUNTIMES["keras"]
+def shifted_logits(opened):
+    """A runtime whose logits are `opened`'s with one value moved by 2e-4 of the logit range."""
 
     def shifted(path, crops, config):
         logits = np.array(opened(path, crops, config))
         logits[0, 0, 0, 0] += 2e-4 * np.ptp(logits)
         return logits
 
-    monkeypatch.setitem(export.RUNTIMES, "keras", shifted)
-    result = run_main("-w", user_h5, "--format", "keras", "-o", tmp_path / "out" / "mine.keras")
+    return shifted
+
+
+def failing_runtime(opened):
+    """A runtime that cannot run the file."""
+
+    def fail(path, crops, config):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Required inputs are missing\nand more")
+
+    return fail
+
+
+@pytest.mark.parametrize(
+    "runtime, problem",
+    [
+        (shifted_logits, "opened in Keras, its logits on a random crop differ from the Keras network's by 2.0e-04 "
+                         "of the logit range (at most 1e-04) and their argmax agrees on "),
+        (failing_runtime, "Keras cannot run the file ([ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Required inputs "
+                          "are missing); nothing was written"),
+    ],
+)
+def test_file_failing_the_check_is_not_left_behind(tmp_path, monkeypatch, user_h5, runtime, problem):
+    monkeypatch.setitem(export.RUNTIMES, "keras", runtime(export.RUNTIMES["keras"]))
+    path = tmp_path / "out" / "mine.keras"
+    result = run_main("-w", user_h5, "--format", "keras", "-o", path)
     assert result.code == 1
     line = only_error_line(result.stderr)
-    assert line.startswith(f"export.py: error: {tmp_path / 'out' / 'mine.keras'}: opened in Keras, its logits ")
-    assert "by 2.0e-04 of the logit range (at most 1e-04)" in line and line.endswith("; nothing was written")
+    assert line.startswith(f"export.py: error: {path}: {problem}") and line.endswith("; nothing was written")
     assert listing(tmp_path) == ["out"]
 
 

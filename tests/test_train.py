@@ -477,6 +477,24 @@ def test_head_layers_train_at_ten_times_the_learning_rate(small_training_model):
     assert set(multipliers.values()) == {recipe.HEAD_LR_MULTIPLIER}
 
 
+def test_keras_fit_trains_the_training_model_on_images_and_labels(small_training_model):
+    model, network = small_training_model
+    rng = np.random.default_rng(4)
+    images = rng.normal(0, 50, (4, 41, 41, 3)).astype(np.float32)
+    labels = rng.integers(0, 4, (4, 41, 41)).astype(np.uint8)
+    labels[:, :10] = 255
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+    model.compile(optimizer=training.recipe_optimizer(model, iterations=2, base_lr=1e-4), jit_compile=False)
+    before = network.get_layer("conv6").kernel.numpy().copy()
+    history = model.fit(dataset, epochs=1, verbose=0)
+    assert {"loss", "main_loss", "aux_loss"} <= set(history.history)
+    loss = history.history["loss"][-1]
+    assert math.isfinite(loss)
+    assert loss == pytest.approx(history.history["main_loss"][-1] + 0.4 * history.history["aux_loss"][-1])
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert not np.array_equal(network.get_layer("conv6").kernel.numpy(), before)
+
+
 def test_dropout_masks_follow_each_samples_seed(small_training_model):
     layer = training.SampleDropout(0.5, salt=0)
     features = tf.ones((3, 4, 5, 6))
