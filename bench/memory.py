@@ -243,7 +243,13 @@ def run_child(name, inference_path, work_dir):
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     model_name, (height, width), flags = CASES[name]
-    result = {"case": name, "model": model_name, "image_size": [width, height], "flags": flag_text(flags)}
+    result = {
+        "case": name,
+        "inference": str(inference_path or "inference.py"),
+        "model": model_name,
+        "image_size": [width, height],
+        "flags": flag_text(flags),
+    }
     if process.returncode == 0:
         result.update(json.loads(stdout_path.read_text()))
     else:
@@ -289,8 +295,10 @@ def report_text(results):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for result in results["cases"]:
         width, height = result["image_size"]
+        inference = result.get("inference", "inference.py")
+        case = result["case"] + ("" if inference == "inference.py" else f" ({inference})")
         cells = [
-            result["case"], result["model"], f"{width}x{height}", result["flags"], str(result["exit_code"]),
+            case, result["model"], f"{width}x{height}", result["flags"], str(result["exit_code"]),
             f"{result.get('peak_rss_mib', result['ru_maxrss_mib']):.0f}", str(result.get("forward_passes", "-")),
             seconds(result.get("forward_s")), seconds(result.get("class_map_s")),
             seconds(result.get("passes_x_forward_s")), seconds(result.get("overhead_s")),

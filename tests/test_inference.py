@@ -6,7 +6,7 @@ caffe_process.m: MATLAB's 1-based window loops, padding with the mean colour, so
 logits of a crop plus the mirrored logits of its mirror image, overlaps averaged by a count map,
 MATLAB imresize 'bilinear' (written out here in numpy) back to the image size, renormalisation
 and the mean over scales. The default mode (one crop, longer side = crop size) is the same
-protocol at the single long side crop_size (issue 3, item 2).
+protocol at the single long side crop_size.
 
 The network is a stand-in: logits = a fixed random 3x3 convolution ('same', zero padded) of the
 crop plus a fixed random term per crop position, so the logits depend on the neighbourhood, the
