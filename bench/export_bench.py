@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -59,6 +60,10 @@ LABELS = {
     "onnxruntime": "export.py ONNX in ONNX Runtime",
     "onnxruntime_decomposed": "same, tf2onnx's einsum optimizer on",
 }
+
+
+class BenchError(Exception):
+    """A measurement that could not be made; the message says which."""
 
 
 def interleaved_timings(calls, warmup, runs):
@@ -97,7 +102,7 @@ def write_onnx_file(model_name, weights, path, decomposed):
 
     export.py's file (export.export), or with `decomposed` the same writer with no
     tf2onnx optimizer left out, checked the same way. A conversion holds several
-    copies of the weights (about 10 GiB at its peak for pspnet50_ade20k), which a
+    copies of the weights (10 to 13 GiB at its peak for pspnet50_ade20k), which a
     process of its own gives back.
     """
     config = models.RELEASED_MODELS[model_name]
@@ -120,7 +125,10 @@ def onnx_files(model_name, weights, directory, decomposed):
     context = multiprocessing.get_context("spawn")
     for name, variant in variants.items():
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
-            seconds[name] = child.submit(write_onnx_file, model_name, weights, files[name], variant).result()
+            try:
+                seconds[name] = child.submit(write_onnx_file, model_name, weights, files[name], variant).result()
+            except BrokenProcessPool:
+                raise BenchError(f"{model_name}: the process writing {LABELS[name]!r} died (out of memory?)") from None
     return files, seconds
 
 
@@ -215,8 +223,12 @@ def main(argv=None):
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         argument_parser().error("--runs and --threads must be at least 1, --warmup at least 0")
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="pspnet-export-bench-") as directory:
-        results = [measure(model_name, args, directory) for model_name in args.models]
+    try:
+        with tempfile.TemporaryDirectory(prefix="pspnet-export-bench-") as directory:
+            results = [measure(model_name, args, directory) for model_name in args.models]
+    except BenchError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     print(report(results, args))
     return 0
 
