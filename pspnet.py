@@ -86,7 +86,7 @@ def weights_help(config, path):
     return (
         f"Put the published {config.name}.h5 at {path} (or pass its path with -w), "
         f"or convert the Caffe release's weights: put {config.caffe_weights} in {CAFFE_WEIGHTS_DIR} and run "
-        f"python {PROJECT_DIR / 'weight_converter.py'} {CAFFE_WEIGHTS_DIR / config.caffe_weights}"
+        f"python {PROJECT_DIR / 'weight_converter.py'} {CAFFE_WEIGHTS_DIR / config.caffe_weights} -o {path}"
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import layers_builder
+import models
 import pspnet
 from synthetic_caffe import write_classifier_only_weights
 
@@ -161,17 +162,21 @@ def test_failed_download_leaves_nothing_and_says_what_to_do(setup, monkeypatch, 
     assert reason in message
     assert f"Put the published {MODEL}.h5 at {setup.target}" in message and "-w" in message
     converter = Path(pspnet.__file__).resolve().parent / "weight_converter.py"
-    assert f"{converter} pspnet50_ADE20K_473.prototxt pspnet50_ADE20K.caffemodel -o {setup.target}" in message
+    caffemodel = pspnet.CAFFE_WEIGHTS_DIR / "pspnet50_ADE20K.caffemodel"
+    assert f"put pspnet50_ADE20K.caffemodel in {pspnet.CAFFE_WEIGHTS_DIR} and run" in message
+    assert f"python {converter} {caffemodel} -o {setup.target}" in message
     assert list(setup.weights_dir.iterdir()) == []
     assert not setup.out.exists()
 
 
 def test_published_urls_are_the_readme_ones(monkeypatch):
     monkeypatch.delenv(pspnet.WEIGHTS_URL_BASE_VARIABLE, raising=False)
-    assert pspnet.weights_url("pspnet50_ade20k") == "https://www.dropbox.com/s/0uxn14y26jcui4v/pspnet50_ade20k.h5?dl=1"
-    assert pspnet.weights_url("pspnet101_cityscapes") == (
+    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet50_ade20k"]) == (
+        "https://www.dropbox.com/s/0uxn14y26jcui4v/pspnet50_ade20k.h5?dl=1"
+    )
+    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet101_cityscapes"]) == (
         "https://www.dropbox.com/s/c17g94n946tpalb/pspnet101_cityscapes.h5?dl=1"
     )
-    assert pspnet.weights_url("pspnet101_voc2012") == (
+    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet101_voc2012"]) == (
         "https://www.dropbox.com/s/uvqj2cjo4b9c5wg/pspnet101_voc2012.h5?dl=1"
     )
