@@ -45,8 +45,8 @@ import utils
 
 PROJECT_DIR = Path(__file__).resolve().parent
 INSTALL_COMMAND = "python -m pip install -r requirements-ray.txt"
-# A CPU worker's cores when --workers does not say: its TensorFlow thread pool
-# (bench/README.md, "More than one machine" has the measurement).
+# A CPU worker's cores when --workers does not say, its TensorFlow threads: each worker holds a
+# model and its activations, up to 4.1 GiB (bench/README.md, "On Ray").
 CORES_PER_CPU_WORKER = 4
 # Images sent to an actor ahead of the one it runs, so that it never waits for the driver
 # (ActorPoolStrategy's max_tasks_in_flight_per_actor).

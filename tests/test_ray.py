@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import ray
 
@@ -321,7 +320,9 @@ def test_evaluate_on_ray_reports_what_the_single_process_run_reports_and_resumes
 def test_ray_sums_per_image_confusion_matrices_in_single_process_order(monkeypatch):
     tally = evaluate.Tally(3)
     samples = [SimpleNamespace(image=Path(f"i{index}.png"), label=Path(f"l{index}.png")) for index in range(3)]
-    monkeypatch.setattr(evaluate.datasets, "undefined_values_problem", lambda sample, values: f"{sample.label} {values}")
+    monkeypatch.setattr(
+        evaluate.datasets, "undefined_values_problem", lambda sample, values: f"{sample.label} {values}"
+    )
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         tally.add(samples[2], np.eye(3, dtype=np.int64), (9,), place=2)
