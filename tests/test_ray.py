@@ -47,13 +47,17 @@ LABEL_CLASSES = (0, 3, 12, 255, 200)
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One embedded Ray of 2 CPUs for the module, started as ray_runner starts one; the runs join it."""
+    """One embedded Ray of 2 CPUs for the module, started as ray_runner starts one; the runs join it.
+    The variables ray.init sets in this process's environment are taken out again afterwards."""
+    environment = dict(os.environ)
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_runner.worker_environment(),
         log_to_driver=False, logging_level="ERROR",
     )
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture(scope="module")
