@@ -43,8 +43,6 @@ EXPORT_REQUIREMENTS = PROJECT_DIR / "requirements-export.txt"
 FORMATS = ("keras", "saved_model", "onnx", "litert")
 # Default output name of each format: <model><suffix> in the working directory.
 DEFAULT_SUFFIXES = {"keras": ".keras", "saved_model": "_saved_model", "onnx": ".onnx", "litert": ".tflite"}
-# keras.saving.load_model tells a Keras archive by this extension.
-KERAS_ARCHIVE_SUFFIX = ".keras"
 # Python modules each format needs beyond requirements.txt (requirements-export.txt pins them).
 DEPENDENCIES = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
 # The ONNX opsets offered (tf2onnx 1.17 would pick 15 by itself); ONNX Runtime 1.32 runs both.
@@ -472,8 +470,8 @@ def output_path(args, config):
 
 def output_problem(path, file_format):
     """Why the export cannot be written at `path`, or None; nothing is replaced but a file or a SavedModel."""
-    if file_format == "keras" and path.suffix != KERAS_ARCHIVE_SUFFIX:
-        return f"a Keras archive's name must end in {KERAS_ARCHIVE_SUFFIX} (keras.saving.load_model goes by it)"
+    if file_format == "keras" and path.suffix != models.KERAS_ARCHIVE_SUFFIX:
+        return f"a Keras archive's name must end in {models.KERAS_ARCHIVE_SUFFIX} (keras.saving.load_model goes by it)"
     if file_format == "saved_model" and path.is_dir():
         if not (path / SAVED_MODEL_FILE).is_file():
             return "is a directory that is not a SavedModel; refusing to replace it"

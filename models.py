@@ -180,6 +180,10 @@ def released_description_of(path):
     return isinstance(data, dict) and "class_name" in data and "config" in data and "format" not in data
 
 
+# A network saved whole by keras.saving.save_model; keras.saving.load_model tells it by this extension.
+KERAS_ARCHIVE_SUFFIX = ".keras"
+
+
 def description_path(weights_path):
     """The JSON description that belongs to a weights file: same stem, `.json`."""
     return Path(weights_path).with_suffix(".json")

@@ -156,7 +156,8 @@ class PSPNet:
     `model` is a released model's name (models.RELEASED_MODEL_NAMES, default
     pspnet50_ade20k) or a models.ModelConfig; left out, a `weights` file with a
     JSON description beside it is that user model. `weights` is the path of a
-    Keras-2 HDF5 weights file; for a released model by default
+    Keras-2 HDF5 weights file (or a Keras archive written by export.py --format
+    keras); for a released model by default
     `weights/keras/<model>.h5` in the directory of this file, downloaded from the
     published URL when missing (`show_progress` shows that download's progress
     bar on stderr). `precision` is float32, or bfloat16 / float16 mixed
@@ -170,7 +171,7 @@ class PSPNet:
         tf = tf_runtime.import_tensorflow()
 
         from inference import Predictor
-        from layers_builder import build_pspnet, load_weights, split_upsampling
+        from layers_builder import build_pspnet, load_keras_archive, load_weights, split_upsampling
 
         if isinstance(model, models.ModelConfig):
             config = model
@@ -194,11 +195,19 @@ class PSPNet:
         if weights is not None and not os.path.lexists(self.weights_path):
             raise WeightsNotFound(f"{self.weights_path}: no such weights file")
         self.precision = precision
-        self.model = build_pspnet(config, precision=precision)
-        if weights is not None or self.weights_path.exists():
-            load_weights(self.model, self.weights_path)
+        if self.weights_path.suffix.lower() == models.KERAS_ARCHIVE_SUFFIX:
+            if precision != "float32":
+                raise ValueError(
+                    f"{self.weights_path}: a Keras archive holds a float32 network; "
+                    f"use precision float32 or the .h5 weights for {precision}"
+                )
+            self.model = load_keras_archive(self.weights_path, config)
         else:
-            download_weights(self.model, config, self.weights_path, show_progress)
+            self.model = build_pspnet(config, precision=precision)
+            if weights is not None or self.weights_path.exists():
+                load_weights(self.model, self.weights_path)
+            else:
+                download_weights(self.model, config, self.weights_path, show_progress)
         logits, upsampling = split_upsampling(self.model)
         self.predictor = Predictor(logits, self.crop_size, self.base_size, upsampling, mean_rgb=config.mean_rgb)
 
@@ -504,7 +513,8 @@ def argument_parser():
     parser.add_argument(
         "-w", "--weights", metavar="H5",
         help="Keras-2 HDF5 weights file (default: weights/keras/<model>.h5 next to pspnet.py, "
-             "downloaded when missing); with <stem>.json beside it, that user model",
+             "downloaded when missing), or a .keras archive written by export.py --format keras; "
+             "with <stem>.json beside it, that user model",
     )
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("-i", "--input_path", metavar="IMAGE", help="the image to segment (any format Pillow reads)")

@@ -221,7 +221,7 @@ class TrainingModel(keras.Model):
     def __init__(self, *args, aux_weight=AUX_WEIGHT, **kwargs):
         super().__init__(*args, **kwargs)
         self.aux_weight = aux_weight
-        self.dropout_seeds = keras.random.SeedGenerator(0)
+        self.dropout_seeds = keras.random.SeedGenerator(0, name="dropout_seeds")
 
     def train_step(self, data):
         inputs, labels = data

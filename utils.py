@@ -8,6 +8,7 @@ place). The class names and palettes of the models are in `models.py` and
 `palettes.py`.
 """
 
+import errno
 import json
 import os
 import signal
@@ -265,6 +266,8 @@ class AtomicFiles:
         if problem:
             raise OutputError(f"{target}: {problem}")
         try:
+            if target.parent.exists() and not target.parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             target.parent.mkdir(parents=True, exist_ok=True)
             descriptor, temporary = tempfile.mkstemp(
                 prefix=f".{target.name}.", suffix=".tmp", dir=target.parent

@@ -304,6 +304,11 @@ def test_keras_archive_opens_in_a_fresh_keras_program_with_the_networks_logits(t
     )
     assert opened.returncode == 0, opened.stderr
     assert_same_logits(np.load(tmp_path / "logits.npy"), np.asarray(user_network(crop, training=False)))
+    photo = utils.read_image(PHOTO)
+    archive_ids, archive_probabilities = PSPNet(weights=path).class_map(photo)
+    weights_ids, weights_probabilities = PSPNet(weights=user_h5).class_map(photo)
+    np.testing.assert_array_equal(archive_ids, weights_ids)
+    np.testing.assert_allclose(archive_probabilities, weights_probabilities, atol=1e-6)
 
 
 def test_onnx_at_opset_18_of_a_user_model(tmp_path, user_h5, user_network):
