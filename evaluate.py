@@ -50,9 +50,6 @@ PUBLISHED_RESULTS = {
 JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
-class CommandError(Exception):
-    """A run that cannot be carried out; the message says why and what to do."""
-
 
 class Tally:
     """What a run has measured so far: the confusion matrix, the evaluated images, the skipped files
@@ -198,7 +195,7 @@ def evaluate_on_ray(args, config, samples, protocol, tally):
     try:
         ray_runner.evaluate_samples(args, config, samples, saved + to_predict, protocol, tally)
     except ray_runner.RunError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def weights_for_workers(config, weights, weights_path):
@@ -271,13 +268,13 @@ def read_prediction_record(save_dir):
     advice = "delete it or choose another --save-dir"
     problem = utils.input_file_problem(record)
     if problem:
-        raise CommandError(f"{record}: {problem}; {advice}")
+        raise utils.CommandError(f"{record}: {problem}; {advice}")
     try:
         recorded = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:
-        raise CommandError(f"{record}: unreadable ({getattr(error, 'strerror', None) or error}); {advice}") from None
+        raise utils.CommandError(f"{record}: unreadable ({getattr(error, 'strerror', None) or error}); {advice}") from None
     if not isinstance(recorded, dict):
-        raise CommandError(
+        raise utils.CommandError(
             f"{record}: holds {json_kind(recorded)}, not the JSON object of prediction settings this "
             f"program writes there; {advice}"
         )
@@ -294,13 +291,13 @@ def claim_save_dir(save_dir, samples, prediction_settings, recorded):
             if recorded.get(key) != value
         ]
         if differing:
-            raise CommandError(
+            raise utils.CommandError(
                 f"{save_dir} holds predictions made otherwise ({'; '.join(differing)}); choose another --save-dir"
             )
         return
     for sample in samples:
         if os.path.lexists(prediction_path(save_dir, sample)):
-            raise CommandError(
+            raise utils.CommandError(
                 f"{save_dir} holds {prediction_path(save_dir, sample).name} but no {PREDICTION_SETTINGS_NAME} "
                 "saying how it was predicted; choose another --save-dir"
             )
@@ -312,11 +309,11 @@ def resolve_model(args):
     if args.weights is not None:
         problem = utils.input_file_problem(args.weights)
         if problem:
-            raise CommandError(f"{args.weights}: {problem}")
+            raise utils.CommandError(f"{args.weights}: {problem}")
     try:
         return models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def choose_dataset(requested, config, root):
@@ -328,7 +325,7 @@ def choose_dataset(requested, config, root):
     if config.dataset in found:
         return config.dataset
     if len(found) > 1:
-        raise CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
+        raise utils.CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
     return found[0] if found else config.dataset or "folders"
 
 
@@ -338,14 +335,14 @@ def check_classes(config, dataset):
         return
     fitting = [name for name, released in models.RELEASED_MODELS.items() if released.dataset == dataset.name]
     if config.released and fitting:
-        raise CommandError(
+        raise utils.CommandError(
             f"{dataset.root} holds {dataset.title} ({dataset.classes} classes), but {config.name} is a model of "
             f"{datasets.DATASET_TITLES[config.dataset]} ({config.classes} classes); use -m {', '.join(fitting)} "
             "for that data"
         )
     source = dataset.class_files[0] if dataset.class_files else f"{dataset.root} ({dataset.title})"
     advice = "pass a model of these classes with -w" if config.released else "evaluate it on data with its classes"
-    raise CommandError(
+    raise utils.CommandError(
         f"{source} has {dataset.classes} classes but the model {config.name} has {config.classes}; {advice}"
     )
 
@@ -357,7 +354,7 @@ def open_data(args, config):
         check_classes(config, dataset)
         every_sample = dataset.samples(args.split)
     except datasets.DataRootError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
     return dataset, every_sample[:args.limit], every_sample
 
 
@@ -420,12 +417,12 @@ def existing_ancestor(path):
 def check_save_dir(save_dir, every_sample):
     """Refuses a --save-dir that cannot be created or written, or whose predictions would replace inputs."""
     if os.path.lexists(save_dir) and not save_dir.is_dir():
-        raise CommandError(f"{save_dir}: not a directory; choose another --save-dir")
+        raise utils.CommandError(f"{save_dir}: not a directory; choose another --save-dir")
     existing = existing_ancestor(save_dir)
     if not existing.is_dir():
-        raise CommandError(f"{save_dir}: cannot create the save dir ({existing} is not a directory)")
+        raise utils.CommandError(f"{save_dir}: cannot create the save dir ({existing} is not a directory)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"{save_dir}: cannot write in {existing} (permission denied)")
+        raise utils.CommandError(f"{save_dir}: cannot write in {existing} (permission denied)")
     inputs = {}
     for sample in every_sample:
         inputs[sample.image] = "the image"
@@ -434,7 +431,7 @@ def check_save_dir(save_dir, every_sample):
     for sample in every_sample:
         replaced = replaced_file(prediction_path(save_dir, sample), inputs)
         if replaced:
-            raise CommandError(
+            raise utils.CommandError(
                 f"{save_dir}: the prediction of {sample.image.name} would replace {replaced[1]} {replaced[0]}; "
                 "choose another --save-dir"
             )
@@ -444,27 +441,27 @@ def check_report_path(report_path, save_dir, protected):
     """Refuses a report path that is a special file or an input, or whose folder cannot be written."""
     problem = utils.output_target_problem(report_path)
     if problem:
-        raise CommandError(f"{report_path}: {problem}; choose another --report")
+        raise utils.CommandError(f"{report_path}: {problem}; choose another --report")
     replaced = replaced_file(report_path, file_index(protected))
     if replaced:
-        raise CommandError(
+        raise utils.CommandError(
             f"{report_path}: the report would replace {replaced[1]} {replaced[0]}; choose another --report"
         )
     folder = report_path.parent
     if save_dir is not None and os.path.realpath(folder) == os.path.realpath(save_dir):
         return
     if not folder.is_dir():
-        raise CommandError(f"{report_path}: folder {folder} does not exist")
+        raise utils.CommandError(f"{report_path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise CommandError(f"{report_path}: cannot write in {folder} (permission denied)")
+        raise utils.CommandError(f"{report_path}: cannot write in {folder} (permission denied)")
 
 
 def load_network(config, weights):
-    """The network of `config` with its weights; CommandError with one line when they cannot be loaded."""
+    """The network of `config` with its weights; utils.CommandError with one line when they cannot be loaded."""
     try:
         return pspnet.PSPNet(config, weights=weights)
     except (OSError, ValueError) as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def published_results(config, dataset, args):
@@ -489,7 +486,7 @@ def run(args):
         try:
             args.save_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
+            raise utils.CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
 
     protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
     if args.ray is None:
@@ -502,7 +499,7 @@ def run(args):
         if args.save_dir is not None:
             claim_save_dir(args.save_dir, samples, prediction_settings, recorded)
     except (OSError, utils.OutputError) as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
     tally = Tally(config.classes)
     stopped = None
@@ -534,7 +531,7 @@ def run(args):
     try:
         utils.write_json_atomic(report_path, report)
     except utils.OutputError as error:
-        raise CommandError(f"cannot write the report: {error}") from None
+        raise utils.CommandError(f"cannot write the report: {error}") from None
     published_elsewhere = (
         config.released and dataset.name == config.dataset
         and any(key[:2] == (config.name, args.split) for key in PUBLISHED_RESULTS)
@@ -544,11 +541,11 @@ def run(args):
     if stopped is not None:
         return utils.interruption_exit_code(stopped)
     if failure is not None:
-        raise CommandError(failure)
+        raise utils.CommandError(failure)
     if tally.images == 0:
-        raise CommandError("no image of the set could be evaluated")
+        raise utils.CommandError("no image of the set could be evaluated")
     if report["labelled_pixels"] == 0:
-        raise CommandError(
+        raise utils.CommandError(
             f"nothing to count: no pixel of the {tally.images} evaluated labels holds a class of the dataset "
             f"(every value is unlabelled or undefined); check the labels under {args.data}"
         )
@@ -622,16 +619,7 @@ def main(argv=None):
     parser = argument_parser()
     args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
     pspnet.check_ray_arguments(parser, args)
-    utils.stop_on_termination()
-    try:
-        return run(args)
-    except CommandError as error:
-        print(f"{PROG}: {error}", file=sys.stderr)
-        return utils.EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        reason = "terminated" if isinstance(error, utils.Terminated) else "interrupted"
-        print(f"{PROG}: {reason} before any image was evaluated", file=sys.stderr)
-        return utils.interruption_exit_code(error)
+    return utils.run_command(PROG, run, args, error_prefix="", interrupted_suffix=" before any image was evaluated")
 
 
 if __name__ == "__main__":

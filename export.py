@@ -76,9 +76,6 @@ CHECK_SEED = 2017
 PIXEL_RANGE = 255.0
 
 
-class CommandError(Exception):
-    """A command that cannot be carried out; the message says why."""
-
 
 class ExportError(ValueError):
     """An export that failed, or whose file does not compute the Keras network's logits; the message says why."""
@@ -464,7 +461,7 @@ def description_target(path):
 def output_path(args, config):
     """The -o path, or <model><suffix of the format> in the working directory."""
     if args.output_path == "":
-        raise CommandError("-o: the output path is empty")
+        raise utils.CommandError("-o: the output path is empty")
     return Path(args.output_path or f"{config.name}{DEFAULT_SUFFIXES[args.format]}")
 
 
@@ -497,14 +494,14 @@ def check_outputs(path, file_format, description):
     """Refuses outputs that cannot be written, before any work; `description`: the JSON beside it too."""
     problem = directory_problem(path.parent) or output_problem(path, file_format)
     if problem:
-        raise CommandError(f"{path}: {problem}")
+        raise utils.CommandError(f"{path}: {problem}")
     if description:
         json_path = description_target(path)
         if os.path.abspath(json_path) == os.path.abspath(path):
-            raise CommandError(f"{path}: is where the model's description goes; name the export otherwise")
+            raise utils.CommandError(f"{path}: is where the model's description goes; name the export otherwise")
         problem = utils.output_target_problem(json_path)
         if problem:
-            raise CommandError(f"{json_path}: {problem}")
+            raise utils.CommandError(f"{json_path}: {problem}")
 
 
 def same_file(json_path, weights):
@@ -517,7 +514,7 @@ def check_dependencies(file_format):
     """Refuses a format whose Python packages are not installed, naming the pip command that installs them."""
     missing = [module for module in DEPENDENCIES.get(file_format, ()) if importlib.util.find_spec(module) is None]
     if missing:
-        raise CommandError(
+        raise utils.CommandError(
             f"--format {file_format} needs {', '.join(missing)}, not installed: "
             f"python -m pip install -r {EXPORT_REQUIREMENTS}"
         )
@@ -530,7 +527,7 @@ def check_weights(weights):
         if problem == "no such file":
             problem = "no such weights file"
         if problem:
-            raise CommandError(f"{weights}: {problem}")
+            raise utils.CommandError(f"{weights}: {problem}")
 
 
 def load_network(config, weights, quiet):
@@ -541,7 +538,7 @@ def load_network(config, weights, quiet):
     try:
         return PSPNet(config, weights=weights, show_progress=not quiet).model
     except (WeightsError, WeightsNotFound, ValueError) as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def run(args):
@@ -549,7 +546,7 @@ def run(args):
     try:
         config = models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
     check_weights(args.weights)
     path = output_path(args, config)
     with_description = not config.released and not same_file(description_target(path), args.weights)
@@ -560,11 +557,11 @@ def run(args):
     try:
         delta, agreeing = export(network, config, args.format, path, args.opset, with_description)
     except ExportError as error:
-        raise CommandError(f"{path}: {error}; nothing was written") from None
+        raise utils.CommandError(f"{path}: {error}; nothing was written") from None
     except utils.OutputError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
     except OSError as error:
-        raise CommandError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise utils.CommandError(f"{path}: cannot write ({error.strerror or error})") from None
     if not args.quiet:
         described = f" and {description_target(path)}" if with_description else ""
         opset = f" opset {args.opset}" if args.format == "onnx" else ""
@@ -639,15 +636,7 @@ def main(argv=None):
     if args.opset is not None and args.format != "onnx":
         parser.error(f"--opset applies to --format onnx, not {args.format}")
     args.opset = args.opset or DEFAULT_OPSET
-    utils.stop_on_termination()
-    try:
-        return run(args)
-    except CommandError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return utils.EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        print(f"{PROG}: {'terminated' if isinstance(error, utils.Terminated) else 'interrupted'}", file=sys.stderr)
-        return utils.interruption_exit_code(error)
+    return utils.run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

@@ -245,9 +245,6 @@ def PSPNet101(dataset="voc2012", weights=None, show_progress=True):
     return PSPNet(f"pspnet101_{dataset}", weights=weights, show_progress=show_progress)
 
 
-class CommandError(Exception):
-    """A command that cannot be carried out; the message says why."""
-
 
 def picture_extension_problem(extension):
     """Why Pillow cannot write every picture output with this extension (e.g. '.jpg'), or None."""
@@ -274,7 +271,7 @@ def input_paths(args):
         return [Path(args.input_path)]
     matches = sorted(glob.glob(args.glob_path, recursive=True))
     if not matches:
-        raise CommandError(f"{args.glob_path}: no files match")
+        raise utils.CommandError(f"{args.glob_path}: no files match")
     return [Path(match) for match in matches]
 
 
@@ -287,7 +284,7 @@ def output_plan(args, inputs):
     Without -o, outputs are written next to their input.
     """
     if args.output_path == "":
-        raise CommandError("-o: the output path is empty")
+        raise utils.CommandError("-o: the output path is empty")
     output = Path(args.output_path) if args.output_path else None
     names_directory = args.output_path is not None and args.output_path.endswith(("/", os.sep))
     into_directory = args.glob_path is not None or names_directory or (output is not None and output.is_dir())
@@ -295,10 +292,10 @@ def output_plan(args, inputs):
         extension = output.suffix or inputs[0].suffix
         problem = picture_extension_problem(extension)
         if problem:
-            raise CommandError(f"{output}: {problem}")
+            raise utils.CommandError(f"{output}: {problem}")
         return {inputs[0]: output_paths(output.with_suffix(""), extension, args.save_probs)}
     if output is not None and output.exists() and not output.is_dir():
-        raise CommandError(f"{output}: is a file; -o names a directory here")
+        raise utils.CommandError(f"{output}: is a file; -o names a directory here")
     plan = {}
     for path in inputs:
         directory = output if output is not None else path.parent
@@ -315,14 +312,14 @@ def check_plan(plan):
         for output in outputs.values():
             resolved = os.path.realpath(output)
             if resolved in inputs:
-                raise CommandError(
+                raise utils.CommandError(
                     f"{output}: output would overwrite the input image {inputs[resolved]}; choose another -o"
                 )
             if resolved in writers and writers[resolved] != source:
-                raise CommandError(f"{output}: would be written for both {writers[resolved]} and {source}")
+                raise utils.CommandError(f"{output}: would be written for both {writers[resolved]} and {source}")
             problem = utils.output_target_problem(output)
             if problem:
-                raise CommandError(f"{output}: {problem}")
+                raise utils.CommandError(f"{output}: {problem}")
             writers[resolved] = source
 
 
@@ -333,9 +330,9 @@ def check_output_directories(plan):
         while not os.path.lexists(existing) and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
-            raise CommandError(f"{directory}: cannot create the output directory ({existing} is not a directory)")
+            raise utils.CommandError(f"{directory}: cannot create the output directory ({existing} is not a directory)")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise CommandError(f"{directory}: cannot write in {existing} (permission denied)")
+            raise utils.CommandError(f"{directory}: cannot write in {existing} (permission denied)")
 
 
 def summary_lines(source, class_ids, class_names, verbose):
@@ -409,7 +406,7 @@ def load_network(args, config):
     try:
         return PSPNet(config, weights=args.weights, show_progress=not args.quiet, precision=args.precision)
     except (WeightsError, WeightsNotFound, ValueError) as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def unfinished(plan, quiet):
@@ -436,7 +433,7 @@ def run_on_ray(args, config, plan):
     try:
         return ray_runner.segment_images(args, config, plan)
     except ray_runner.RunError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def run(args):
@@ -444,7 +441,7 @@ def run(args):
     try:
         config = models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
     plan = output_plan(args, input_paths(args))
     check_plan(plan)
     check_output_directories(plan)
@@ -643,15 +640,7 @@ def main(argv=None):
     check_ray_arguments(parser, args)
     if args.id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.id
-    utils.stop_on_termination()
-    try:
-        return run(args)
-    except CommandError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return utils.EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        print(f"{PROG}: {'terminated' if isinstance(error, utils.Terminated) else 'interrupted'}", file=sys.stderr)
-        return utils.interruption_exit_code(error)
+    return utils.run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ class ImageWorker:
         self.net, self.fatal = None, ""
         try:
             self.net = pspnet.load_network(self.args, config)
-        except pspnet.CommandError as error:
+        except utils.CommandError as error:
             self.fatal = str(error)
 
     def __call__(self, row):
@@ -382,7 +382,7 @@ class SampleWorker:
         self.network, self.fatal = None, ""
         try:
             self.network = evaluate.load_network(config, weights)
-        except evaluate.CommandError as error:
+        except utils.CommandError as error:
             self.fatal = str(error)
 
     def __call__(self, row):

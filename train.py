@@ -44,34 +44,31 @@ RECIPE_FLAGS = {
 }
 
 
-class CommandError(Exception):
-    """A run that cannot be carried out; the message is one line saying why."""
-
 
 def read_run_record(out):
     """The settings recorded in OUT/run.json by the run being resumed."""
     path = out / "run.json"
     problem = utils.input_file_problem(path)
     if problem:
-        raise CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
+        raise utils.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise CommandError(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
+        raise utils.CommandError(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
     if not isinstance(record, dict) or not all(key in record for key in RECIPE_FLAGS):
-        raise CommandError(f"{path}: not the record of a train.py run")
+        raise utils.CommandError(f"{path}: not the record of a train.py run")
     return record
 
 
 def check_out(out, resume):
     """Refuses an OUT that is not a directory, or that holds a run when not resuming."""
     if os.path.lexists(out) and not out.is_dir():
-        raise CommandError(f"{out}: not a directory; choose another --out")
+        raise utils.CommandError(f"{out}: not a directory; choose another --out")
     if resume:
         return
     held = [name for name in ("run.json", "checkpoint.h5", "final.h5") if (out / name).exists()]
     if held:
-        raise CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
+        raise utils.CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
 
 
 def choose_dataset(requested, root):
@@ -82,8 +79,8 @@ def choose_dataset(requested, root):
     if len(found) == 1:
         return found[0]
     if found:
-        raise CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
-    raise CommandError(
+        raise utils.CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
+    raise utils.CommandError(
         f"{root}: no dataset layout found (ade20k, cityscapes, voc2012 or folders: images/<split> with "
         "labels/<split> and classes.txt); name it with --dataset"
     )
@@ -101,7 +98,7 @@ def recipe_values(args, record):
             values[dest] = given
             continue
         if given is not None and given != record[dest]:
-            raise CommandError(
+            raise utils.CommandError(
                 f"{flag} {given}: the run in {args.out} was started with {record[dest]}; a resumed run keeps "
                 "its settings (start a new run with another --out to change them)"
             )
@@ -126,7 +123,7 @@ def checked_samples(samples, split, skip_bad, quiet):
     for line in problem_lines(problems):
         print(f"{PROG}: {'skipped' if skip_bad else 'error'}: {line}", file=sys.stderr)
     if problems and not skip_bad:
-        raise CommandError(
+        raise utils.CommandError(
             f"{len(problems)} of the {len(samples)} samples of the {split} split cannot be used (above); "
             "fix them, or pass --skip-bad to train without them"
         )
@@ -134,7 +131,7 @@ def checked_samples(samples, split, skip_bad, quiet):
     if problems:
         print(f"{PROG}: skipping {len(problems)} of the {len(samples)} samples of the {split} split", file=sys.stderr)
     if not good:
-        raise CommandError(f"no usable sample in the {split} split")
+        raise utils.CommandError(f"no usable sample in the {split} split")
     return good
 
 
@@ -152,7 +149,7 @@ def init_weights_path(config, path, quiet):
                 build_pspnet(config, models.SMALLEST_CROP_SIZE), config, path, show_progress=not quiet
             )
         except pspnet.WeightsNotFound as error:
-            raise CommandError(str(error)) from None
+            raise utils.CommandError(str(error)) from None
     return path
 
 
@@ -189,7 +186,7 @@ def open_data(values, args):
         dataset = datasets.open_dataset(values["dataset"], args.data)
         return dataset, dataset.samples("train"), dataset.samples("val") if args.val_every else []
     except datasets.DataRootError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def starting_model(values):
@@ -200,7 +197,7 @@ def starting_model(values):
     try:
         return training.init_model(values["init"])
     except training.TrainingError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
 
 
 def check_settings(settings, strategy):
@@ -209,11 +206,11 @@ def check_settings(settings, strategy):
 
     replicas = strategy.num_replicas_in_sync
     if settings.batch % replicas:
-        raise CommandError(
+        raise utils.CommandError(
             f"--batch {settings.batch} cannot be split over the {replicas} replicas; use a multiple of {replicas}"
         )
     if settings.precision != "float32" and not tf.config.list_physical_devices("GPU"):
-        raise CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
+        raise utils.CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
 
 
 def start_out(out, values, classes):
@@ -222,7 +219,7 @@ def start_out(out, values, classes):
         out.mkdir(parents=True, exist_ok=True)
         utils.write_json_atomic(out / "run.json", {**values, "classes": classes})
     except (OSError, utils.OutputError) as error:
-        raise CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+        raise utils.CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
 
 
 def build(strategy, config, settings):
@@ -286,7 +283,7 @@ def run(args):
                 print(f"{PROG}: {', '.join(fresh)} starts fresh ({dataset.classes} classes)", file=sys.stderr)
         final = trainer.run(start)
     except training.TrainingError as error:
-        raise CommandError(str(error)) from None
+        raise utils.CommandError(str(error)) from None
     except KeyboardInterrupt:
         if chief:
             print(
@@ -301,16 +298,16 @@ def run(args):
 
 
 def cluster_spec():
-    """The TF_CONFIG of this process as a dict ({} when unset); CommandError when it is not a JSON object."""
+    """The TF_CONFIG of this process as a dict ({} when unset); utils.CommandError when it is not a JSON object."""
     text = os.environ.get("TF_CONFIG")
     if not text:
         return {}
     try:
         config = json.loads(text)
     except ValueError as error:
-        raise CommandError(f"TF_CONFIG is not valid JSON ({error})") from None
+        raise utils.CommandError(f"TF_CONFIG is not valid JSON ({error})") from None
     if not isinstance(config, dict):
-        raise CommandError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+        raise utils.CommandError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
     return config
 
 
@@ -498,15 +495,7 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
     args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
-    utils.stop_on_termination()
-    try:
-        return run(args)
-    except CommandError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return utils.EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        print(f"{PROG}: {'terminated' if isinstance(error, utils.Terminated) else 'interrupted'}", file=sys.stderr)
-        return utils.interruption_exit_code(error)
+    return utils.run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

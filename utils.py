@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,6 +65,29 @@ def stop_on_termination():
 def interruption_exit_code(error):
     """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
     return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the message is one line saying why."""
+
+
+def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
+    """The exit status of a command line whose work is run(args).
+
+    SIGTERM stops the work as Ctrl-C does. A CommandError prints one line
+    `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
+    `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
+    """
+    stop_on_termination()
+    try:
+        return run(args)
+    except CommandError as error:
+        print(f"{prog}: {error_prefix}{error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt as error:
+        reason = "terminated" if isinstance(error, Terminated) else "interrupted"
+        print(f"{prog}: {reason}{interrupted_suffix}", file=sys.stderr)
+        return interruption_exit_code(error)
 
 
 def input_file_problem(path):

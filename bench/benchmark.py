@@ -12,7 +12,7 @@ runtimes (tests/synthetic_caffe.py), it measures:
    Runtime running an ONNX graph built from the Caffe prototxt (bench/onnx_from_caffe.py; fp32,
    ORT_ENABLE_ALL, --threads intra-op threads); OpenCV's dnn running the prototxt.
    Medians of --runs calls after --warmup calls, GFLOP/s against the convolution
-   counts of spec M, and ratios. Each runtime's output is checked once against
+   counts of the deploy nets' convolutions, and ratios. Each runtime's output is checked once against
    OpenCV's logits for the same input, so all of them compute the same net.
 2. The CLI's time per image in each mode, in-process: options parsed by the CLI's
    own parser, the network loaded once (`pspnet.PSPNet`, as `pspnet.run` does),
@@ -50,12 +50,13 @@ from PIL import Image  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
+for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
 import caffe_net  # noqa: E402
 import pspnet  # noqa: E402
+import measure  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import utils  # noqa: E402
 from onnx_from_caffe import build_onnx_net  # noqa: E402
@@ -76,7 +77,7 @@ PROTOTXTS = {
 MODEL_NAMES = tuple(PROTOTXTS)
 WEIGHT_SEEDS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 713}
 INPUT_SEED = 1
-# Convolution cost of one crop, multiply-adds x 2 (spec M).
+# Convolution cost of one crop of the deploy nets, multiply-adds x 2.
 SPEC_GFLOP = {"pspnet50_ade20k": 323, "pspnet101_voc2012": 460, "pspnet101_cityscapes": 1034}
 
 # CLI modes: id -> command-line flags.
@@ -102,11 +103,9 @@ OUR_TIMINGS = {
 }
 PROFILE_LINES = 12
 KIB = 1024
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
 STDERR_TAIL_CHARS = 2000
 # Exit status on SIGTERM, after the temporary directory (synthetic weights) is removed.
 EXIT_TERMINATED = 143
-RESULT_FILE_MODE = 0o644
 
 
 # --------------------------------------------------------------------------------------
@@ -117,17 +116,11 @@ def interleaved_timings(calls, warmup, runs):
     """Seconds of each of `calls` ({name: function}), taken in turns so that all see the same machine.
 
     `warmup` rounds, then `runs` rounds, each calling every function once.
-    Returns {name: {"warmup_s", "runs_s", "median_s"}}.
+    Returns {name: {"runs_s", "median_s", "p50_s", "p90_s", "p90_over_p50"}}.
     """
-    times = {name: [] for name in calls}
-    for _ in range(warmup + runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
     return {
-        name: {"warmup_s": spent[:warmup], "runs_s": spent[warmup:], "median_s": statistics.median(spent[warmup:])}
-        for name, spent in times.items()
+        name: {"runs_s": spent, "median_s": statistics.median(spent), **measure.spread(spent)}
+        for name, spent in measure.seconds_in_turns(calls, warmup, runs).items()
     }
 
 
@@ -413,13 +406,12 @@ def measure_memory(weights, image_path, work_dir):
 
 def machine_info(args):
     """The machine, the package versions and the load average at the start."""
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    facts = measure.cpu_facts()
     return {
-        "cpu": fields.get("model name", platform.processor()),
-        "simd": " ".join(flag for flag in SIMD_FLAGS if flag in fields.get("flags", "").split()),
-        "cores": os.cpu_count(),
+        "cpu": facts["cpu"],
+        "simd": facts["simd"],
+        "cpu_kind": facts["kind"],
+        "cores": facts["cores"],
         "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -472,13 +464,14 @@ def forward_table(results):
                 str(forward["crop_size"]),
                 runtime_label(name, forward),
                 f"{timing['median_s']:.3f}",
+                f"{timing['p90_over_p50']:.2f}" if "p90_over_p50" in timing else "-",
                 f"{timing['per_pass_s']:.3f}",
                 f"{timing['gflop_per_s']:.0f}",
                 f"{timing['per_pass_s'] / timings['onnxruntime']['per_pass_s']:.2f}",
                 f"{timing['per_pass_s'] / timings['opencv']['per_pass_s']:.2f}",
                 parity_text(name, forward),
             ])
-    header = ["model", "crop", "runtime", "median s", "s / pass", "GFLOP/s", "÷ ORT", "÷ OpenCV", "vs OpenCV output"]
+    header = ["model", "crop", "runtime", "median s", "p90 / p50", "s / pass", "GFLOP/s", "÷ ORT", "÷ OpenCV", "vs OpenCV output"]
     return markdown_table(header, rows)
 
 
@@ -529,7 +522,7 @@ def report_text(results):
     for model_name, forward in results["forward"].items():
         ratios = forward["ratios"]
         lines.append(
-            f"{model_name}: graph {forward['onnx_graph_gflop']:.1f} GFLOP (spec M {forward['spec_gflop']}); "
+            f"{model_name}: graph {forward['onnx_graph_gflop']:.1f} GFLOP (deploy net convolutions {forward['spec_gflop']}); "
             f"ours/ORT {ratios['ours_vs_onnxruntime']:.2f}, ours/OpenCV {ratios['ours_vs_opencv']:.2f}; "
             f"CLI crop function: ours/ORT {ratios['ours_crop_function_vs_onnxruntime']:.2f}, "
             f"flip pair per pass {ratios['ours_flip_pair_vs_onnxruntime']:.2f}"
@@ -558,20 +551,6 @@ def report_text(results):
         if memory["exit_code"]:
             lines.append(f"The run failed; the end of its stderr:\n{memory['stderr_tail']}")
     return "\n".join(lines)
-
-
-def write_json_atomic(path, results):
-    """Writes `results` as JSON to `path` through a temporary file in the same directory."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(results, file, indent=1)
-        os.chmod(temporary, RESULT_FILE_MODE)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 # --------------------------------------------------------------------------------------
@@ -697,7 +676,7 @@ def main(argv=None):
         results = run_benchmark(args, work_dir)
     print(report_text(results))
     if args.json is not None:
-        write_json_atomic(args.json, results)
+        utils.write_json_atomic(args.json, results)
     return 0
 
 

@@ -28,7 +28,6 @@ Steps that do not fit in --budget-s are skipped and say so. It writes
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -45,10 +44,11 @@ from PIL import Image
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
+for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
+import measure  # noqa: E402
 import models  # noqa: E402
 import tf_runtime  # noqa: E402
 
@@ -148,18 +148,6 @@ def probability_agreement(probabilities, reference):
         "max_abs_dp": float(np.abs(probabilities - reference).max()),
         "argmax_agreement": float((probabilities.argmax(-1) == reference.argmax(-1)).mean()),
     }
-
-
-def timed_calls(call, warmup=WARMUP_CALLS, runs=TIMED_CALLS):
-    """The median seconds of `call` after `warmup` calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class UtilisationSampler:
@@ -304,7 +292,7 @@ def forward_times(model, crop_size, batch_sizes):
     per_crop = {}
     for batch in batch_sizes:
         crops = rng.normal(0, 60, (batch, crop_size, crop_size, 3)).astype(np.float32)
-        per_crop[batch] = timed_calls(lambda: model.predict_on_batch(crops)) / batch
+        per_crop[batch] = measure.median_seconds(lambda: model.predict_on_batch(crops), WARMUP_CALLS, TIMED_CALLS) / batch
     fastest = min(per_crop, key=per_crop.get)
     return {"per_crop_s": per_crop, "batch1_s": per_crop[1], "fastest_batch": fastest, "fastest_s": per_crop[fastest]}
 

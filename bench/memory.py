@@ -68,7 +68,6 @@ NOISE_BAND_ROWS = 256
 FORWARD_CALLS_EACH_SIDE = 2
 KIB = 1024
 STDERR_TAIL_CHARS = 2000
-RESULT_FILE_MODE = 0o644
 
 
 # --------------------------------------------------------------------------------------
@@ -308,20 +307,6 @@ def report_text(results):
     return "\n".join(lines)
 
 
-def write_json_atomic(path, results):
-    """Writes `results` as JSON to `path` through a temporary file in the same directory."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(results, file, indent=1)
-        os.chmod(temporary, RESULT_FILE_MODE)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def argument_parser():
     """The benchmark's options."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -341,6 +326,8 @@ def main(argv=None):
     """Runs the benchmark (or, with --child, one case in this process)."""
     args = argument_parser().parse_args(argv)
     sys.path.insert(0, str(PROJECT_ROOT))
+    import utils
+
     if args.child:
         print(json.dumps(run_case(args.child, args.inference)))
         return 0
@@ -354,7 +341,7 @@ def main(argv=None):
             print(f"{PROG}: {name} ...", file=sys.stderr, flush=True)
             results["cases"].append(run_child(name, args.inference, work_dir))
             if args.json:
-                write_json_atomic(args.json, results)
+                utils.write_json_atomic(args.json, results)
     print(report_text(results))
     return 0
 

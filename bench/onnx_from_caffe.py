@@ -5,10 +5,10 @@ this project's Keras model but an independent translation of the Caffe release's
 deploy prototxt, layer by layer, into ONNX operators:
 
 - Convolution -> Conv (symmetric pads, strides, dilations; bias only where Caffe has one)
-- BN (the fork's frozen BN, spec B) -> BatchNormalization, epsilon 1e-5
+- BN (the frozen BN of the release's Caffe fork, hszhao/PSPNet src/caffe/layers/bn_layer.cpp) -> BatchNormalization, epsilon 1e-5
 - ReLU -> Relu; Eltwise SUM -> Add; Concat -> Concat on channels; Dropout -> identity
 - Pooling MAX / AVE -> MaxPool / AveragePool with Caffe's ceil-mode output size
-- Interp (spec C) -> Resize, mode linear, coordinate_transformation_mode align_corners
+- Interp (the release's src/caffe/layers/interp_layer.cpp) -> Resize, mode linear, coordinate_transformation_mode align_corners
 
 The prototxt is read with caffe_net's parser (protobuf). Weights are given as
 {Caffe layer name: [float32 blobs in Caffe shapes]} (tests/synthetic_caffe.py's

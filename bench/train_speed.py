@@ -31,7 +31,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests"):
+for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import datasets  # noqa: E402
+import measure  # noqa: E402
 import layers_builder  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
@@ -53,32 +54,6 @@ INPUT_SEED = 1
 PIPELINE_IMAGE_SIZE = (480, 640)
 # Stage ends of a PSPNet-50 (layer names), for --stages.
 STAGE_ENDS = ("pool1_3x3_s2", "conv2_3_relu", "conv3_4_relu", "conv4_6_relu", "conv5_3_relu", "conv5_4_relu", "conv6")
-
-
-def median_seconds(call, warmup, runs):
-    """The median wall time of `runs` calls after `warmup` calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def in_turns(calls, warmup, runs):
-    """{name: median wall time}, the calls made one after the other in each round."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times = {name: [] for name in calls}
-    for _ in range(runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def synthetic_batch(config, crop, batch):
@@ -102,7 +77,7 @@ def step_and_forward(model, network, batch, warmup, runs):
     started = time.perf_counter()
     forward()
     first_forward = time.perf_counter() - started
-    times = in_turns(
+    times = measure.seconds_in_turns(
         {
             "step": lambda: {name: float(value) for name, value in step().items()},
             "forward": lambda: forward().numpy(),
@@ -110,6 +85,7 @@ def step_and_forward(model, network, batch, warmup, runs):
         warmup,
         runs,
     )
+    times = {name: statistics.median(values) for name, values in times.items()}
     return times, first_step, first_forward
 
 

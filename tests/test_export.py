@@ -47,7 +47,7 @@ USER_DESCRIPTION = {
     "mean_rgb": USER_MEAN_RGB,
 }
 CLASSIFIER_SEED = 5
-# What the issue asks of every format, and of `segment` against pspnet.py's default mode.
+# The bar of every format, and of `segment` against pspnet.py's default mode.
 MAX_RELATIVE_DELTA = 1e-4
 MIN_ARGMAX_AGREEMENT = 0.999
 BN_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -114,7 +114,7 @@ def photo_crop(side, mean_rgb):
 
 
 def assert_same_logits(logits, reference):
-    """The issue's bar: largest |difference| <= 1e-4 of the reference's logit range, argmax >= 99.9 %."""
+    """The bar every format must meet: largest |difference| <= 1e-4 of the reference's logit range, argmax >= 99.9 %."""
     assert logits.shape == reference.shape
     delta = np.max(np.abs(logits - reference)) / np.ptp(reference)
     agreement = np.mean(logits.argmax(axis=-1) == reference.argmax(axis=-1))

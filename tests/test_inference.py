@@ -166,8 +166,8 @@ def pad_with_mean(image, crop_size):
     up to crop_size in each side that is shorter, so the padding is 0 after mean subtraction.
 
     (scale_process.m pads the uint8 image with padarray, which keeps uint8, so in the sliding
-    branch the release's padding is (124, 117, 104); spec E and the team contract say the mean
-    colour, which is what this reference does.)
+    branch the release's padding is (124, 117, 104); this project pads with the mean colour in
+    every branch, so that the padding is 0 after the subtraction, and so does this reference.)
     """
     rows, cols = image.shape[:2]
     padded = np.empty((max(rows, crop_size), max(cols, crop_size), 3))

@@ -7,12 +7,10 @@ network called directly, the description's palette and names.
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import layers_builder
 import models

@@ -1,0 +1,83 @@
+"""What every benchmark here shares: calls timed in turns, their spread, the CPU they ran on.
+
+Figures from different CPU kinds are never compared as if alike: each results file
+names the kind (`cpu_kind`), and every report prints the SIMD flags it ran with.
+"""
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+# The instruction sets that decide a convolution's speed on x86, in the order they add up.
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def seconds_in_turns(calls, warmup, runs):
+    """{name: [seconds of each timed call]} of `calls` ({name: function}), called in turns.
+
+    `warmup` rounds, then `runs` rounds, each calling every function once, so that
+    a machine whose speed drifts slows all of them alike.
+    """
+    times = {name: [] for name in calls}
+    for round_number in range(warmup + runs):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_number >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(call, warmup, runs):
+    """The median seconds of `runs` calls of `call` after `warmup` calls."""
+    return statistics.median(seconds_in_turns({"call": call}, warmup, runs)["call"])
+
+
+def percentile(values, fraction):
+    """The `fraction` quantile of `values`, interpolated between the nearest ranks."""
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    lower = int(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
+
+
+def spread(values):
+    """{"p50_s", "p90_s", "p90_over_p50"} of a list of seconds."""
+    p50, p90 = percentile(values, 0.5), percentile(values, 0.9)
+    return {"p50_s": p50, "p90_s": p90, "p90_over_p50": p90 / p50}
+
+
+def cpu_facts():
+    """The CPU this runs on: model name, the SIMD_FLAGS it has, usable cores, and its kind."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = fields.get("flags", "").split()
+    simd = [flag for flag in SIMD_FLAGS if flag in flags]
+    return {
+        "cpu": fields.get("model name", platform.processor()),
+        "simd": " ".join(simd),
+        "cores": len(os.sched_getaffinity(0)),
+        "kind": cpu_kind(simd, len(os.sched_getaffinity(0))),
+    }
+
+
+def cpu_kind(simd, cores):
+    """A file-name slug of a CPU kind: its widest vector instructions and its usable cores."""
+    if "amx_tile" in simd:
+        widest = "amx"
+    elif "avx512_bf16" in simd:
+        widest = "avx512bf16"
+    elif "avx512f" in simd:
+        widest = "avx512"
+    elif "avx2" in simd:
+        widest = "avx2"
+    else:
+        widest = platform.machine() or "cpu"
+    return f"{widest}_{cores}core"
