@@ -581,16 +581,7 @@ def argument_parser():
             "command line, 130 when interrupted and 143 when terminated (both after writing the partial report)."
         ),
     )
-    parser.add_argument(
-        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
-        help=f"a released model: {', '.join(models.RELEASED_MODEL_NAMES)} (default: {models.DEFAULT_MODEL}, or "
-             "the model described beside the -w file)",
-    )
-    parser.add_argument(
-        "-w", "--weights", type=Path, metavar="H5",
-        help="Keras-2 HDF5 weights (default: pspnet.py's for the -m model); with <stem>.json beside it, "
-             "that user model",
-    )
+    pspnet.add_model_arguments(parser)
     parser.add_argument("--data", required=True, type=Path, help="dataset root")
     parser.add_argument(
         "--dataset", choices=datasets.DATASET_NAMES,

@@ -470,6 +470,21 @@ def run(args):
     return utils.EXIT_FAILURE if failures else utils.EXIT_OK
 
 
+def add_model_arguments(parser):
+    """The -m and -w options of the commands that run a model (pspnet.py, evaluate.py)."""
+    parser.add_argument(
+        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
+        help=f"a released model: {model_list()} (default: {models.DEFAULT_MODEL}, or the model "
+             "described beside the -w file)",
+    )
+    parser.add_argument(
+        "-w", "--weights", metavar="H5",
+        help="Keras-2 HDF5 weights file (default: weights/keras/<model>.h5 next to pspnet.py, "
+             "downloaded when missing), or a .keras archive written by export.py --format keras; "
+             "with <stem>.json beside it, that user model",
+    )
+
+
 def model_list():
     """The released models, one phrase each, for --help."""
     return "; ".join(
@@ -502,17 +517,7 @@ def argument_parser():
             "interrupted, 143 when terminated; no output file is ever left half written."
         ),
     )
-    parser.add_argument(
-        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
-        help=f"a released model: {model_list()} (default: {models.DEFAULT_MODEL}, or the model "
-             "described beside the -w file)",
-    )
-    parser.add_argument(
-        "-w", "--weights", metavar="H5",
-        help="Keras-2 HDF5 weights file (default: weights/keras/<model>.h5 next to pspnet.py, "
-             "downloaded when missing), or a .keras archive written by export.py --format keras; "
-             "with <stem>.json beside it, that user model",
-    )
+    add_model_arguments(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("-i", "--input_path", metavar="IMAGE", help="the image to segment (any format Pillow reads)")
     inputs.add_argument(

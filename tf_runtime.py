@@ -9,11 +9,14 @@ cudart_stub.cc and port.cc) are taken out of what the import writes on file
 descriptor 2, and everything else it writes, a real import error included, is
 passed on.
 
-Thread pools: one inter-op thread and one intra-op thread per core this process
-may run on (os.sched_getaffinity, not the host's count), so that TensorFlow's two
-pools do not oversubscribe the cores; a user's own TF_NUM_INTEROP_THREADS and
-TF_NUM_INTRAOP_THREADS win. bench/README.md ("Thread pools") has the measurements
-behind this rule.
+Thread pools and oneDNN: one inter-op thread, one intra-op thread per core this
+process may run on (os.sched_getaffinity, not the host's count), and TensorFlow's
+oneDNN graph rewrites off. A user's own TF_NUM_INTEROP_THREADS,
+TF_NUM_INTRAOP_THREADS and TF_ENABLE_ONEDNN_OPTS win. Measured with
+bench/cpu_threads.py (bench/README.md, "Thread pools and oneDNN"): on a 2-core
+AVX-512 VM one inter-op thread took a pspnet50_ade20k forward pass from 1.92-2.01 s
+to 1.69-1.80 s and oneDNN off to 1.61-1.64 s; on a 2-core AVX2 VM every setting
+stayed within the noise of the others (2.5-2.8 s), so the rule costs nothing there.
 
 This module imports nothing heavy, so that command lines parse before
 TensorFlow loads.
@@ -31,6 +34,8 @@ PRECISIONS = tuple(PRECISION_POLICIES)
 INTER_OP_VARIABLE = "TF_NUM_INTEROP_THREADS"
 INTRA_OP_VARIABLE = "TF_NUM_INTRAOP_THREADS"
 INTER_OP_THREADS = 1
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+ONEDNN_OPTS = "0"
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 # Only FATAL messages: the CPU-only cuInit failure is logged as an ERROR.
 QUIET_LOG_LEVEL = "3"
@@ -70,7 +75,8 @@ def thread_pool_sizes():
 def import_tensorflow(verbose=False):
     """The tensorflow module, imported without TensorFlow's C++ start-up lines unless wanted.
 
-    The first import also sizes TensorFlow's thread pools (thread_pool_sizes).
+    The first import also sizes TensorFlow's thread pools (thread_pool_sizes) and
+    turns oneDNN's rewrites off, unless the user set these.
     TensorFlow reads its log level once, during the import; the quiet level is then
     taken out of the environment again, so that child processes see the user's.
     """
@@ -78,6 +84,7 @@ def import_tensorflow(verbose=False):
         return sys.modules["tensorflow"]
     os.environ.setdefault(INTER_OP_VARIABLE, str(thread_pool_sizes()[0]))
     os.environ.setdefault(INTRA_OP_VARIABLE, str(thread_pool_sizes()[1]))
+    os.environ.setdefault(ONEDNN_VARIABLE, ONEDNN_OPTS)
     if wants_start_up_logs(verbose):
         import tensorflow
 

@@ -320,7 +320,7 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args):
     (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
 
     def segment_image():
-        pspnet.segment(net, utils.read_image(image_path), outputs, cli_args)
+        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli_args)
 
     crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
     calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}

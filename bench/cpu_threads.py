@@ -84,11 +84,11 @@ def child(args):
         (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
         calls = {
             "network": lambda: network(crop)[0].numpy(),
-            "cli_noflip": lambda: pspnet.segment(net, utils.read_image(image_path), outputs, cli_args),
+            "cli_noflip": lambda: pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli_args),
             "onnxruntime": lambda: session.run(None, feed)[0],
         }
         times = measure.seconds_in_turns(calls, args.warmup, args.runs)
-    inter, intra = tf.config.threading.get_inter_op_parallelism_threads(), tf.config.threading.get_intra_op_parallelism_threads()
+    inter, intra = tf_runtime.thread_pool_sizes()
     print(json.dumps({"times": times, "inter_op": inter, "intra_op": intra, "environment": {
         name: os.environ.get(name) for name in OWN_VARIABLES}}))
 
@@ -140,13 +140,14 @@ def report(results):
         f"{facts['cpu']}, {facts['cores']} usable cores, SIMD: {facts['simd']} ({facts['kind']}); "
         f"{results['model']}, {results['runs']} calls x {results['passes']} passes per setting, {results['date']}",
         "",
-        "| setting | inter/intra-op threads | network p50 | p90/p50 | CLI --no-flip p50 | p90/p50 "
+        "| setting | inter-/intra-op threads | network p50 | p90/p50 | CLI --no-flip p50 | p90/p50 "
         "| ONNX Runtime p50 | p90/p50 | network ÷ ORT | CLI ÷ ORT |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["settings"]:
         spreads = row["spreads"]
-        cells = [row["setting"], f"{row['inter_op']}/{row['intra_op']}"]
+        pools = "/".join(str(count) if count else "TF's choice" for count in (row["inter_op"], row["intra_op"]))
+        cells = [row["setting"], pools]
         for call in CALLS:
             cells += [f"{spreads[call]['p50_s']:.2f} s", f"{spreads[call]['p90_over_p50']:.2f}"]
         cells += [f"{row['network_over_onnxruntime']:.2f}", f"{row['cli_noflip_over_onnxruntime']:.2f}"]

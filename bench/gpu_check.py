@@ -240,13 +240,14 @@ def parity(checked, model):
 
 
 def photo_crop(config, size):
-    """The default protocol's network input for the photo: longer side = crop, mean-padded, BGR minus mean."""
-    import inference
-
-    image = np.asarray(Image.open(PHOTO).convert("RGB"))
-    scaled = inference.resize_image(image, *inference.scaled_size(*image.shape[:2], size))
+    """The photo as the network takes it, without TensorFlow (the JAX backend has none): longer side
+    `size` (Pillow's bilinear resize; the precisions are compared on this one input, so it need not be
+    the protocol's resize), padded with the mean colour, BGR minus the mean, batch of one."""
+    image = Image.open(PHOTO).convert("RGB")
+    scale = size / max(image.size)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     crop = np.zeros((size, size, 3), np.float32)
-    crop[: scaled.shape[0], : scaled.shape[1]] = inference.preprocess(scaled, config.mean_rgb)
+    crop[: image.height, : image.width] = (np.asarray(image, np.float32) - np.float32(config.mean_rgb))[..., ::-1]
     return crop[np.newaxis]
 
 

@@ -19,6 +19,11 @@ CONVERTER = PROJECT_ROOT / "weight_converter.py"
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
+import tf_runtime  # noqa: E402
+
+# TensorFlow in the test process starts as in the commands it compares with (thread pools, oneDNN).
+tf_runtime.import_tensorflow()
+
 import caffe_net  # noqa: E402
 import models  # noqa: E402
 from synthetic_caffe import caffemodel_layers, synthetic_weights, write_caffemodel  # noqa: E402
