@@ -121,7 +121,6 @@ def stage_times(network, images, runs):
     """[(stage end, forward CPU s, forward + backward CPU s)] of the network cut at each stage end."""
     rows = []
     for name in STAGE_ENDS:
-        part = tf.keras.Model(network.input, network.get_layer(name).output) if False else None
         part = layers_builder.keras.Model(network.input, network.get_layer(name).output)
 
         @tf.function
@@ -148,8 +147,7 @@ def machine():
     """The machine and software the run measured."""
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)),
+        **measure.cpu_facts(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": layers_builder.keras.__version__,
