@@ -552,17 +552,6 @@ def run(args):
     return utils.EXIT_OK
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def argument_parser():
     """The parser of the command line, every option documented."""
     parser = argparse.ArgumentParser(
@@ -595,7 +584,7 @@ def argument_parser():
         "-f", "--flip", action=argparse.BooleanOptionalAction, default=True,
         help="add the mirrored pass (on by default; --no-flip turns it off)",
     )
-    parser.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=utils.positive_int, help="evaluate only the first N images")
     parser.add_argument("--save-dir", type=Path, help="keep predictions as <image stem>.png; reuse them on rerun")
     parser.add_argument(
         "--report", type=Path,

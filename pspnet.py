@@ -582,17 +582,6 @@ def argument_parser():
     return parser
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def gpu_count(text):
     """argparse type: a number of GPUs >= 0; a fraction shares a GPU between workers."""
     try:
@@ -615,7 +604,7 @@ def add_ray_arguments(parser):
              "same paths",
     )
     parser.add_argument(
-        "--workers", type=positive_int, metavar="N",
+        "--workers", type=utils.positive_int, metavar="N",
         help="with --ray: the number of workers (default: one per GPU, or one per 4 cores without GPU)",
     )
     parser.add_argument(
@@ -624,7 +613,7 @@ def add_ray_arguments(parser):
              "cluster has GPUs, else 0)",
     )
     parser.add_argument(
-        "--cpus-per-worker", type=positive_int, metavar="C",
+        "--cpus-per-worker", type=utils.positive_int, metavar="C",
         help="with --ray: each worker's CPUs, its TensorFlow threads (default: the cores shared out "
              "among the workers)",
     )

@@ -8,6 +8,7 @@ place). The class names and palettes of the models are in `models.py` and
 `palettes.py`.
 """
 
+import argparse
 import errno
 import json
 import os
@@ -410,6 +411,17 @@ def write_npy_atomic(path, array):
 def write_json_atomic(path, data):
     """Writes `data` as JSON, atomically."""
     write_atomic(path, json_writer(data))
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def canonical_flag_spellings(parser, argv):
