@@ -50,7 +50,6 @@ PUBLISHED_RESULTS = {
 JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
 
 
-
 class Tally:
     """What a run has measured so far: the confusion matrix, the evaluated images, the skipped files
     and the label files holding values their layout does not define.

@@ -76,7 +76,6 @@ CHECK_SEED = 2017
 PIXEL_RANGE = 255.0
 
 
-
 class ExportError(ValueError):
     """An export that failed, or whose file does not compute the Keras network's logits; the message says why."""
 

@@ -245,7 +245,6 @@ def PSPNet101(dataset="voc2012", weights=None, show_progress=True):
     return PSPNet(f"pspnet101_{dataset}", weights=weights, show_progress=show_progress)
 
 
-
 def picture_extension_problem(extension):
     """Why Pillow cannot write every picture output with this extension (e.g. '.jpg'), or None."""
     image_format = Image.registered_extensions().get(extension.lower())

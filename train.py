@@ -44,7 +44,6 @@ RECIPE_FLAGS = {
 }
 
 
-
 def read_run_record(out):
     """The settings recorded in OUT/run.json by the run being resumed."""
     path = out / "run.json"

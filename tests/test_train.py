@@ -515,7 +515,6 @@ def test_dropout_masks_follow_each_samples_seed(small_training_model):
     np.testing.assert_array_equal(layer([features, seeds], training=False), features)
 
 
-
 # ---------------------------------------------------------------------------------------
 # The data pipeline
 
