@@ -46,7 +46,6 @@ from onnx import helper  # noqa: E402
 import layers_builder  # noqa: E402
 import measure  # noqa: E402
 import models  # noqa: E402
-import utils  # noqa: E402
 
 PROG = "bench/conv_bound.py"
 MATMUL_SIDE = 2048
@@ -191,9 +190,7 @@ def main(argv=None):
         "layers": measure_layers(network, args.top, args.runs, max(peaks.values())),
     }
     out = args.json or BENCH_DIR / "results" / f"conv_bound_{args.model}_{facts['kind']}.json"
-    utils.write_json_atomic(out, results)
-    print(report(results))
-    print(f"{PROG}: wrote {out}", file=sys.stderr)
+    measure.publish(PROG, out, results, report(results))
     return 0
 
 

@@ -192,9 +192,7 @@ def main(argv=None):
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "loadavg_end": os.getloadavg(),
         "settings": [summary(name, setting_runs) for name, setting_runs in runs.items()],
     }
-    utils.write_json_atomic(out, results)
-    print(report(results))
-    print(f"{PROG}: wrote {out}", file=sys.stderr)
+    measure.publish(PROG, out, results, report(results))
     return 0
 
 

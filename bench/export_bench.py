@@ -35,8 +35,9 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
+for directory in (PROJECT_ROOT, BENCH_DIR):
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
 
 # pspnet.py runs TensorFlow with its BFC allocator on the CPU (bench/README.md, "What made it fast").
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -50,6 +51,7 @@ import onnxruntime  # noqa: E402
 
 import export  # noqa: E402
 import layers_builder  # noqa: E402
+import measure  # noqa: E402
 import models  # noqa: E402
 
 PROG = "bench/export_bench.py"
@@ -64,21 +66,6 @@ LABELS = {
 
 class BenchError(Exception):
     """A measurement that could not be made; the message says which."""
-
-
-def interleaved_timings(calls, warmup, runs):
-    """{name: [seconds of each timed call]} of `calls` ({name: function}), taken in turns.
-
-    `warmup` untimed rounds, then `runs` rounds, each calling every function once.
-    """
-    times = {name: [] for name in calls}
-    for round_index in range(warmup + runs):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def onnxruntime_session(path, threads):
@@ -132,7 +119,7 @@ def onnx_files(model_name, weights, directory, decomposed):
     return files, seconds
 
 
-def measure(model_name, args, directory):
+def measure_model(model_name, args, directory):
     """Timings, ratios and agreement of one model's calls."""
     config = models.RELEASED_MODELS[model_name]
     weights = Path(directory) / f"{model_name}.h5"
@@ -148,7 +135,7 @@ def measure(model_name, args, directory):
         calls[name] = lambda session=session: session.run([export.LOGITS], {export.INPUT_NAME: crop})[0]
     reference = calls["ours"]()
     agreement = {name: export.agreement(reference, calls[name]()) for name in files}
-    times = interleaved_timings(calls, args.warmup, args.runs)
+    times = measure.seconds_in_turns(calls, args.warmup, args.runs)
     medians = {name: statistics.median(spent) for name, spent in times.items()}
     return {
         "model": model_name,
@@ -225,7 +212,7 @@ def main(argv=None):
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="pspnet-export-bench-") as directory:
-            results = [measure(model_name, args, directory) for model_name in args.models]
+            results = [measure_model(model_name, args, directory) for model_name in args.models]
     except BenchError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1

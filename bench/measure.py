@@ -7,6 +7,7 @@ names the kind (`cpu_kind`), and every report prints the SIMD flags it ran with.
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -81,3 +82,12 @@ def cpu_kind(simd, cores):
     else:
         widest = platform.machine() or "cpu"
     return f"{widest}_{cores}core"
+
+
+def publish(prog, path, results, report_text):
+    """Writes `results` as JSON to `path`, atomically, and prints the report; says where on stderr."""
+    import utils
+
+    utils.write_json_atomic(path, results)
+    print(report_text)
+    print(f"{prog}: wrote {path}", file=sys.stderr)
