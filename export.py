@@ -18,7 +18,6 @@ written beside its export, same stem, `.json`.
 TensorFlow is imported only after the command line and its files are checked.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import importlib.util
@@ -32,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-import models
-import tf_runtime
+from pspnet_keras import cli
+from pspnet_keras import models
+from pspnet_keras import runtime
 import utils
 
 PROG = "export.py"
@@ -86,7 +86,7 @@ class ExportError(ValueError):
 
 def scaled_size(height, width, long_side):
     """inference.scaled_size on int32 tensors: longer side `long_side`, aspect kept, in float32 like eval_sub.m."""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     side = tf.constant(long_side, tf.float32)
     height_f, width_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     tall = height > width
@@ -101,7 +101,7 @@ def mirrored_indices(length, margin):
     NumPy's symmetric padding repeats the reflection for margins beyond the length,
     which makes the indices periodic with period 2 * length.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     folded = tf.math.floormod(tf.range(-margin, length + margin), 2 * length)
     return tf.where(folded < length, folded, 2 * length - 1 - folded)
 
@@ -119,7 +119,7 @@ def resize_axis(images, axis, out_size, rounded):
     the image padded with the border it reaches, the other axis at scale 1 (a copy).
     `rounded` rounds to whole grey levels in 0..255, as Pillow's 8-bit passes do.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     in_size = tf.shape(images)[axis]
     margin = resize_margin(in_size, out_size)
     padded = tf.gather(images, mirrored_indices(in_size, margin), axis=axis)
@@ -145,7 +145,7 @@ def resize_image(image, height, width):
     the Pillow installed takes the vertical pass first, as Pillow 13.0 does for some
     sizes (mostly when the height shrinks more than the width).
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     images = tf.cast(image, tf.float32)[tf.newaxis]
     images = resize_axis(images, 2, width, rounded=True)
     return resize_axis(images, 1, height, rounded=True)[0]
@@ -153,7 +153,7 @@ def resize_image(image, height, width):
 
 def resize_probabilities(probabilities, height, width):
     """An (h, w, classes) probability map resized to (height, width) as inference.py resizes it."""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     maps = resize_axis(probabilities[tf.newaxis], 1, height, rounded=False)
     return resize_axis(maps, 2, width, rounded=False)[0]
 
@@ -169,7 +169,7 @@ def segment_function(network, mean_rgb):
     float32 (H, W)}. As in inference.Predictor, the two passes stop at conv6 and the
     x8 Interp upsamples their sum, only over the image's part of the crop.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     from layers_builder import split_upsampling
 
     logits_network, upsampling = split_upsampling(network)
@@ -200,13 +200,13 @@ def segment_function(network, mean_rgb):
 
 def crop_spec(network, batch):
     """The tf.TensorSpec of the network's input: float32 (batch, S, S, 3) named "data"; batch None is any."""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     return tf.TensorSpec((batch, *network.input_shape[1:]), tf.float32, name=INPUT_NAME)
 
 
 def logits_function(network):
     """The network's (N, S, S, 3) -> {"logits": float32 (N, S, S, classes)} function, in inference mode."""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     return lambda data: {LOGITS: tf.cast(network(data, training=False), tf.float32)}
 
 
@@ -220,7 +220,7 @@ def saved_model_archive(network, config, batch=None, segment=True):
 
     `segment` comes first, so that it is also TF Serving's `serving_default`.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     import keras
 
     archive = keras.export.ExportArchive()
@@ -277,7 +277,7 @@ def write_litert(network, config, path, opset):
     path Keras' own LiteRT export takes; the batch is static because LiteRT
     cannot size the einsums of conv5_4 for a dynamic one.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as directory:
         saved_model_archive(network, config, batch=1, segment=False).write_out(directory, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(directory, signature_keys=[LOGITS])
@@ -306,7 +306,7 @@ def keras_logits(path, crops, config):
 
 def saved_model_logits(path, crops, config):
     """Logits of the `logits` signature of a SavedModel loaded by TensorFlow."""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     signature = tf.saved_model.load(os.fspath(path)).signatures[LOGITS]
     return signature(**{INPUT_NAME: tf.constant(crops)})[LOGITS].numpy()
 
@@ -460,7 +460,7 @@ def description_target(path):
 def output_path(args, config):
     """The -o path, or <model><suffix of the format> in the working directory."""
     if args.output_path == "":
-        raise utils.CommandError("-o: the output path is empty")
+        raise cli.CommandError("-o: the output path is empty")
     return Path(args.output_path or f"{config.name}{DEFAULT_SUFFIXES[args.format]}")
 
 
@@ -474,7 +474,7 @@ def output_problem(path, file_format):
         return None
     if file_format == "saved_model" and os.path.lexists(path):
         return "exists and is not a SavedModel directory; refusing to replace it"
-    return utils.output_target_problem(path)
+    return utils.file_problem(path, replace=True)
 
 
 def directory_problem(directory):
@@ -493,14 +493,14 @@ def check_outputs(path, file_format, description):
     """Refuses outputs that cannot be written, before any work; `description`: the JSON beside it too."""
     problem = directory_problem(path.parent) or output_problem(path, file_format)
     if problem:
-        raise utils.CommandError(f"{path}: {problem}")
+        raise cli.CommandError(f"{path}: {problem}")
     if description:
         json_path = description_target(path)
         if os.path.abspath(json_path) == os.path.abspath(path):
-            raise utils.CommandError(f"{path}: is where the model's description goes; name the export otherwise")
-        problem = utils.output_target_problem(json_path)
+            raise cli.CommandError(f"{path}: is where the model's description goes; name the export otherwise")
+        problem = utils.file_problem(json_path, replace=True)
         if problem:
-            raise utils.CommandError(f"{json_path}: {problem}")
+            raise cli.CommandError(f"{json_path}: {problem}")
 
 
 def same_file(json_path, weights):
@@ -513,7 +513,7 @@ def check_dependencies(file_format):
     """Refuses a format whose Python packages are not installed, naming the pip command that installs them."""
     missing = [module for module in DEPENDENCIES.get(file_format, ()) if importlib.util.find_spec(module) is None]
     if missing:
-        raise utils.CommandError(
+        raise cli.CommandError(
             f"--format {file_format} needs {', '.join(missing)}, not installed: "
             f"python -m pip install -r {EXPORT_REQUIREMENTS}"
         )
@@ -522,11 +522,11 @@ def check_dependencies(file_format):
 def check_weights(weights):
     """Refuses a -w file that cannot be read, before TensorFlow starts."""
     if weights is not None:
-        problem = utils.input_file_problem(weights)
+        problem = utils.file_problem(weights)
         if problem == "no such file":
             problem = "no such weights file"
         if problem:
-            raise utils.CommandError(f"{weights}: {problem}")
+            raise cli.CommandError(f"{weights}: {problem}")
 
 
 def load_network(config, weights, quiet):
@@ -537,7 +537,7 @@ def load_network(config, weights, quiet):
     try:
         return PSPNet(config, weights=weights, show_progress=not quiet).model
     except (WeightsError, WeightsNotFound, ValueError) as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
 
 
 def run(args):
@@ -545,22 +545,22 @@ def run(args):
     try:
         config = models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
     check_weights(args.weights)
     path = output_path(args, config)
     with_description = not config.released and not same_file(description_target(path), args.weights)
     check_outputs(path, args.format, with_description)
     check_dependencies(args.format)
-    tf_runtime.import_tensorflow()
+    runtime.import_tensorflow()
     network = load_network(config, args.weights, args.quiet)
     try:
         delta, agreeing = export(network, config, args.format, path, args.opset, with_description)
     except ExportError as error:
-        raise utils.CommandError(f"{path}: {error}; nothing was written") from None
+        raise cli.CommandError(f"{path}: {error}; nothing was written") from None
     except utils.OutputError as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
     except OSError as error:
-        raise utils.CommandError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise cli.CommandError(f"{path}: cannot write ({error.strerror or error})") from None
     if not args.quiet:
         described = f" and {description_target(path)}" if with_description else ""
         opset = f" opset {args.opset}" if args.format == "onnx" else ""
@@ -569,12 +569,12 @@ def run(args):
             f"logits on a random crop differ from the Keras network's by at most {delta:.1e} of the logit range, "
             f"argmax agrees on {agreeing:.3%} of the pixels"
         )
-    return utils.EXIT_OK
+    return cli.EXIT_OK
 
 
 def argument_parser():
     """The parser of the command line, every option documented."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Export a PSPNet for deployment: a Keras archive, a SavedModel for TF Serving, ONNX, or LiteRT. "
@@ -631,11 +631,11 @@ def argument_parser():
 def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
-    args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     if args.opset is not None and args.format != "onnx":
         parser.error(f"--opset applies to --format onnx, not {args.format}")
     args.opset = args.opset or DEFAULT_OPSET
-    return utils.run_command(PROG, run, args)
+    return cli.run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

@@ -17,27 +17,31 @@ their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 import zipfile
 
 import numpy as np
+from pspnet_keras import runtime
+
+runtime.import_tensorflow()  # before Keras: TensorFlow starts as the commands start it
+
 import keras
 from keras import layers
 from keras import ops
 
-import models
-from keras2_weights import WeightsError
-from keras2_weights import read_weights
-from keras2_weights import weights_file_problem
-from keras2_weights import write_weights
-from models import BLOCKS_PER_STAGE
-from models import BN_EPSILON
-from models import BN_MOMENTUM
-from models import DROPOUT_RATE
-from models import HEAD_CHANNELS
-from models import OUTPUT_STRIDE
-from models import PYRAMID_BINS
-from models import PYRAMID_CHANNELS
-from models import STAGE_DILATIONS
-from models import STAGE_WIDTHS
-from models import feature_size
-from tf_runtime import PRECISION_POLICIES
+from pspnet_keras import models
+from pspnet_keras.keras2_weights import WeightsError
+from pspnet_keras.keras2_weights import read_weights
+from pspnet_keras.keras2_weights import write_weights
+from pspnet_keras.models import BLOCKS_PER_STAGE
+from pspnet_keras.models import BN_EPSILON
+from pspnet_keras.models import BN_MOMENTUM
+from pspnet_keras.models import DROPOUT_RATE
+from pspnet_keras.models import HEAD_CHANNELS
+from pspnet_keras.models import OUTPUT_STRIDE
+from pspnet_keras.models import PYRAMID_BINS
+from pspnet_keras.models import PYRAMID_CHANNELS
+from pspnet_keras.models import STAGE_DILATIONS
+from pspnet_keras.models import STAGE_WIDTHS
+from pspnet_keras.models import feature_size
+from pspnet_keras.runtime import PRECISION_POLICIES
+import utils
 
 # The custom layers are registered as "pspnet>Interp" and "pspnet>PyramidConvolution", so that
 # keras.saving.load_model opens a `.keras` archive of a network once this module is imported.
@@ -388,7 +392,7 @@ def load_keras_archive(path, model):
     archive, or the network of another model.
     """
     config = models.model_config(model)
-    problem = weights_file_problem(path)
+    problem = utils.file_problem(path, what="weights file")
     if problem:
         raise WeightsError(f"{path}: {problem}")
     if not zipfile.is_zipfile(path):

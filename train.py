@@ -10,7 +10,7 @@ evaluate.py -w take. The whole set is checked before the first iteration. OUT al
 holds run.json (the run's settings), checkpoint.h5, log.csv and tensorboard/.
 
 TensorFlow is imported after the command line is parsed, quietly
-(tf_runtime.import_tensorflow), and TF_CONFIG's MultiWorkerMirroredStrategy is made
+(runtime.import_tensorflow), and TF_CONFIG's MultiWorkerMirroredStrategy is made
 before TensorFlow runs anything, as it must be.
 """
 
@@ -21,10 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-import datasets
-import models
-import recipe
-import tf_runtime
+from pspnet_keras import cli
+from pspnet_keras import datasets
+from pspnet_keras import models
+from pspnet_keras.training import recipe
+from pspnet_keras import runtime
 import utils
 
 # TensorFlow's default CPU allocator maps fresh pages for every large tensor (bench/README.md).
@@ -47,27 +48,27 @@ RECIPE_FLAGS = {
 def read_run_record(out):
     """The settings recorded in OUT/run.json by the run being resumed."""
     path = out / "run.json"
-    problem = utils.input_file_problem(path)
+    problem = utils.file_problem(path)
     if problem:
-        raise utils.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
+        raise cli.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise utils.CommandError(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
+        raise cli.CommandError(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
     if not isinstance(record, dict) or not all(key in record for key in RECIPE_FLAGS):
-        raise utils.CommandError(f"{path}: not the record of a train.py run")
+        raise cli.CommandError(f"{path}: not the record of a train.py run")
     return record
 
 
 def check_out(out, resume):
     """Refuses an OUT that is not a directory, or that holds a run when not resuming."""
     if os.path.lexists(out) and not out.is_dir():
-        raise utils.CommandError(f"{out}: not a directory; choose another --out")
+        raise cli.CommandError(f"{out}: not a directory; choose another --out")
     if resume:
         return
     held = [name for name in ("run.json", "checkpoint.h5", "final.h5") if (out / name).exists()]
     if held:
-        raise utils.CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
+        raise cli.CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
 
 
 def choose_dataset(requested, root):
@@ -78,8 +79,8 @@ def choose_dataset(requested, root):
     if len(found) == 1:
         return found[0]
     if found:
-        raise utils.CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
-    raise utils.CommandError(
+        raise cli.CommandError(f"{root} holds the layouts of {' and '.join(found)}; choose one with --dataset")
+    raise cli.CommandError(
         f"{root}: no dataset layout found (ade20k, cityscapes, voc2012 or folders: images/<split> with "
         "labels/<split> and classes.txt); name it with --dataset"
     )
@@ -97,7 +98,7 @@ def recipe_values(args, record):
             values[dest] = given
             continue
         if given is not None and given != record[dest]:
-            raise utils.CommandError(
+            raise cli.CommandError(
                 f"{flag} {given}: the run in {args.out} was started with {record[dest]}; a resumed run keeps "
                 "its settings (start a new run with another --out to change them)"
             )
@@ -116,13 +117,13 @@ def checked_samples(samples, split, skip_bad, quiet):
     Each problem is one line on stderr; any problem stops the run unless skip_bad,
     which leaves those samples out and says how many.
     """
-    import training
+    from pspnet_keras import training
 
     problems = training.check_samples(samples, description=f"checking {split}", quiet=quiet)
     for line in problem_lines(problems):
         print(f"{PROG}: {'skipped' if skip_bad else 'error'}: {line}", file=sys.stderr)
     if problems and not skip_bad:
-        raise utils.CommandError(
+        raise cli.CommandError(
             f"{len(problems)} of the {len(samples)} samples of the {split} split cannot be used (above); "
             "fix them, or pass --skip-bad to train without them"
         )
@@ -130,7 +131,7 @@ def checked_samples(samples, split, skip_bad, quiet):
     if problems:
         print(f"{PROG}: skipping {len(problems)} of the {len(samples)} samples of the {split} split", file=sys.stderr)
     if not good:
-        raise utils.CommandError(f"no usable sample in the {split} split")
+        raise cli.CommandError(f"no usable sample in the {split} split")
     return good
 
 
@@ -148,7 +149,7 @@ def init_weights_path(config, path, quiet):
                 build_pspnet(config, models.SMALLEST_CROP_SIZE), config, path, show_progress=not quiet
             )
         except pspnet.WeightsNotFound as error:
-            raise utils.CommandError(str(error)) from None
+            raise cli.CommandError(str(error)) from None
     return path
 
 
@@ -167,7 +168,7 @@ def resolved(values, dataset_name, init_config):
 
 def settings_of(values, args):
     """training.Settings of the resolved recipe values and the bookkeeping flags."""
-    import training
+    from pspnet_keras import training
 
     return training.Settings(
         iterations=values["iterations"], batch=values["batch"], crop_size=values["crop"], lr=values["lr"],
@@ -185,18 +186,18 @@ def open_data(values, args):
         dataset = datasets.open_dataset(values["dataset"], args.data)
         return dataset, dataset.samples("train"), dataset.samples("val") if args.val_every else []
     except datasets.DataRootError as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
 
 
 def starting_model(values):
     """(ModelConfig, weights path or None for a released model's own) of --init; fills in values["init"]."""
-    import training
+    from pspnet_keras import training
 
     values["init"] = values["init"] or recipe.INIT_MODELS[values["dataset"]]
     try:
         return training.init_model(values["init"])
     except training.TrainingError as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
 
 
 def check_settings(settings, strategy):
@@ -205,11 +206,11 @@ def check_settings(settings, strategy):
 
     replicas = strategy.num_replicas_in_sync
     if settings.batch % replicas:
-        raise utils.CommandError(
+        raise cli.CommandError(
             f"--batch {settings.batch} cannot be split over the {replicas} replicas; use a multiple of {replicas}"
         )
     if settings.precision != "float32" and not tf.config.list_physical_devices("GPU"):
-        raise utils.CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
+        raise cli.CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
 
 
 def start_out(out, values, classes):
@@ -218,7 +219,7 @@ def start_out(out, values, classes):
         out.mkdir(parents=True, exist_ok=True)
         utils.write_json_atomic(out / "run.json", {**values, "classes": classes})
     except (OSError, utils.OutputError) as error:
-        raise utils.CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+        raise cli.CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
 
 
 def build(strategy, config, settings):
@@ -226,7 +227,7 @@ def build(strategy, config, settings):
     seeded, so that fresh layers start alike in every process of the run."""
     import keras
 
-    import training
+    from pspnet_keras import training
 
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
@@ -251,7 +252,7 @@ def run(args):
     record = read_run_record(out) if args.resume else None
     values = recipe_values(args, record)
     strategy = distribution_strategy()
-    import training
+    from pspnet_keras import training
 
     dataset, samples, val_samples = open_data(values, args)
     init_config, init_path = starting_model(values)
@@ -282,7 +283,7 @@ def run(args):
                 print(f"{PROG}: {', '.join(fresh)} starts fresh ({dataset.classes} classes)", file=sys.stderr)
         final = trainer.run(start)
     except training.TrainingError as error:
-        raise utils.CommandError(str(error)) from None
+        raise cli.CommandError(str(error)) from None
     except KeyboardInterrupt:
         if chief:
             print(
@@ -293,20 +294,20 @@ def run(args):
         raise
     if final is not None and not args.quiet:
         print(f"wrote {final} and {models.description_path(final)} ({settings.iterations} iterations)")
-    return utils.EXIT_OK
+    return cli.EXIT_OK
 
 
 def cluster_spec():
-    """The TF_CONFIG of this process as a dict ({} when unset); utils.CommandError when it is not a JSON object."""
+    """The TF_CONFIG of this process as a dict ({} when unset); cli.CommandError when it is not a JSON object."""
     text = os.environ.get("TF_CONFIG")
     if not text:
         return {}
     try:
         config = json.loads(text)
     except ValueError as error:
-        raise utils.CommandError(f"TF_CONFIG is not valid JSON ({error})") from None
+        raise cli.CommandError(f"TF_CONFIG is not valid JSON ({error})") from None
     if not isinstance(config, dict):
-        raise utils.CommandError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+        raise cli.CommandError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
     return config
 
 
@@ -333,7 +334,7 @@ def distribution_strategy():
     before TensorFlow runs anything, as it must be), MirroredStrategy over the GPUs
     when there are several, else the default strategy.
     """
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     if worker_count(cluster_spec()) > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if len(tf.config.list_physical_devices("GPU")) > 1:
@@ -384,7 +385,7 @@ def crop_size(text):
 
 def argument_parser():
     """The parser of the command line, every option documented."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Train PSPNet with the paper's recipe (Zhao et al., CVPR 2017, section 4; hszhao/semseg): "
@@ -479,7 +480,7 @@ def argument_parser():
         help=f"seed of the data order, augmentation, dropout and fresh layers (default: {DEFAULT_SEED})",
     )
     parser.add_argument(
-        "--precision", choices=tf_runtime.PRECISIONS,
+        "--precision", choices=runtime.PRECISIONS,
         help="float32, or bfloat16 / float16 mixed precision (GPU only) (default: float32)",
     )
     parser.add_argument(
@@ -493,8 +494,8 @@ def argument_parser():
 def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
-    args = parser.parse_args(utils.canonical_flag_spellings(parser, sys.argv[1:] if argv is None else argv))
-    return utils.run_command(PROG, run, args)
+    args = parser.parse_args(argv)
+    return cli.run_command(PROG, run, args)
 
 
 if __name__ == "__main__":

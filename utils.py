@@ -8,26 +8,16 @@ place). The class names and palettes of the models are in `models.py` and
 `palettes.py`.
 """
 
-import argparse
 import errno
 import json
 import os
-import signal
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
-
-# Exit codes of every command of the project.
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-EXIT_TERMINATED = 143
 
 # Pillow modes holding 16-bit samples: 16-bit grayscale PNG and TIFF open as
 # "I;16*", 16-bit PGM as "I".
@@ -50,67 +40,36 @@ class OutputError(ImageError):
     """An output file that cannot be written; the message names the file and the reason."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is so that cleanup runs as for Ctrl-C."""
+def file_problem(path, replace=False, what="file"):
+    """Why `path` cannot be read, or with `replace` be replaced by a new file; None when it can.
 
-
-def stop_on_termination():
-    """Makes SIGTERM raise Terminated in the main thread (commands then exit with EXIT_TERMINATED)."""
-
-    def terminate(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
-
-
-def interruption_exit_code(error):
-    """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
-    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
-
-
-class CommandError(Exception):
-    """A command that cannot be carried out; the message is one line saying why."""
-
-
-def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
-    """The exit status of a command line whose work is run(args).
-
-    SIGTERM stops the work as Ctrl-C does. A CommandError prints one line
-    `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
-    `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
-    """
-    stop_on_termination()
-    try:
-        return run(args)
-    except CommandError as error:
-        print(f"{prog}: {error_prefix}{error}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        reason = "terminated" if isinstance(error, Terminated) else "interrupted"
-        print(f"{prog}: {reason}{interrupted_suffix}", file=sys.stderr)
-        return interruption_exit_code(error)
-
-
-def input_file_problem(path):
-    """Why `path` cannot be read as an input file, or None for a readable regular file.
-
-    Checked before opening, so that a FIFO never blocks and a device is never read.
+    Checked with stat before anything opens the path, so that a FIFO never blocks and
+    a device is never read or replaced. A file to read must be a readable regular
+    file (`what` names it when missing: "no such weights file"); a file to replace
+    may be missing, but an existing directory, device, FIFO or socket is never
+    replaced, and a path whose directory cannot exist is left to that directory's check.
     """
     name = os.fspath(path)
     try:
         mode = os.stat(name).st_mode
-    except FileNotFoundError:
-        return "dangling symbolic link" if os.path.islink(name) else "no such file"
+    except (FileNotFoundError, NotADirectoryError) as error:
+        if replace:
+            return None
+        if isinstance(error, NotADirectoryError):
+            return f"cannot read ({error.strerror})"
+        return "dangling symbolic link" if os.path.islink(name) else f"no such {what}"
     except OSError as error:
-        if error.errno == 40:
+        if error.errno == errno.ELOOP:
             return "symbolic link loop"
-        return f"cannot read ({error.strerror or error})"
+        return f"cannot {'write' if replace else 'read'} ({error.strerror or error})"
     if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
+        return "is a directory" if replace else f"is a directory, not a {what}"
     if not stat.S_ISREG(mode):
+        if replace:
+            return "exists and is not a regular file; refusing to replace it"
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
         return f"is {kind}, not a regular file"
-    if not os.access(name, os.R_OK):
+    if not replace and not os.access(name, os.R_OK):
         return "cannot read (permission denied)"
     return None
 
@@ -136,7 +95,7 @@ def read_image(path):
     image is decoded here, so truncation is found here).
     """
     name = os.fspath(path)
-    problem = input_file_problem(name)
+    problem = file_problem(name)
     if problem:
         raise ImageError(f"{name}: {problem}")
     try:
@@ -235,25 +194,6 @@ def class_summary(class_ids, class_names, top=None):
     ]
 
 
-def output_target_problem(path):
-    """Why `path` cannot be replaced by an output file, or None.
-
-    An existing directory, device, FIFO or socket is never replaced. A path
-    whose directory cannot exist is left to the directory's own check.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as error:
-        return f"cannot write ({error.strerror or error})"
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if not stat.S_ISREG(mode):
-        return "exists and is not a regular file; refusing to replace it"
-    return None
-
-
 def _current_umask():
     """The process umask, for giving new files the permissions open() would."""
     mask = os.umask(0)
@@ -287,7 +227,7 @@ class AtomicFiles:
     def temporary(self, path):
         """A new, empty temporary file for the target `path` (its directory is created)."""
         target = Path(path)
-        problem = output_target_problem(target)
+        problem = file_problem(target, replace=True)
         if problem:
             raise OutputError(f"{target}: {problem}")
         try:
@@ -413,35 +353,3 @@ def write_json_atomic(path, data):
     write_atomic(path, json_writer(data))
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def canonical_flag_spellings(parser, argv):
-    """`argv` with each long option spelt as `parser` declares it.
-
-    Every long option is accepted with '-' or '_' between its words
-    (--input-path for --input_path, --save_probs for --save-probs); --help
-    shows the declared spelling. Arguments after '--' are left alone.
-    """
-    declared = {}
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--"):
-                declared.setdefault(option.replace("_", "-"), option)
-    spelt = []
-    for index, argument in enumerate(argv):
-        if argument == "--":
-            return spelt + list(argv[index:])
-        flag, equals, value = argument.partition("=")
-        if flag.startswith("--") and flag not in declared.values():
-            flag = declared.get(flag.replace("_", "-"), flag)
-        spelt.append(flag + equals + value)
-    return spelt

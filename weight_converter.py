@@ -27,9 +27,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-import caffe_net
-import keras2_weights
-import models
+from pspnet_keras import cli
+from pspnet_keras import caffe_net
+from pspnet_keras import keras2_weights
+from pspnet_keras import models
 import utils
 
 PROG = "weight_converter"
@@ -73,7 +74,7 @@ class Conversion(NamedTuple):
 
 def read_input(path):
     """The bytes of the input file at `path`, refused before opening unless it is a readable regular file."""
-    problem = utils.input_file_problem(path)
+    problem = utils.file_problem(path)
     if problem:
         raise ConversionError(path, problem)
     try:
@@ -278,7 +279,7 @@ def same_file(path, other):
 
 def check_output(path, inputs):
     """Refuses an output path that is not a regular file when it exists, or is one of `inputs`."""
-    problem = utils.output_target_problem(path)
+    problem = utils.file_problem(path, replace=True)
     if problem:
         raise ConversionError(path, problem)
     for input_path in inputs:
@@ -289,7 +290,7 @@ def check_output(path, inputs):
 def check_inputs(paths):
     """Refuses, before any is read, an input that is not a readable regular file."""
     for path in paths:
-        problem = utils.input_file_problem(path)
+        problem = utils.file_problem(path)
         if problem:
             raise ConversionError(path, problem)
 
@@ -361,7 +362,7 @@ EPILOG = """examples:
 
 def argument_parser():
     """The parser of the command line."""
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog=PROG,
         usage=USAGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -423,19 +424,19 @@ def run(args):
 def main(argv=None):
     """Command line entry point; returns the exit code."""
     args = parse_args(argv)
-    utils.stop_on_termination()
+    cli.stop_on_termination()
     try:
         report = run(args)
     except (ConversionError, utils.OutputError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return utils.EXIT_FAILURE
+        return cli.EXIT_FAILURE
     except KeyboardInterrupt as error:
-        code = utils.interruption_exit_code(error)
-        print(f"{PROG}: error: {'terminated' if code == utils.EXIT_TERMINATED else 'interrupted'}", file=sys.stderr)
+        code = cli.interruption_exit_code(error)
+        print(f"{PROG}: error: {'terminated' if code == cli.EXIT_TERMINATED else 'interrupted'}", file=sys.stderr)
         return code
     if report:
         print(report)
-    return utils.EXIT_OK
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

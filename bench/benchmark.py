@@ -54,7 +54,7 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
-import caffe_net  # noqa: E402
+from pspnet_keras import caffe_net  # noqa: E402
 import pspnet  # noqa: E402
 import measure  # noqa: E402
 import tensorflow as tf  # noqa: E402

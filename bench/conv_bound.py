@@ -32,9 +32,9 @@ for directory in (PROJECT_ROOT, BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
-import tf_runtime  # noqa: E402
+from pspnet_keras import runtime  # noqa: E402
 
-tf = tf_runtime.import_tensorflow()
+tf = runtime.import_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,7 +45,7 @@ from onnx import helper  # noqa: E402
 
 import layers_builder  # noqa: E402
 import measure  # noqa: E402
-import models  # noqa: E402
+from pspnet_keras import models  # noqa: E402
 
 PROG = "bench/conv_bound.py"
 MATMUL_SIDE = 2048
@@ -55,7 +55,7 @@ INPUT_SEED = 5
 def ort_session(model_proto):
     """An ONNX Runtime CPU session with all optimisations and the usable cores as intra-op threads."""
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = tf_runtime.usable_cores()
+    options.intra_op_num_threads = runtime.usable_cores()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     return onnxruntime.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -56,9 +56,9 @@ OWN_VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_ENABLE_
 
 def child(args):
     """Times the three calls in this process; prints {call: [seconds]} and the pool sizes as JSON."""
-    import tf_runtime
+    from pspnet_keras import runtime
 
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     import numpy as np
     import onnxruntime
     from PIL import Image
@@ -71,7 +71,7 @@ def child(args):
     crop = synthetic_image(net.crop_size, 1)
     network = tf.function(lambda batch: net.model(batch, training=False))
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = tf_runtime.usable_cores()
+    options.intra_op_num_threads = runtime.usable_cores()
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(crop.transpose(0, 3, 1, 2))}
@@ -88,7 +88,7 @@ def child(args):
             "onnxruntime": lambda: session.run(None, feed)[0],
         }
         times = measure.seconds_in_turns(calls, args.warmup, args.runs)
-    inter, intra = tf_runtime.thread_pool_sizes()
+    inter, intra = runtime.thread_pool_sizes()
     print(json.dumps({"times": times, "inter_op": inter, "intra_op": intra, "environment": {
         name: os.environ.get(name) for name in OWN_VARIABLES}}))
 

@@ -42,9 +42,9 @@ for directory in (PROJECT_ROOT, BENCH_DIR):
 # pspnet.py runs TensorFlow with its BFC allocator on the CPU (bench/README.md, "What made it fast").
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 
-import tf_runtime  # noqa: E402
+from pspnet_keras import runtime  # noqa: E402
 
-tf = tf_runtime.import_tensorflow()
+tf = runtime.import_tensorflow()
 
 import keras  # noqa: E402
 import onnxruntime  # noqa: E402
@@ -52,7 +52,7 @@ import onnxruntime  # noqa: E402
 import export  # noqa: E402
 import layers_builder  # noqa: E402
 import measure  # noqa: E402
-import models  # noqa: E402
+from pspnet_keras import models  # noqa: E402
 
 PROG = "bench/export_bench.py"
 WEIGHT_SEED = 2017

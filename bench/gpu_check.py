@@ -49,8 +49,8 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
         sys.path.insert(0, str(directory))
 
 import measure  # noqa: E402
-import models  # noqa: E402
-import tf_runtime  # noqa: E402
+from pspnet_keras import models  # noqa: E402
+from pspnet_keras import runtime  # noqa: E402
 
 PROG = "bench/gpu_check.py"
 WEIGHT_SEEDS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 713}
@@ -58,7 +58,7 @@ INPUT_SEED = 7
 PHOTO = PROJECT_ROOT / "example_images" / "rocket.jpg"
 CITYSCAPES_IMAGE_SIZE = (1024, 2048)
 BATCH_SIZES = (1, 2, 4, 8, 16)
-PRECISIONS = tf_runtime.PRECISIONS
+PRECISIONS = runtime.PRECISIONS
 CLI_MODES = {"default": {}, "-s": {"sliding": True}, "-s -ms": {"sliding": True, "multi_scale": True}}
 WARMUP_CALLS = 2
 TIMED_CALLS = 5
@@ -85,7 +85,7 @@ class Deadline:
 def keras_backend():
     """The Keras backend in use ('tensorflow' or 'jax'), TensorFlow imported quietly when it is the one."""
     if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
-        tf_runtime.import_tensorflow()
+        runtime.import_tensorflow()
     import keras
 
     return keras.backend.backend()
@@ -195,7 +195,7 @@ class CheckedModel:
 
 def prepare_model(name, work_dir, dry_run):
     """A CheckedModel with seeded synthetic weights, converted to the Keras-2 layout by weight_converter."""
-    import caffe_net
+    from pspnet_keras import caffe_net
     import layers_builder
     import weight_converter
     from synthetic_caffe import synthetic_weights
@@ -253,7 +253,7 @@ def photo_crop(config, size):
 
 def predictor(checked, model):
     """The evaluation protocol of the CLI around `model` (TensorFlow backend)."""
-    import inference
+    from pspnet_keras import inference
     import layers_builder
 
     logits, upsampling = layers_builder.split_upsampling(model)

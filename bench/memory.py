@@ -77,7 +77,7 @@ STDERR_TAIL_CHARS = 2000
 def load_inference(path):
     """The inference module: the project's, or the file at `path` standing in for it."""
     if path is None:
-        import inference
+        from pspnet_keras import inference
 
         return inference
     spec = importlib.util.spec_from_file_location("inference", path)
@@ -157,7 +157,7 @@ def run_case(name, inference_path):
     import numpy as np
     import tensorflow as tf
 
-    import models
+    from pspnet_keras import models
     from layers_builder import split_upsampling
 
     inference = load_inference(inference_path)

@@ -31,7 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
-import caffe_net  # noqa: E402
+from pspnet_keras import caffe_net  # noqa: E402
 
 OPSET = 17
 IR_VERSION = 8

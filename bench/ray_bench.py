@@ -47,7 +47,7 @@ def synthetic_weights(directory):
     """The tests' seeded synthetic weights of MODEL, converted as the tests convert them; their path."""
     sys.path.insert(0, str(PROJECT_ROOT / "tests"))
     sys.path.insert(0, str(PROJECT_ROOT))
-    from conftest import SyntheticModel
+    from helpers import SyntheticModel
 
     return SyntheticModel(MODEL, Path(directory)).converted_h5
 

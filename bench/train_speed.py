@@ -35,19 +35,19 @@ for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
     if str(directory) not in sys.path:
         sys.path.insert(0, str(directory))
 
-import tf_runtime  # noqa: E402
+from pspnet_keras import runtime  # noqa: E402
 
-tf = tf_runtime.import_tensorflow()
+tf = runtime.import_tensorflow()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import datasets  # noqa: E402
+from pspnet_keras import datasets  # noqa: E402
 import measure  # noqa: E402
 import layers_builder  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-from conftest import SyntheticModel  # noqa: E402
+from pspnet_keras import models  # noqa: E402
+from pspnet_keras import training  # noqa: E402
+from helpers import SyntheticModel  # noqa: E402
 
 PROG = "bench/train_speed.py"
 INPUT_SEED = 1
@@ -151,7 +151,7 @@ def machine():
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": layers_builder.keras.__version__,
-        "threads": tf_runtime.thread_pool_sizes(),
+        "threads": runtime.thread_pool_sizes(),
     }
 
 

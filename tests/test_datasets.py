@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
-import palettes
+from pspnet_keras import datasets
+from pspnet_keras import palettes
 
 HEIGHT, WIDTH = 4, 6
 

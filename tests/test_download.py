@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 import layers_builder
-import models
+from pspnet_keras import models
 import pspnet
 from synthetic_caffe import write_classifier_only_weights
 

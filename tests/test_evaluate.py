@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import datasets
+from pspnet_keras import datasets
 import evaluate
-import models
+from pspnet_keras import models
 import pspnet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -951,7 +951,7 @@ def test_written_files_follow_the_umask(tmp_path, network):
 
 
 def test_an_image_that_runs_out_of_memory_is_skipped_with_one_line(tmp_path, monkeypatch, network, weights, capsys):
-    from inference import OutOfMemory
+    from pspnet_keras.inference import OutOfMemory
 
     make_voc(tmp_path / "data")
     problem = "not enough memory to segment a 40x30 image in the default mode: try a smaller image"

@@ -26,9 +26,10 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 import export
-import inference
+from pspnet_keras import cli
+from pspnet_keras import inference
 import layers_builder
-import models
+from pspnet_keras import models
 import utils
 from pspnet import PSPNet
 
@@ -491,7 +492,7 @@ def test_released_model_flag_with_a_user_model_is_refused(tmp_path, user_h5):
 def test_wrong_command_line_is_a_usage_error(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         export.main(args)
-    assert exit_info.value.code == utils.EXIT_USAGE
+    assert exit_info.value.code == cli.EXIT_USAGE
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"export.py: error: {message}")
 
 

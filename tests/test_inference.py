@@ -40,7 +40,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import inference
+from pspnet_keras import inference
 
 CROP_SIZE = 33
 BASE_SIZE = 64

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import caffe_net
-from models import RELEASED_MODEL_NAMES as MODEL_NAMES
+from pspnet_keras import caffe_net
+from pspnet_keras.models import RELEASED_MODEL_NAMES as MODEL_NAMES
 from layers_builder import (
     Interp,
     PyramidConvolution,

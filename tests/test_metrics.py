@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import metrics
+from pspnet_keras import metrics
 
 # Labels and predictions of 3 classes, row by row; 255 and 7 are no class and count nowhere.
 LABELS = np.array([

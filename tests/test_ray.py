@@ -26,10 +26,10 @@ import pytest
 import ray
 
 import evaluate
-import models
+from pspnet_keras import models
 import pspnet
-import ray_runner
-from test_cli import error_lines, output_files, save_image, smooth_image
+from pspnet_keras import ray_pool
+from helpers import error_lines, output_files, save_image, smooth_image
 
 # Ray Data's own use of its deprecated settings when it sends its context to the workers.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
@@ -51,7 +51,7 @@ def ray_session():
     The variables ray.init sets in this process's environment are taken out again afterwards."""
     environment = dict(os.environ)
     ray.init(
-        address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_runner.worker_environment(),
+        address="local", num_cpus=2, include_dashboard=False, runtime_env=ray_pool.worker_environment(),
         log_to_driver=False, logging_level="ERROR",
     )
     yield
@@ -373,32 +373,32 @@ def test_missing_ray_is_one_line_naming_the_install_command(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("nodes, flags, expected, room", [
     # One machine without GPU: workers of 4 cores, or of the cores --workers shares out.
-    ([{"CPU": 16}], {}, ray_runner.Pool(4, 4, 0, "no GPU: one per 4 cores"), 4),
-    ([{"CPU": 2}], {}, ray_runner.Pool(1, 2, 0, "no GPU: one per 2 cores"), 1),
-    ([{"CPU": 2}], {"workers": 2}, ray_runner.Pool(2, 1, 0, "as --workers says"), 2),
-    ([{"CPU": 2}], {"workers": 3}, ray_runner.Pool(3, 1, 0, "as --workers says"), 2),
+    ([{"CPU": 16}], {}, ray_pool.Pool(4, 4, 0, "no GPU: one per 4 cores"), 4),
+    ([{"CPU": 2}], {}, ray_pool.Pool(1, 2, 0, "no GPU: one per 2 cores"), 1),
+    ([{"CPU": 2}], {"workers": 2}, ray_pool.Pool(2, 1, 0, "as --workers says"), 2),
+    ([{"CPU": 2}], {"workers": 3}, ray_pool.Pool(3, 1, 0, "as --workers says"), 2),
     # GPUs: one worker per GPU with the CPUs beside it; halves of a GPU; CPU workers asked for.
-    ([{"CPU": 16, "GPU": 4}, {"CPU": 8, "GPU": 1}], {}, ray_runner.Pool(5, 4, 1, "one per GPU"), 5),
-    ([{"CPU": 8, "GPU": 2}], {"gpus_per_worker": 0.5}, ray_runner.Pool(4, 2, 0.5, "2 per GPU"), 4),
+    ([{"CPU": 16, "GPU": 4}, {"CPU": 8, "GPU": 1}], {}, ray_pool.Pool(5, 4, 1, "one per GPU"), 5),
+    ([{"CPU": 8, "GPU": 2}], {"gpus_per_worker": 0.5}, ray_pool.Pool(4, 2, 0.5, "2 per GPU"), 4),
     ([{"CPU": 8, "GPU": 2}], {"gpus_per_worker": 0, "cpus_per_worker": 3},
-     ray_runner.Pool(2, 3, 0, "CPU workers as --gpus-per-worker 0 says, one per 3 cores"), 2),
+     ray_pool.Pool(2, 3, 0, "CPU workers as --gpus-per-worker 0 says, one per 3 cores"), 2),
     # A head node that runs no work (ray start --head --num-cpus=0), tenths of a GPU, a GPU too few.
-    ([{"CPU": 0}, {"CPU": 6}, {"CPU": 8}], {}, ray_runner.Pool(3, 4, 0, "no GPU: one per 4 cores"), 3),
-    ([{"CPU": 20, "GPU": 1}], {"gpus_per_worker": 0.1}, ray_runner.Pool(10, 2, 0.1, "10 per GPU"), 10),
-    ([{"CPU": 8, "GPU": 1}], {"gpus_per_worker": 2}, ray_runner.Pool(1, 1, 2, "one per 2 GPUs"), 0),
+    ([{"CPU": 0}, {"CPU": 6}, {"CPU": 8}], {}, ray_pool.Pool(3, 4, 0, "no GPU: one per 4 cores"), 3),
+    ([{"CPU": 20, "GPU": 1}], {"gpus_per_worker": 0.1}, ray_pool.Pool(10, 2, 0.1, "10 per GPU"), 10),
+    ([{"CPU": 8, "GPU": 1}], {"gpus_per_worker": 2}, ray_pool.Pool(1, 1, 2, "one per 2 GPUs"), 0),
 ])
 def test_pool_plan(nodes, flags, expected, room):
-    assert ray_runner.plan_pool(nodes, **flags) == (expected, room)
+    assert ray_pool.plan_pool(nodes, **flags) == (expected, room)
 
 
 def test_gpu_workers_need_a_gpu():
-    with pytest.raises(ray_runner.RunError, match=r"^--gpus-per-worker 1: the Ray cluster has no GPU"):
-        ray_runner.plan_pool([{"CPU": 8}], gpus_per_worker=1)
+    with pytest.raises(ray_pool.RunError, match=r"^--gpus-per-worker 1: the Ray cluster has no GPU"):
+        ray_pool.plan_pool([{"CPU": 8}], gpus_per_worker=1)
 
 
 def test_temporaries_of_killed_workers_are_removed_and_nothing_else(tmp_path):
     names = [".a_seg.png.k2j4_x9z.tmp", ".a_seg.png.tmp", ".b_seg.png.abcdefgh.tmp", "a_seg.png", ".a_seg.png.x.tmp"]
     for name in names:
         (tmp_path / name).write_text("x")
-    ray_runner.remove_temporaries([tmp_path / "a_seg.png", tmp_path / "missing" / "c.png"])
+    ray_pool.remove_temporaries([tmp_path / "a_seg.png", tmp_path / "missing" / "c.png"])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(set(names) - {".a_seg.png.k2j4_x9z.tmp"})

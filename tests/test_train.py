@@ -35,17 +35,17 @@ import tensorflow as tf
 from PIL import Image
 from PIL import ImageDraw
 
-import datasets
+from pspnet_keras import datasets
 import evaluate
-import inference
-import keras2_weights
+from pspnet_keras import inference
+from pspnet_keras import keras2_weights
 import layers_builder
-import models
-import recipe
+from pspnet_keras import models
+from pspnet_keras.training import recipe
 import train
-import training
-from test_cli import run_main as run_pspnet
-from test_cli import smooth_image
+from pspnet_keras import training
+from helpers import run_main as run_pspnet
+from helpers import smooth_image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MEAN_RGB = np.array(models.RELEASE_MEAN_RGB, dtype=np.float32)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import layers_builder
-import models
-from test_cli import check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image
-from test_cli import softmax
+from pspnet_keras import models
+from helpers import check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image
+from helpers import softmax
 from synthetic_caffe import write_classifier_only_weights
 
 CLASSES = 5

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from PIL import JpegImagePlugin
 
-import models
+from pspnet_keras import models
 import utils
 
 DATASET_MODELS = {"ade20k": "pspnet50_ade20k", "voc2012": "pspnet101_voc2012", "cityscapes": "pspnet101_cityscapes"}
@@ -646,14 +646,14 @@ def test_atomic_files_refuse_to_replace_special_files(tmp_path):
 def test_input_file_problems(tmp_path, make, problem):
     path = tmp_path / "input.png"
     make(path)
-    assert utils.input_file_problem(path) == problem
+    assert utils.file_problem(path) == problem
     with pytest.raises(utils.ImageError) as raised:
         utils.read_image(path)
     assert str(raised.value) == f"{path}: {problem}"
 
 
 def test_devices_are_not_input_files():
-    assert utils.input_file_problem("/dev/zero") == "is a device, not a regular file"
+    assert utils.file_problem("/dev/zero") == "is a device, not a regular file"
 
 
 def test_canonical_flag_spellings():

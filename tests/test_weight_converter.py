@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-import caffe_net
+from pspnet_keras import caffe_net
 import layers_builder
-import models
+from pspnet_keras import models
 import weight_converter
-from conftest import converter_process
+from helpers import converter_process
 from synthetic_caffe import blob_message, caffemodel_layers, write_caffemodel
 
 MODEL_NAMES = ("pspnet50_ade20k", "pspnet101_voc2012", "pspnet101_cityscapes")

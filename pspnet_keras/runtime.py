@@ -18,8 +18,11 @@ AVX-512 VM one inter-op thread took a pspnet50_ade20k forward pass from 1.92-2.0
 to 1.69-1.80 s and oneDNN off to 1.61-1.64 s; on a 2-core AVX2 VM every setting
 stayed within the noise of the others (2.5-2.8 s), so the rule costs nothing there.
 
-This module imports nothing heavy, so that command lines parse before
-TensorFlow loads.
+Each command parses its line, calls `configure` once (verbosity, --id), and
+imports TensorFlow only when it needs it; the library's modules that need
+TensorFlow import it through `import_tensorflow`, so that it starts the same way
+whichever of them comes first. This module imports nothing heavy, so that
+command lines parse before TensorFlow loads.
 """
 
 import os
@@ -37,6 +40,10 @@ INTER_OP_THREADS = 1
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 ONEDNN_OPTS = "0"
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+# TensorFlow's default CPU allocator maps fresh pages for every large tensor and pays a page
+# fault per 4 KiB at each use; its BFC allocator keeps them (bench/README.md).
+CPU_ALLOCATOR_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+CPU_ALLOCATOR = "true"
 # Only FATAL messages: the CPU-only cuInit failure is logged as an ERROR.
 QUIET_LOG_LEVEL = "3"
 # A line of absl/glog logging ("I0000 00:00:1795788211.191277    2837 cudart_stub.cc:31] ..."),
@@ -49,9 +56,27 @@ START_UP_LINE = re.compile(
 )
 
 
-def wants_start_up_logs(verbose):
+# What configure() was told: whether TensorFlow's start-up lines are wanted (-v).
+_settings = {"verbose": False}
+
+
+def configure(verbose=False, gpu_id=None):
+    """Sets how TensorFlow will start in this process, before it is imported: its start-up lines kept
+    when `verbose`, only the GPU `gpu_id` visible (--id, through CUDA_VISIBLE_DEVICES), and the
+    thread pools, oneDNN and allocator settings of the module's docstring unless the user set them."""
+    _settings["verbose"] = verbose
+    if gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    inter_op, intra_op = thread_pool_sizes()
+    os.environ.setdefault(INTER_OP_VARIABLE, str(inter_op))
+    os.environ.setdefault(INTRA_OP_VARIABLE, str(intra_op))
+    os.environ.setdefault(ONEDNN_VARIABLE, ONEDNN_OPTS)
+    os.environ.setdefault(CPU_ALLOCATOR_VARIABLE, CPU_ALLOCATOR)
+
+
+def wants_start_up_logs():
     """Whether TensorFlow's C++ start-up lines are kept: with -v, or when the user set the log level."""
-    return verbose or LOG_LEVEL_VARIABLE in os.environ
+    return _settings["verbose"] or LOG_LEVEL_VARIABLE in os.environ
 
 
 def passed_on(text):
@@ -72,20 +97,17 @@ def thread_pool_sizes():
     )
 
 
-def import_tensorflow(verbose=False):
-    """The tensorflow module, imported without TensorFlow's C++ start-up lines unless wanted.
+def import_tensorflow():
+    """The tensorflow module, imported as `configure` set (its defaults when it was not called):
+    without TensorFlow's C++ start-up lines unless wanted.
 
-    The first import also sizes TensorFlow's thread pools (thread_pool_sizes) and
-    turns oneDNN's rewrites off, unless the user set these.
     TensorFlow reads its log level once, during the import; the quiet level is then
     taken out of the environment again, so that child processes see the user's.
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    os.environ.setdefault(INTER_OP_VARIABLE, str(thread_pool_sizes()[0]))
-    os.environ.setdefault(INTRA_OP_VARIABLE, str(thread_pool_sizes()[1]))
-    os.environ.setdefault(ONEDNN_VARIABLE, ONEDNN_OPTS)
-    if wants_start_up_logs(verbose):
+    configure(_settings["verbose"])
+    if wants_start_up_logs():
         import tensorflow
 
         return tensorflow

@@ -26,7 +26,7 @@ from google.protobuf import message
 from google.protobuf import message_factory
 from google.protobuf import text_format
 
-import models
+from pspnet_keras import models
 
 # Protobuf field kinds of the declarations below.
 OPTIONAL = "optional"

@@ -9,7 +9,6 @@ Needs h5py and NumPy only, so that the converter runs without TensorFlow.
 """
 
 import os
-import stat
 
 import h5py
 import numpy as np
@@ -24,21 +23,6 @@ KERAS2_VERSION = np.bytes_(b"2.1.5")
 
 class WeightsError(ValueError):
     """A weights file that does not fit the network it is loaded into."""
-
-
-def weights_file_problem(path):
-    """Why `path` cannot be a weights file, or None for a readable regular file."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "no such weights file"
-    except OSError as error:
-        return f"cannot read ({error.strerror or error})"
-    if stat.S_ISDIR(mode):
-        return "is a directory, not a weights file"
-    if not stat.S_ISREG(mode):
-        return "is not a regular file"
-    return None
 
 
 def decoded_names(path, group_name, names):
@@ -83,7 +67,7 @@ def read_weights(path):
     WeightsError naming the file for anything that is not such a file, and naming
     the layer for a malformed group or a non-finite value.
     """
-    problem = weights_file_problem(path)
+    problem = utils.file_problem(path, what="weights file")
     if problem:
         raise WeightsError(f"{path}: {problem}")
     try:

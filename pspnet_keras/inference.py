@@ -20,10 +20,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from models import RELEASE_MEAN_RGB
+from pspnet_keras import runtime
+from pspnet_keras.models import RELEASE_MEAN_RGB
+
+tf = runtime.import_tensorflow()
 
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STRIDE_RATE = 2 / 3

@@ -23,9 +23,9 @@ import math
 import os
 from pathlib import Path
 
-from palettes import ADE20K_CLASSES
-from palettes import CITYSCAPES_CLASSES
-from palettes import VOC2012_CLASSES
+from pspnet_keras.palettes import ADE20K_CLASSES
+from pspnet_keras.palettes import CITYSCAPES_CLASSES
+from pspnet_keras.palettes import VOC2012_CLASSES
 
 DESCRIPTION_FORMAT = "pspnet-keras"
 DESCRIPTION_VERSION = 1

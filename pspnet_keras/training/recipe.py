@@ -5,7 +5,7 @@ authors' re-implementation hszhao/semseg (config/*/*_pspnet*.yaml,
 util/transform.py, model/pspnet.py, tool/train.py).
 """
 
-import models
+from pspnet_keras import models
 
 # Paper §4: "poly" policy with base learning rate 0.01 and power 0.9, momentum 0.9,
 # weight decay 0.0001, batch size 16.

@@ -32,11 +32,11 @@ import numpy as np
 from PIL import Image
 
 import utils
-from models import MAX_CLASSES
-from palettes import ADE20K_CLASSES
-from palettes import CITYSCAPES_CLASSES
-from palettes import VOC2012_CLASSES
-from palettes import bit_interleaved_colormap
+from pspnet_keras.models import MAX_CLASSES
+from pspnet_keras.palettes import ADE20K_CLASSES
+from pspnet_keras.palettes import CITYSCAPES_CLASSES
+from pspnet_keras.palettes import VOC2012_CLASSES
+from pspnet_keras.palettes import bit_interleaved_colormap
 
 IGNORE_LABEL = 255
 DATASET_NAMES = ("ade20k", "cityscapes", "voc2012", "folders")
@@ -253,7 +253,7 @@ SAMPLE_FINDERS = {
 
 def read_text(path, what):
     """The text of a small UTF-8 file of the dataset, without a byte-order mark; DataRootError naming it otherwise."""
-    problem = utils.input_file_problem(path)
+    problem = utils.file_problem(path)
     if problem:
         raise DataRootError(f"{path}: {problem}")
     try:
@@ -362,7 +362,7 @@ def read_label(sample):
     unlabelled. Raises SampleError for a missing, special (FIFO, directory, link
     loop) or unreadable file and for one that is not an 8-bit class-index image.
     """
-    problem = utils.input_file_problem(sample.label)
+    problem = utils.file_problem(sample.label)
     if problem:
         raise SampleError(sample.label, "label file missing" if problem == "no such file" else problem)
     try:

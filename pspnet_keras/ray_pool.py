@@ -7,8 +7,8 @@
 The images are a Ray Data dataset of file paths, one block per image, mapped by an
 actor pool (Ray Data, "Stateful Transforms": `map` with a callable class and an
 ActorPoolStrategy). Each actor loads the model once and runs, for each image, what
-the single-process commands run: pspnet.segment, which writes the image's outputs
-itself, all or none, and evaluate.measure_sample, whose confusion matrix it sends
+the single-process commands run: segment.segment, which writes the image's outputs
+itself, all or none, and scoring.measure_sample, whose confusion matrix it sends
 back for the driver to add up. The driver reads no image.
 
 Faults: Ray Data creates its actors with max_restarts=-1 and max_task_retries=-1
@@ -21,7 +21,6 @@ result names its image, so an image run twice counts once.
 Ray is imported only here, and this module only with --ray.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import logging
@@ -37,13 +36,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-import datasets
-import evaluate
-import pspnet
-import tf_runtime
+from pspnet_keras import cli
+from pspnet_keras import datasets
+from pspnet_keras import scoring
+from pspnet_keras import segment
+from pspnet_keras.segmenter import load_network
+from pspnet_keras import runtime
 import utils
 
-PROJECT_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 INSTALL_COMMAND = "python -m pip install -r requirements-ray.txt"
 # A CPU worker's cores when --workers does not say, its TensorFlow threads: each worker holds a
 # model and its activations, up to 4.1 GiB (bench/README.md, "On Ray").
@@ -203,7 +204,7 @@ def start_ray(ray, address, embedded, verbose):
     if not embedded:
         check_reachable(address)
     sigterm = signal.getsignal(signal.SIGTERM)
-    options = {"num_cpus": tf_runtime.usable_cores(), "include_dashboard": False} if embedded else {}
+    options = {"num_cpus": runtime.usable_cores(), "include_dashboard": False} if embedded else {}
     try:
         ray.init(
             address=address, runtime_env=worker_environment(), log_to_driver=verbose,
@@ -219,13 +220,13 @@ def start_ray(ray, address, embedded, verbose):
 @contextlib.contextmanager
 def ray_session(ray, address, verbose):
     """Ray for one run: the session this process already has (Python callers and tests), else an
-    embedded Ray on this machine (address pspnet.RAY_LOCAL) or the cluster at `address` ('auto',
+    embedded Ray on this machine (address cli.RAY_LOCAL) or the cluster at `address` ('auto',
     HOST:PORT), left at the end. Ray's log lines and progress bars stay off the console unless verbose.
 
     Yields whether Ray is embedded and the resources of each alive node.
     """
     quiet_ray_logging(verbose)
-    embedded = address == pspnet.RAY_LOCAL
+    embedded = address == cli.RAY_LOCAL
     with contextlib.ExitStack() as stack:
         if not verbose:
             stack.enter_context(native_stderr_hidden())
@@ -259,11 +260,11 @@ def start_pool(prog, nodes, embedded, args, quiet):
 def start_worker_process(pool):
     """Prepares an actor's process before TensorFlow starts: thread pools of the actor's CPUs, no
     GPU for a CPU actor (Ray gives a GPU actor its own in CUDA_VISIBLE_DEVICES), GPU memory growth."""
-    os.environ[tf_runtime.INTRA_OP_VARIABLE] = str(pool.cpus)
-    os.environ[tf_runtime.INTER_OP_VARIABLE] = str(tf_runtime.INTER_OP_THREADS)
+    os.environ[runtime.INTRA_OP_VARIABLE] = str(pool.cpus)
+    os.environ[runtime.INTER_OP_VARIABLE] = str(runtime.INTER_OP_THREADS)
     if not pool.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    tf = tf_runtime.import_tensorflow()
+    tf = runtime.import_tensorflow()
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
 
@@ -324,11 +325,12 @@ class ImageWorker:
 
     def __init__(self, args, config, pool):
         start_worker_process(pool)
-        self.args = argparse.Namespace(**{**vars(args), "quiet": True})
+        self.protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+        self.verbose = args.verbose
         self.net, self.fatal = None, ""
         try:
-            self.net = pspnet.load_network(self.args, config)
-        except utils.CommandError as error:
+            self.net = load_network(config, args.weights, show_progress=False, precision=args.precision)
+        except cli.CommandError as error:
             self.fatal = str(error)
 
     def __call__(self, row):
@@ -340,16 +342,17 @@ class ImageWorker:
         source = Path(row["key"])
         outputs = {kind: Path(path) for kind, path in row["outputs"].items()}
         try:
-            class_ids = pspnet.segment(self.net, utils.read_image(source), source, outputs, self.args)
+            class_ids = segment.segment(self.net, utils.read_image(source), source, outputs, self.protocol, quiet=True)
         except utils.ImageError as error:
             result["error"] = str(error)
             return result
-        result["summary"] = "\n".join(pspnet.summary_lines(source, class_ids, self.net.class_names, self.args.verbose))
+        result["summary"] = "\n".join(segment.summary_lines(source, class_ids, self.net.class_names, self.verbose))
         return result
 
 
-def segment_images(args, config, plan):
-    """pspnet.py's run over `plan` ({source: {kind: output path}}) on Ray; returns the exit code."""
+def segment_images(prog, args, config, plan):
+    """pspnet.py's run over `plan` ({source: {kind: output path}}) on Ray; returns the exit code. `prog`
+    names the command in the lines it prints."""
     ray = import_ray()
     rows = [{"key": str(source), "outputs": {kind: str(path) for kind, path in outputs.items()}}
             for source, outputs in plan.items()]
@@ -358,19 +361,19 @@ def segment_images(args, config, plan):
     def report(result):
         nonlocal failures
         if result["error"]:
-            tqdm.write(f"{pspnet.PROG}: error: {result['error']}", file=sys.stderr)
+            tqdm.write(f"{prog}: error: {result['error']}", file=sys.stderr)
             failures += 1
         elif not args.quiet:
             tqdm.write(result["summary"], file=sys.stdout)
 
     try:
         with ray_session(ray, args.ray, args.verbose) as (embedded, nodes):
-            pool = start_pool(pspnet.PROG, nodes, embedded, args, args.quiet)
+            pool = start_pool(prog, nodes, embedded, args, args.quiet)
             results = map_with_pool(ray, rows, ImageWorker, {"args": args, "config": config, "pool": pool}, pool)
-            consume(pspnet.PROG, results, len(rows), args.quiet, report)
+            consume(prog, results, len(rows), args.quiet, report)
     finally:
         remove_temporaries(path for outputs in plan.values() for path in outputs.values())
-    return utils.EXIT_FAILURE if failures else utils.EXIT_OK
+    return cli.EXIT_FAILURE if failures else cli.EXIT_OK
 
 
 class SampleWorker:
@@ -381,8 +384,8 @@ class SampleWorker:
         self.samples, self.save_dir, self.protocol = samples, save_dir, protocol
         self.network, self.fatal = None, ""
         try:
-            self.network = evaluate.load_network(config, weights)
-        except utils.CommandError as error:
+            self.network = load_network(config, weights)
+        except cli.CommandError as error:
             self.fatal = str(error)
 
     def __call__(self, row):
@@ -393,7 +396,7 @@ class SampleWorker:
         if self.fatal:
             return result
         try:
-            confusion, undefined = evaluate.measure_sample(
+            confusion, undefined = scoring.measure_sample(
                 self.network, self.samples[row["key"]], self.save_dir, self.protocol
             )
         except datasets.SampleError as error:
@@ -404,9 +407,10 @@ class SampleWorker:
         return result
 
 
-def evaluate_samples(args, config, samples, order, protocol, tally):
+def evaluate_samples(prog, args, config, samples, order, protocol, tally):
     """Adds every sample to `tally` as evaluate.py does, measured by Ray workers; `order` lists the
-    sample numbers in the order the single-process run takes them, which the report keeps."""
+    sample numbers in the order the single-process run takes them, which the report keeps. `prog`
+    names the command in the lines it prints."""
     ray = import_ray()
     position = {index: place for place, index in enumerate(order)}
     classes = len(tally.confusion)
@@ -424,10 +428,10 @@ def evaluate_samples(args, config, samples, order, protocol, tally):
                  "save_dir": args.save_dir, "protocol": protocol}
     try:
         with ray_session(ray, args.ray, False) as (embedded, nodes):
-            pool = start_pool(evaluate.PROG, nodes, embedded, args, False)
+            pool = start_pool(prog, nodes, embedded, args, False)
             results = map_with_pool(ray, [{"key": index} for index in order], SampleWorker, {**arguments, "pool": pool},
                                     pool)
-            consume(evaluate.PROG, results, len(order), False, count)
+            consume(prog, results, len(order), False, count)
     finally:
         if args.save_dir is not None:
-            remove_temporaries(evaluate.prediction_path(args.save_dir, sample) for sample in samples)
+            remove_temporaries(scoring.prediction_path(args.save_dir, sample) for sample in samples)

@@ -44,6 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
+from pspnet_keras import runtime
+
+runtime.import_tensorflow()  # before Keras: TensorFlow starts as the commands start it
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -51,26 +55,27 @@ from keras import layers
 from tensorflow.core.framework import summary_pb2
 from tqdm import tqdm
 
-import datasets
-import keras2_weights
+from pspnet_keras import cli
+from pspnet_keras import datasets
+from pspnet_keras import keras2_weights
 import layers_builder
-import metrics
-import models
+from pspnet_keras import metrics
+from pspnet_keras import models
 import utils
-from inference import Predictor
+from pspnet_keras.inference import Predictor
 from layers_builder import Interp
-from recipe import AUX_WEIGHT
-from recipe import BASE_LR
-from recipe import BLUR_KERNEL
-from recipe import BLUR_PROBABILITY
-from recipe import HEAD_LR_MULTIPLIER
-from recipe import MIRROR_PROBABILITY
-from recipe import MOMENTUM
-from recipe import POLY_POWER
-from recipe import ROTATION_DEGREES
-from recipe import SCALE_RANGE
-from recipe import WEIGHT_DECAY
-from tf_runtime import PRECISION_POLICIES
+from pspnet_keras.training.recipe import AUX_WEIGHT
+from pspnet_keras.training.recipe import BASE_LR
+from pspnet_keras.training.recipe import BLUR_KERNEL
+from pspnet_keras.training.recipe import BLUR_PROBABILITY
+from pspnet_keras.training.recipe import HEAD_LR_MULTIPLIER
+from pspnet_keras.training.recipe import MIRROR_PROBABILITY
+from pspnet_keras.training.recipe import MOMENTUM
+from pspnet_keras.training.recipe import POLY_POWER
+from pspnet_keras.training.recipe import ROTATION_DEGREES
+from pspnet_keras.training.recipe import SCALE_RANGE
+from pspnet_keras.training.recipe import WEIGHT_DECAY
+from pspnet_keras.runtime import PRECISION_POLICIES
 
 # Auxiliary head (hszhao/semseg model/pspnet.py, `self.aux`): 3x3 conv 256, BN, ReLU,
 # dropout 0.1, 1x1 conv to the classes, upsampled as the main head.
@@ -683,7 +688,7 @@ def init_model(init):
         config = models.RELEASED_MODELS[init]
         return config, None
     path = Path(init)
-    problem = utils.input_file_problem(path)
+    problem = utils.file_problem(path)
     if problem:
         raise TrainingError(f"{path}: {problem}")
     try:
@@ -832,7 +837,7 @@ class Interruptions:
 
     def handle(self, signum, frame):
         if self.received is not None:
-            raise utils.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise cli.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         self.received = signum
 
     def __enter__(self):
@@ -847,8 +852,8 @@ class Interruptions:
         return False
 
     def raise_received(self):
-        """Raises what the recorded signal stands for: utils.Terminated for SIGTERM, KeyboardInterrupt for SIGINT."""
-        raise utils.Terminated() if self.received == signal.SIGTERM else KeyboardInterrupt()
+        """Raises what the recorded signal stands for: cli.Terminated for SIGTERM, KeyboardInterrupt for SIGINT."""
+        raise cli.Terminated() if self.received == signal.SIGTERM else KeyboardInterrupt()
 
 
 def validation_miou(predictor, samples, classes, quiet=True):
@@ -956,7 +961,7 @@ class Trainer:
     at the end (on `val_samples`, in the inference protocol's default mode), a
     checkpoint every `checkpoint_every` iterations. Only the chief writes files.
     SIGINT or SIGTERM finishes the step, writes a checkpoint and raises
-    KeyboardInterrupt (or utils.Terminated). A non-finite loss or weights raise
+    KeyboardInterrupt (or cli.Terminated). A non-finite loss or weights raise
     TrainingError naming the iteration; nothing with non-finite weights is written.
     """
 

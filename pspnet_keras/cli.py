@@ -1,0 +1,275 @@
+"""What every command line of the project shares: exit codes, errors, signals, options.
+
+Each command (pspnet.py, evaluate.py, train.py, export.py, weight_converter.py)
+parses its arguments with `ArgumentParser`, which accepts every long option with
+'-' or '_' between its words, and runs its work through `run_command`, which
+turns a `CommandError` into one line on stderr and SIGTERM into the same
+clean-up as Ctrl-C. The option groups that several commands take (the model's
+-m/-w, Ray's) are here, with the checks of the paths a command writes to.
+
+This module imports nothing heavy, so that a command parses its line and refuses
+bad input before TensorFlow loads.
+"""
+
+import argparse
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pspnet_keras import models
+
+# Exit codes of every command of the project.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+# The --ray value without an address: an embedded Ray on this machine (ray.init(address="local")).
+RAY_LOCAL = "local"
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the message is one line saying why."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that cleanup runs as for Ctrl-C."""
+
+
+def stop_on_termination():
+    """Makes SIGTERM raise Terminated in the main thread (commands then exit with EXIT_TERMINATED)."""
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def interruption_exit_code(error):
+    """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
+
+
+def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
+    """The exit status of a command line whose work is run(args).
+
+    SIGTERM stops the work as Ctrl-C does. A CommandError prints one line
+    `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
+    `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
+    """
+    stop_on_termination()
+    try:
+        return run(args)
+    except CommandError as error:
+        print(f"{prog}: {error_prefix}{error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt as error:
+        reason = "terminated" if isinstance(error, Terminated) else "interrupted"
+        print(f"{prog}: {reason}{interrupted_suffix}", file=sys.stderr)
+        return interruption_exit_code(error)
+
+
+class _SpellingRecorder:
+    """An argument group that records the long options added to it in its parser's spelling table."""
+
+    def __init__(self, group, spellings):
+        self.group = group
+        self.spellings = spellings
+
+    def add_argument(self, *flags, **options):
+        """The group's add_argument, recording each long option."""
+        action = self.group.add_argument(*flags, **options)
+        for flag in action.option_strings:
+            if flag.startswith("--"):
+                self.spellings.setdefault(flag.replace("_", "-"), flag)
+        return action
+
+    def add_mutually_exclusive_group(self, **options):
+        """The group's add_mutually_exclusive_group, recording as this group does."""
+        return _SpellingRecorder(self.group.add_mutually_exclusive_group(**options), self.spellings)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser that also takes every long option with '-' or '_' between its words.
+
+    --input-path is read as a declared --input_path, --save_probs as --save-probs;
+    --help shows the declared spelling. Arguments after '--' are left alone.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.spellings = None
+        super().__init__(*args, **kwargs)
+        self.spellings = {"--help": "--help"}
+
+    def add_argument(self, *flags, **options):
+        if self.spellings is None:
+            return super().add_argument(*flags, **options)
+        return _SpellingRecorder(super(), self.spellings).add_argument(*flags, **options)
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        return group if self.spellings is None else _SpellingRecorder(group, self.spellings)
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _SpellingRecorder(super().add_mutually_exclusive_group(**kwargs), self.spellings)
+
+    def declared_spelling(self, argument):
+        """`argument` ('--flag' or '--flag=value') with its flag spelt as declared."""
+        flag, equals, value = argument.partition("=")
+        if flag.startswith("--") and flag not in self.spellings.values():
+            flag = self.spellings.get(flag.replace("_", "-"), flag)
+        return flag + equals + value
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index("--") if "--" in args else len(args)
+        spelt = [self.declared_spelling(argument) for argument in args[:end]] + args[end:]
+        return super().parse_known_args(spelt, namespace)
+
+
+def integer(minimum):
+    """argparse type: an integer of at least `minimum`."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = integer(1)
+
+
+def number(minimum, below=None, strictly=False):
+    """argparse type: a finite number >= minimum (> if `strictly`), and < `below` when given."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strictly and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'above' if strictly else 'at least'} {minimum:g}, got {text}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {text}")
+        return value
+
+    return parse
+
+
+def model_list():
+    """The released models, one phrase each, for --help."""
+    return "; ".join(
+        f"{config.name} (ResNet-{config.depth}, {config.classes} {config.dataset} classes, "
+        f"{config.crop_size} px crops)"
+        for config in models.RELEASED_MODELS.values()
+    )
+
+
+def add_model_arguments(parser):
+    """The -m and -w options of the commands that run a model (pspnet.py, evaluate.py, export.py)."""
+    parser.add_argument(
+        "-m", "--model", choices=models.RELEASED_MODEL_NAMES, metavar="MODEL",
+        help=f"a released model: {model_list()} (default: {models.DEFAULT_MODEL}, or the model "
+             "described beside the -w file)",
+    )
+    parser.add_argument(
+        "-w", "--weights", metavar="H5",
+        help="Keras-2 HDF5 weights file (default: weights/keras/<model>.h5 next to pspnet.py, "
+             "downloaded when missing), or a .keras archive written by export.py --format keras; "
+             "with <stem>.json beside it, that user model",
+    )
+
+
+def add_ray_arguments(parser):
+    """The options of a run on Ray (pspnet_keras/ray_pool.py), shared by pspnet.py and evaluate.py."""
+    parser.add_argument(
+        "--ray", nargs="?", const=RAY_LOCAL, metavar="ADDRESS",
+        help="share the images out to workers on Ray, each loading the model once (needs python -m pip "
+             "install -r requirements-ray.txt): without ADDRESS an embedded Ray on this machine, one worker "
+             "per GPU or CPU workers sized to the cores; 'auto' or HOST:PORT joins a running cluster "
+             "(ray start), whose machines see the project, the weights, the images and the outputs at the "
+             "same paths",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, metavar="N",
+        help="with --ray: the number of workers (default: one per GPU, or one per 4 cores without GPU)",
+    )
+    parser.add_argument(
+        "--gpus-per-worker", type=number(0), metavar="G",
+        help="with --ray: each worker's GPUs; 0.5 puts two workers on a GPU (default: 1 where the "
+             "cluster has GPUs, else 0)",
+    )
+    parser.add_argument(
+        "--cpus-per-worker", type=positive_int, metavar="C",
+        help="with --ray: each worker's CPUs, its TensorFlow threads (default: the cores shared out "
+             "among the workers)",
+    )
+
+
+def check_ray_arguments(parser, args):
+    """Refuses the options of a run on Ray without --ray (exit status 2)."""
+    if args.ray is None:
+        for flag in ("workers", "gpus_per_worker", "cpus_per_worker"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} needs --ray")
+
+
+def existing_ancestor(path):
+    """The nearest of `path` and its parents that exists."""
+    path = Path(os.path.abspath(path))
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def directory_problem(directory, what="the output directory"):
+    """Why `directory` cannot be created or written in, or None: its nearest existing ancestor must be
+    a directory this process may write in."""
+    existing = existing_ancestor(directory)
+    if not existing.is_dir():
+        return f"cannot create {what} ({existing} is not a directory)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing} (permission denied)"
+    return None
+
+
+def file_identity(path):
+    """(device, inode) of an existing file, None otherwise: two paths of one identity are one file."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def file_index(files):
+    """`files` ({path: what it is}) indexed by resolved path and by file identity, for replaced_file."""
+    by_path, by_identity = {}, {}
+    for path, what in files.items():
+        by_path.setdefault(os.path.realpath(path), (path, what))
+        key = file_identity(path)
+        if key is not None:
+            by_identity.setdefault(key, (path, what))
+    return by_path, by_identity
+
+
+def replaced_file(target, index):
+    """The (path, what it is) of a file_index that writing `target` would replace, or None.
+
+    Compares resolved paths (symbolic links) and, for an existing target, file identities (hard links).
+    """
+    by_path, by_identity = index
+    found = by_path.get(os.path.realpath(target))
+    key = file_identity(target)
+    if found is None and key is not None:
+        found = by_identity.get(key)
+    return found

@@ -1,0 +1,100 @@
+"""One image segmented into the files pspnet.py writes, all of them or none.
+
+`segment` runs the protocol on an image and writes its outputs: class colours
+(_seg), their 50/50 blend with the image (_seg_blended), the maximum probability
+as grey levels (_probs), the class ids (_seg_read.png) and, when asked, the
+(H, W, classes) probabilities (_probs.npy, streamed to disk). pspnet.py and its
+Ray workers (ray_pool.py) call it for every image.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+import utils
+
+OUTPUT_SUFFIXES = {
+    "seg": "_seg{ext}",
+    "seg_blended": "_seg_blended{ext}",
+    "probs": "_probs{ext}",
+    "seg_read": "_seg_read.png",
+    "probs_npy": "_probs.npy",
+}
+# The Pillow image mode of each picture output: colours, blend, grey probabilities.
+PICTURE_MODES = {"seg": "RGB", "seg_blended": "RGB", "probs": "L"}
+SUMMARY_TOP_CLASSES = 3
+# Images needing at least this many forward passes get a progress bar of their own.
+FORWARD_BAR_MIN_PASSES = 4
+
+
+def picture_extension_problem(extension):
+    """Why Pillow cannot write every picture output with this extension (e.g. '.jpg'), or None."""
+    image_format = Image.registered_extensions().get(extension.lower())
+    if image_format not in Image.SAVE:
+        return f"cannot write images with the extension {extension!r}"
+    for mode in sorted(set(PICTURE_MODES.values())):
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), format=image_format)
+        except (OSError, ValueError, KeyError):
+            return f"the {image_format} format of {extension!r} cannot store {mode} images; use .png or .jpg"
+    return None
+
+
+def output_paths(stem, extension, save_probs):
+    """The output files of one image, by kind, for the output stem and picture extension."""
+    kinds = [kind for kind in OUTPUT_SUFFIXES if save_probs or kind != "probs_npy"]
+    return {kind: Path(f"{stem}{OUTPUT_SUFFIXES[kind].format(ext=extension)}") for kind in kinds}
+
+
+def summary_lines(source, class_ids, class_names, verbose):
+    """The classes found in an image with their pixel shares: one line, or one per class if verbose."""
+    found = utils.class_summary(class_ids, class_names)
+    if verbose:
+        return [f"{source}: {len(found)} classes"] + [
+            f"  {class_id:3d} {name:<24} {share:7.2%}" for class_id, name, share in found
+        ]
+    shown = ", ".join(f"{name} {share:.1%}" for _, name, share in found[:SUMMARY_TOP_CLASSES])
+    more = len(found) - SUMMARY_TOP_CLASSES
+    return [f"{source}: {shown}" + (f" (+{more} more classes)" if more > 0 else "")]
+
+
+def segment(net, image, source, outputs, protocol, quiet=False):
+    """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
+    ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
+    a long image unless `quiet`."""
+    from pspnet_keras.inference import OutOfMemory  # imports TensorFlow: only once a network is there
+
+    height, width = image.shape[:2]
+    passes = net.forward_count(height, width, **protocol)
+    with utils.AtomicFiles() as files:
+        probabilities = None
+        if "probs_npy" in outputs:
+            temporary = files.temporary(outputs["probs_npy"])
+            probabilities = np.lib.format.open_memmap(
+                temporary, mode="w+", dtype=np.float32, shape=(height, width, net.classes)
+            )
+        with tqdm(
+            total=passes, unit="pass", desc="forward passes", leave=False,
+            disable=quiet or passes < FORWARD_BAR_MIN_PASSES,
+        ) as bar:
+            try:
+                class_ids, confidence = net.class_map(image, progress=bar.update, probabilities=probabilities, **protocol)
+            except OutOfMemory as error:
+                raise utils.ImageError(f"{source}: {error}") from None
+        if probabilities is not None:
+            probabilities.flush()
+            del probabilities
+        colour = utils.colorize(class_ids, net.palette)
+        pictures = {
+            "seg": colour,
+            "seg_blended": utils.blend(image, colour),
+            "probs": utils.probability_image(confidence),
+            "seg_read": class_ids,
+        }
+        for kind, array in pictures.items():
+            files.write(outputs[kind], utils.image_writer(outputs[kind], array))
+        files.commit()
+    return class_ids
