@@ -17,6 +17,7 @@ their upsampled concatenation, which halves its cost (a fifth of PSPNet-50's).
 import zipfile
 
 import numpy as np
+
 from pspnet_keras import runtime
 
 runtime.import_tensorflow()  # before Keras: TensorFlow starts as the commands start it
@@ -25,6 +26,7 @@ import keras
 from keras import layers
 from keras import ops
 
+import utils
 from pspnet_keras import models
 from pspnet_keras.keras2_weights import WeightsError
 from pspnet_keras.keras2_weights import read_weights
@@ -41,7 +43,6 @@ from pspnet_keras.models import STAGE_DILATIONS
 from pspnet_keras.models import STAGE_WIDTHS
 from pspnet_keras.models import feature_size
 from pspnet_keras.runtime import PRECISION_POLICIES
-import utils
 
 # The custom layers are registered as "pspnet>Interp" and "pspnet>PyramidConvolution", so that
 # keras.saving.load_model opens a `.keras` archive of a network once this module is imported.
@@ -313,8 +314,9 @@ def build_pspnet(model, input_size=None, precision="float32"):
     policy; the mixed ones keep float32 weights and compute in 16 bits.
     """
     config = models.model_config(model)
-    if precision not in PRECISION_POLICIES:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISION_POLICIES)}")
+    problem = runtime.precision_problem(precision, here=False)
+    if problem:
+        raise ValueError(problem)
     input_size = config.crop_size if input_size is None else input_size
     check_input_size(input_size)
     policy = keras.config.dtype_policy()
@@ -349,16 +351,17 @@ def and_more(names):
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def load_weights(model, path):
+def load_weights(model, path, fresh=()):
     """Fills every weighted layer of `model` from the HDF5 file at `path`, by layer name.
 
-    Raises WeightsError naming the file and the layer when a layer of the model is
-    missing from the file, the file holds a layer the model does not have, or an
-    array's shape does not match.
+    Layers named in `fresh` keep their initialisation, whatever the file holds for them
+    (a classifier trained for other classes, say). Raises WeightsError naming the file
+    and the layer when another layer of the model is missing from the file, the file
+    holds a layer the model does not have, or an array's shape does not match.
     """
     arrays = read_weights(path)
-    expected = file_weight_shapes(model)
-    unknown = sorted(set(arrays) - set(expected))
+    expected = {name: shapes for name, shapes in file_weight_shapes(model).items() if name not in fresh}
+    unknown = sorted(set(arrays) - set(expected) - set(fresh))
     if unknown:
         raise WeightsError(f"{path}: layer {unknown[0]} is not in {model.name}{and_more(unknown)}")
     missing = [name for name in expected if name not in arrays]
@@ -369,7 +372,7 @@ def load_weights(model, path):
         if given != shapes:
             raise WeightsError(f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {shapes}")
     for layer in model.layers:
-        if layer.weights:
+        if layer.weights and layer.name not in fresh:
             layer.set_weights(arrays[layer.name])
 
 

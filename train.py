@@ -1,4 +1,4 @@
-"""Trains PSPNet with the paper's recipe: the `train.py` command line over training.py.
+"""Trains PSPNet with the paper's recipe: the `train.py` command line over pspnet_keras/training/.
 
     python train.py --data ~/data/mine --dataset folders --out runs/mine
     python train.py --data ~/data/mine --out runs/mine --resume
@@ -9,27 +9,26 @@ OUT/final.h5 with its description OUT/final.json, which pspnet.py -w and
 evaluate.py -w take. The whole set is checked before the first iteration. OUT also
 holds run.json (the run's settings), checkpoint.h5, log.csv and tensorboard/.
 
-TensorFlow is imported after the command line is parsed, quietly
-(runtime.import_tensorflow), and TF_CONFIG's MultiWorkerMirroredStrategy is made
+TensorFlow is imported after the command line is parsed, quietly (runtime.configure,
+runtime.import_tensorflow), and TF_CONFIG's MultiWorkerMirroredStrategy is made
 before TensorFlow runs anything, as it must be.
 """
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
+import utils
 from pspnet_keras import cli
 from pspnet_keras import datasets
+from pspnet_keras import download
 from pspnet_keras import models
-from pspnet_keras.training import recipe
 from pspnet_keras import runtime
-import utils
-
-# TensorFlow's default CPU allocator maps fresh pages for every large tensor (bench/README.md).
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
+from pspnet_keras.training import recipe
+from pspnet_keras.training import run_files
+from pspnet_keras.training.errors import TrainingError
 
 PROG = "train.py"
 DEFAULT_OUT = "runs/train"
@@ -46,8 +45,8 @@ RECIPE_FLAGS = {
 
 
 def read_run_record(out):
-    """The settings recorded in OUT/run.json by the run being resumed."""
-    path = out / "run.json"
+    """The settings recorded in OUT/run.json (run_files.RUN_RECORD_NAME) by the run being resumed."""
+    path = out / run_files.RUN_RECORD_NAME
     problem = utils.file_problem(path)
     if problem:
         raise cli.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
@@ -66,12 +65,13 @@ def check_out(out, resume):
         raise cli.CommandError(f"{out}: not a directory; choose another --out")
     if resume:
         return
-    held = [name for name in ("run.json", "checkpoint.h5", "final.h5") if (out / name).exists()]
+    names = (run_files.RUN_RECORD_NAME, run_files.CHECKPOINT_NAME, run_files.FINAL_WEIGHTS_NAME)
+    held = [name for name in names if (out / name).exists()]
     if held:
         raise cli.CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
 
 
-def choose_dataset(requested, root):
+def dataset_layout(requested, root):
     """The layout of --data: --dataset, else the one found there."""
     if requested:
         return requested
@@ -117,9 +117,9 @@ def checked_samples(samples, split, skip_bad, quiet):
     Each problem is one line on stderr; any problem stops the run unless skip_bad,
     which leaves those samples out and says how many.
     """
-    from pspnet_keras import training
+    from pspnet_keras.training.data import check_samples
 
-    problems = training.check_samples(samples, description=f"checking {split}", quiet=quiet)
+    problems = check_samples(samples, description=f"checking {split}", quiet=quiet)
     for line in problem_lines(problems):
         print(f"{PROG}: {'skipped' if skip_bad else 'error'}: {line}", file=sys.stderr)
     if problems and not skip_bad:
@@ -139,21 +139,20 @@ def init_weights_path(config, path, quiet):
     """The weights file to start from: `path`, or the released model's, downloaded when missing."""
     if path is not None:
         return path
-    import pspnet
     from layers_builder import build_pspnet
 
-    path = pspnet.default_weights_path(config.name)
+    path = download.default_weights_path(config.name)
     if not path.exists():
         try:
-            pspnet.download_weights(
+            download.download_weights(
                 build_pspnet(config, models.SMALLEST_CROP_SIZE), config, path, show_progress=not quiet
             )
-        except pspnet.WeightsNotFound as error:
+        except download.WeightsNotFound as error:
             raise cli.CommandError(str(error)) from None
     return path
 
 
-def resolved(values, dataset_name, init_config):
+def recipe_with_defaults(values, dataset_name, init_config):
     """The recipe values with the defaults filled in: the paper's, and crop and base size from the
     dataset's released model (a folders dataset: from the --init model)."""
     benchmark = models.RELEASED_MODELS[recipe.INIT_MODELS[dataset_name]] if dataset_name != "folders" else init_config
@@ -167,10 +166,10 @@ def resolved(values, dataset_name, init_config):
 
 
 def settings_of(values, args):
-    """training.Settings of the resolved recipe values and the bookkeeping flags."""
-    from pspnet_keras import training
+    """loop.Settings of the recipe values (recipe_with_defaults) and the bookkeeping flags."""
+    from pspnet_keras.training.loop import Settings
 
-    return training.Settings(
+    return Settings(
         iterations=values["iterations"], batch=values["batch"], crop_size=values["crop"], lr=values["lr"],
         momentum=values["momentum"], weight_decay=values["weight_decay"], power=values["power"],
         aux_weight=values["aux_weight"], head_lr_mult=values["head_lr_mult"], train_bn=values["train_bn"],
@@ -182,7 +181,7 @@ def settings_of(values, args):
 def open_data(values, args):
     """(dataset, training samples, validation samples) of --data; fills in values["dataset"]."""
     try:
-        values["dataset"] = choose_dataset(values["dataset"], args.data)
+        values["dataset"] = dataset_layout(values["dataset"], args.data)
         dataset = datasets.open_dataset(values["dataset"], args.data)
         return dataset, dataset.samples("train"), dataset.samples("val") if args.val_every else []
     except datasets.DataRootError as error:
@@ -191,12 +190,12 @@ def open_data(values, args):
 
 def starting_model(values):
     """(ModelConfig, weights path or None for a released model's own) of --init; fills in values["init"]."""
-    from pspnet_keras import training
+    from pspnet_keras.training.init_weights import init_model
 
     values["init"] = values["init"] or recipe.INIT_MODELS[values["dataset"]]
     try:
-        return training.init_model(values["init"])
-    except training.TrainingError as error:
+        return init_model(values["init"])
+    except TrainingError as error:
         raise cli.CommandError(str(error)) from None
 
 
@@ -217,7 +216,7 @@ def start_out(out, values, classes):
     """Creates OUT and records the run's settings in OUT/run.json."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        utils.write_json_atomic(out / "run.json", {**values, "classes": classes})
+        utils.write_json_atomic(out / run_files.RUN_RECORD_NAME, {**values, "classes": classes})
     except (OSError, utils.OutputError) as error:
         raise cli.CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
 
@@ -227,14 +226,15 @@ def build(strategy, config, settings):
     seeded, so that fresh layers start alike in every process of the run."""
     import keras
 
-    from pspnet_keras import training
+    from pspnet_keras.training.network import build_training_model
+    from pspnet_keras.training.optimizer import recipe_optimizer
 
     keras.utils.set_random_seed(settings.seed)
     with strategy.scope():
-        model, network = training.build_training_model(
+        model, network = build_training_model(
             config, settings.crop_size, settings.train_bn, settings.precision, settings.aux_weight
         )
-        optimizer = training.recipe_optimizer(
+        optimizer = recipe_optimizer(
             model, settings.iterations, settings.lr, settings.momentum, settings.weight_decay, settings.power,
             settings.head_lr_mult, settings.precision,
         )
@@ -252,15 +252,17 @@ def run(args):
     record = read_run_record(out) if args.resume else None
     values = recipe_values(args, record)
     strategy = distribution_strategy()
-    from pspnet_keras import training
+    from pspnet_keras.training.data import samples_fingerprint
+    from pspnet_keras.training.init_weights import load_init_weights
+    from pspnet_keras.training.loop import Trainer
 
     dataset, samples, val_samples = open_data(values, args)
     init_config, init_path = starting_model(values)
-    values = resolved(values, dataset.name, init_config)
+    values = recipe_with_defaults(values, dataset.name, init_config)
     settings = settings_of(values, args)
     check_settings(settings, strategy)
     config = models.ModelConfig(
-        name=training.FINAL_STEM, depth=init_config.depth, classes=dataset.classes, crop_size=settings.crop_size,
+        name=run_files.FINAL_STEM, depth=init_config.depth, classes=dataset.classes, crop_size=settings.crop_size,
         base_size=values["base_size"], class_names=dataset.class_names, palette=dataset.palette,
         mean_rgb=init_config.mean_rgb,
     )
@@ -271,23 +273,23 @@ def run(args):
     if chief and record is None:
         start_out(out, values, dataset.classes)
     model, network, optimizer = build(strategy, config, settings)
-    trainer = training.Trainer(
+    trainer = Trainer(
         strategy, model, network, optimizer, settings, config, out, samples, val_samples,
-        fingerprint=training.samples_fingerprint(samples, dataset.root), chief=chief, quiet=args.quiet,
+        fingerprint=samples_fingerprint(samples, dataset.root), chief=chief, quiet=args.quiet,
     )
     try:
         start = trainer.resume() if args.resume else 0
         if start == 0:
-            fresh = training.load_init_weights(network, init_weights_path(init_config, init_path, quiet))
+            fresh = load_init_weights(network, init_weights_path(init_config, init_path, quiet), init_config)
             if fresh and not quiet:
                 print(f"{PROG}: {', '.join(fresh)} starts fresh ({dataset.classes} classes)", file=sys.stderr)
         final = trainer.run(start)
-    except training.TrainingError as error:
+    except TrainingError as error:
         raise cli.CommandError(str(error)) from None
     except KeyboardInterrupt:
         if chief:
             print(
-                f"{PROG}: stopped at iteration {trainer.iteration}; checkpoint in {out / training.CHECKPOINT_NAME} "
+                f"{PROG}: stopped at iteration {trainer.iteration}; checkpoint in {out / run_files.CHECKPOINT_NAME} "
                 "(--resume continues)",
                 file=sys.stderr,
             )
@@ -342,41 +344,9 @@ def distribution_strategy():
     return tf.distribute.get_strategy()
 
 
-def integer(minimum):
-    """argparse type: an integer of at least `minimum`."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def number(minimum, below=None, strictly=False):
-    """argparse type: a finite number >= minimum (> if `strictly`), and < `below` when given."""
-
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strictly and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be {'above' if strictly else 'at least'} {minimum:g}, got {text}")
-        if below is not None and value >= below:
-            raise argparse.ArgumentTypeError(f"must be below {below:g}, got {text}")
-        return value
-
-    return parse
-
-
 def crop_size(text):
     """argparse type: a crop size the network supports (48k - 7)."""
-    value = integer(1)(text)
+    value = cli.positive_int(text)
     problem = models.crop_size_problem(value)
     if problem:
         raise argparse.ArgumentTypeError(problem)
@@ -384,15 +354,18 @@ def crop_size(text):
 
 
 def argument_parser():
-    """The parser of the command line, every option documented."""
+    """The parser of the command line, every option documented, in groups (data, model, recipe,
+    schedule, output)."""
+    final, checkpoint = run_files.FINAL_WEIGHTS_NAME, run_files.CHECKPOINT_NAME
+    final_description = models.description_path(Path(final)).name
     parser = cli.ArgumentParser(
         prog=PROG,
         description=(
             "Train PSPNet with the paper's recipe (Zhao et al., CVPR 2017, section 4; hszhao/semseg): "
             "softmax cross-entropy plus 0.4 x an auxiliary head's on stage 4, SGD with momentum and the "
             "'poly' learning rate, the new layers at 10x, random scale, rotation, blur, mirror and crop. "
-            "Writes OUT/final.h5 and OUT/final.json (a model pspnet.py -w and evaluate.py -w take), "
-            "OUT/checkpoint.h5, OUT/log.csv and TensorBoard logs in OUT/tensorboard."
+            f"Writes OUT/{final} and OUT/{final_description} (a model pspnet.py -w and evaluate.py -w take), "
+            f"OUT/{checkpoint}, OUT/{run_files.LOG_NAME} and TensorBoard logs in OUT/{run_files.TENSORBOARD_DIR}."
         ),
         epilog=(
             "Data: every image and label of the split is read before the first iteration; each problem "
@@ -404,90 +377,101 @@ def argument_parser():
             "when interrupted (Ctrl-C) and 143 when terminated (SIGTERM), both after writing a checkpoint."
         ),
     )
-    parser.add_argument("--data", required=True, type=Path, metavar="ROOT", help="dataset root")
-    parser.add_argument(
+    data = parser.add_argument_group("Data")
+    data.add_argument("--data", required=True, type=Path, metavar="ROOT", help="dataset root")
+    data.add_argument(
         "--dataset", choices=datasets.DATASET_NAMES,
         help="layout of --data: ade20k, cityscapes, voc2012, or folders (ROOT/images/<split>/<name>.<ext>, "
              "ROOT/labels/<split>/<name>.png with 8-bit class ids and 255 unlabelled, ROOT/classes.txt, "
              "optionally ROOT/palette.txt) (default: the one found at ROOT)",
     )
-    parser.add_argument(
+    data.add_argument(
+        "--skip-bad", action="store_true",
+        help="leave out the samples with problems instead of stopping (each is still reported)",
+    )
+
+    model = parser.add_argument_group("Model")
+    model.add_argument(
         "--init", metavar="MODEL_OR_H5",
         help="where training starts: a released model (" + ", ".join(models.RELEASED_MODEL_NAMES) + "; its "
-             "weights as pspnet.py finds them), a released model's .h5, or an earlier run's final.h5 with "
-             "final.json beside it; conv6 starts fresh when the classes differ (default: "
-             + ", ".join(f"{name}: {model}" for name, model in recipe.INIT_MODELS.items()) + ")",
+             f"weights as pspnet.py finds them), a released model's .h5, or an earlier run's {final} with "
+             f"{final_description} beside it; conv6 starts fresh when the classes differ (default: "
+             + ", ".join(f"{name}: {released}" for name, released in recipe.INIT_MODELS.items()) + ")",
     )
-    parser.add_argument(
+    model.add_argument(
         "--crop", type=crop_size, metavar="S",
         help="side of the square training crops, 48k - 7 (default: 473, Cityscapes 713; folders: the --init "
              "model's)",
     )
-    parser.add_argument(
-        "--base-size", type=integer(1), metavar="N",
+    model.add_argument(
+        "--base-size", type=cli.positive_int, metavar="N",
         help="longer side the final model's sliding-window protocol (-s) scales images to (default: the "
              "dataset's released model's, folders: the --init model's)",
     )
-    parser.add_argument(
-        "--batch", type=integer(1), metavar="B",
+    model.add_argument(
+        "--precision", choices=runtime.PRECISIONS,
+        help="float32, or bfloat16 / float16 mixed precision (GPU only) (default: float32)",
+    )
+
+    recipe_group = parser.add_argument_group("Recipe")
+    recipe_group.add_argument(
+        "--batch", type=cli.positive_int, metavar="B",
         help=f"global batch, split over the replicas (default: {recipe.BATCH_SIZE})",
     )
-    parser.add_argument(
-        "--iterations", type=integer(1), metavar="N",
-        help="training iterations (default: "
-             + ", ".join(f"{name} {count}" for name, count in recipe.ITERATIONS.items()) + ")",
+    recipe_group.add_argument(
+        "--lr", type=cli.number(0, strictly=True), help=f"base learning rate (default: {recipe.BASE_LR})",
     )
-    parser.add_argument("--lr", type=number(0, strictly=True), help=f"base learning rate (default: {recipe.BASE_LR})")
-    parser.add_argument(
-        "--momentum", type=number(0, below=1), help=f"SGD momentum (default: {recipe.MOMENTUM})",
+    recipe_group.add_argument(
+        "--momentum", type=cli.number(0, below=1), help=f"SGD momentum (default: {recipe.MOMENTUM})",
     )
-    parser.add_argument(
-        "--weight-decay", type=number(0),
+    recipe_group.add_argument(
+        "--weight-decay", type=cli.number(0),
         help=f"L2 weight decay added to the gradient, as Caffe does (default: {recipe.WEIGHT_DECAY})",
     )
-    parser.add_argument(
-        "--power", type=number(0), help=f"power of the poly learning rate policy (default: {recipe.POLY_POWER})",
+    recipe_group.add_argument(
+        "--power", type=cli.number(0), help=f"power of the poly learning rate policy (default: {recipe.POLY_POWER})",
     )
-    parser.add_argument(
-        "--aux-weight", type=number(0), help=f"weight of the auxiliary loss (default: {recipe.AUX_WEIGHT})",
+    recipe_group.add_argument(
+        "--aux-weight", type=cli.number(0), help=f"weight of the auxiliary loss (default: {recipe.AUX_WEIGHT})",
     )
-    parser.add_argument(
-        "--head-lr-mult", type=number(0, strictly=True),
+    recipe_group.add_argument(
+        "--head-lr-mult", type=cli.number(0, strictly=True),
         help="learning rate multiplier of the pyramid module, conv5_4, conv6 and the auxiliary head "
              f"(default: {recipe.HEAD_LR_MULTIPLIER:g})",
     )
-    parser.add_argument(
+    recipe_group.add_argument(
         "--train-bn", action="store_true", default=None,
         help="train the BN layers: batch statistics synchronised over the replicas, moving averages updated, "
              "gamma and beta trained (default: frozen, with the stored statistics, gamma and beta fixed)",
     )
-    parser.add_argument(
-        "--val-every", type=integer(0), default=DEFAULT_VAL_EVERY, metavar="N",
+    recipe_group.add_argument(
+        "--seed", type=cli.integer(0), metavar="N",
+        help=f"seed of the data order, augmentation, dropout and fresh layers (default: {DEFAULT_SEED})",
+    )
+
+    schedule = parser.add_argument_group("Schedule")
+    schedule.add_argument(
+        "--iterations", type=cli.positive_int, metavar="N",
+        help="training iterations (default: "
+             + ", ".join(f"{name} {count}" for name, count in recipe.ITERATIONS.items()) + ")",
+    )
+    schedule.add_argument(
+        "--val-every", type=cli.integer(0), default=DEFAULT_VAL_EVERY, metavar="N",
         help="measure mIoU on the val split every N iterations and at the end, one crop per image with flip "
              "(evaluate.py's default mode); 0: never (default: %(default)s)",
     )
-    parser.add_argument(
-        "--checkpoint-every", type=integer(1), default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
-        help="write OUT/checkpoint.h5 every N iterations (default: %(default)s)",
+    schedule.add_argument(
+        "--checkpoint-every", type=cli.positive_int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+        help=f"write OUT/{checkpoint} every N iterations (default: %(default)s)",
     )
-    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output directory (default: %(default)s)")
-    parser.add_argument(
+
+    output = parser.add_argument_group("Output")
+    output.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output directory (default: %(default)s)")
+    output.add_argument(
         "--resume", action="store_true",
         help="continue the run in OUT from its checkpoint, with the settings it was started with",
     )
-    parser.add_argument(
-        "--seed", type=integer(0), metavar="N",
-        help=f"seed of the data order, augmentation, dropout and fresh layers (default: {DEFAULT_SEED})",
-    )
-    parser.add_argument(
-        "--precision", choices=runtime.PRECISIONS,
-        help="float32, or bfloat16 / float16 mixed precision (GPU only) (default: float32)",
-    )
-    parser.add_argument(
-        "--skip-bad", action="store_true",
-        help="leave out the samples with problems instead of stopping (each is still reported)",
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only: no progress bars")
+    output.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only: no progress bars")
     return parser
 
 
@@ -495,6 +479,7 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
     args = parser.parse_args(argv)
+    runtime.configure(verbose=False)
     return cli.run_command(PROG, run, args)
 
 

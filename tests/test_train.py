@@ -1,4 +1,4 @@
-"""Tests of train.py and training.py: the recipe's pieces, and training end to end.
+"""Tests of train.py and pspnet_keras/training/: the recipe's pieces, and training end to end.
 
 The pieces are checked against formulas computed here: the augmentation keeps each
 label a function of its image's colours, the loss is a NumPy cross-entropy, the
@@ -41,9 +41,31 @@ from pspnet_keras import inference
 from pspnet_keras import keras2_weights
 import layers_builder
 from pspnet_keras import models
+from pspnet_keras.datasets import IGNORE_LABEL
 from pspnet_keras.training import recipe
+from pspnet_keras.training.augment import augment
+from pspnet_keras.training.augment import blur
+from pspnet_keras.training.augment import mirror_pair
+from pspnet_keras.training.augment import network_input
+from pspnet_keras.training.augment import pad_and_crop
+from pspnet_keras.training.augment import rotate_pair
+from pspnet_keras.training.augment import scale_pair
+from pspnet_keras.training.checkpoint import restore_checkpoint
+from pspnet_keras.training.checkpoint import write_checkpoint
+from pspnet_keras.training.data import SampleReader
+from pspnet_keras.training.data import sample_order
+from pspnet_keras.training.data import training_dataset
+from pspnet_keras.training.errors import NonFiniteWeights
+from pspnet_keras.training.loss import segmentation_losses
+from pspnet_keras.training.network import SampleDropout
+from pspnet_keras.training.network import build_training_model
+from pspnet_keras.training.network import set_batch_norm_training
+from pspnet_keras.training.optimizer import CaffeSGD
+from pspnet_keras.training.optimizer import PolyDecay
+from pspnet_keras.training.optimizer import head_lr_multipliers
+from pspnet_keras.training.optimizer import recipe_optimizer
+from pspnet_keras.training.run_files import CHECKPOINT_NAME
 import train
-from pspnet_keras import training
 from helpers import run_main as run_pspnet
 from helpers import smooth_image
 
@@ -117,9 +139,15 @@ def wait_for_iteration(process, out, iteration, timeout=600):
     raise AssertionError(f"the run did not reach iteration {iteration}: {process.communicate()}")
 
 
+def checkpoint_state(path):
+    """The run's state a checkpoint holds (the `state` write_checkpoint was given)."""
+    with h5py.File(path, "r") as handle:
+        return json.loads(handle.attrs["state"])
+
+
 def checkpoint_iteration(out):
     """The iteration OUT/checkpoint.h5 was written at."""
-    return training.read_checkpoint_state(out / training.CHECKPOINT_NAME)["iteration"]
+    return checkpoint_state(out / CHECKPOINT_NAME)["iteration"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +212,7 @@ def colour_class(rgb):
     """f: the class of each pixel's colour (the nearest of the alignment colours), 255 for the mean colour."""
     candidates = np.concatenate([ALIGNMENT_COLOURS, MEAN_RGB[np.newaxis]])
     nearest = np.argmin(((rgb[..., np.newaxis, :] - candidates) ** 2).sum(axis=-1), axis=-1)
-    return np.where(nearest == len(ALIGNMENT_COLOURS), training.IGNORE_LABEL, nearest)
+    return np.where(nearest == len(ALIGNMENT_COLOURS), IGNORE_LABEL, nearest)
 
 
 def interior(label, radius):
@@ -216,7 +244,7 @@ def as_pair(image, label):
 @pytest.mark.parametrize("factor", [0.5, 0.73, 1.37, 2.0])
 def test_scaling_keeps_labels_on_their_colours(factor):
     image, label = region_image(61, 83, seed=1)
-    scaled_image, scaled_label = training.scale_pair(*as_pair(image, label), factor)
+    scaled_image, scaled_label = scale_pair(*as_pair(image, label), factor)
     assert scaled_label.dtype == tf.uint8
     assert tuple(scaled_label.shape) == (round(61 * factor), round(83 * factor)) == tuple(scaled_image.shape[:2])
     assert_aligned(scaled_image, scaled_label)
@@ -226,7 +254,7 @@ def test_scaling_keeps_labels_on_their_colours(factor):
 @pytest.mark.parametrize("degrees", [-10.0, -3.5, 10.0])
 def test_rotation_fills_with_the_mean_colour_and_ignored_labels_only_outside_the_image(degrees):
     image, label = region_image(57, 75, seed=2)
-    rotated_image, rotated_label = training.rotate_pair(*as_pair(image, label), degrees)
+    rotated_image, rotated_label = rotate_pair(*as_pair(image, label), degrees)
     rotated_label = np.asarray(rotated_label)
     assert_aligned(rotated_image, rotated_label)
     height, width = label.shape
@@ -240,30 +268,30 @@ def test_rotation_fills_with_the_mean_colour_and_ignored_labels_only_outside_the
     sure = np.abs(np.round(source_x) - source_x) < 0.49
     sure &= np.abs(np.round(source_y) - source_y) < 0.49
     assert outside.sum() > 50
-    np.testing.assert_array_equal((rotated_label == training.IGNORE_LABEL)[sure], outside[sure])
+    np.testing.assert_array_equal((rotated_label == IGNORE_LABEL)[sure], outside[sure])
 
 
 def test_blur_and_mirror_keep_labels_on_their_colours():
     image, label = region_image(50, 64, seed=3)
     image_minus_mean, label_tensor = as_pair(image, label)
-    blurred = np.asarray(training.blur(image_minus_mean))
+    blurred = np.asarray(blur(image_minus_mean))
     assert not np.allclose(blurred, image_minus_mean)
     assert_aligned(blurred, label)
     opencv = cv2.GaussianBlur(np.asarray(image_minus_mean), (5, 5), 0)
     np.testing.assert_allclose(blurred, opencv, atol=1e-3)
-    mirrored_image, mirrored_label = training.mirror_pair(image_minus_mean, label_tensor)
+    mirrored_image, mirrored_label = mirror_pair(image_minus_mean, label_tensor)
     np.testing.assert_array_equal(mirrored_label, label[:, ::-1])
     assert_aligned(mirrored_image, mirrored_label)
 
 
 def test_crop_pads_with_the_mean_colour_and_ignored_labels_where_smaller():
     image, label = region_image(40, 120, seed=4)
-    cropped_image, cropped_label = training.pad_and_crop(*as_pair(image, label), 89, 0.0, 1.0)
+    cropped_image, cropped_label = pad_and_crop(*as_pair(image, label), 89, 0.0, 1.0)
     cropped_label = np.asarray(cropped_label)
     assert cropped_label.shape == (89, 89) and tuple(cropped_image.shape) == (89, 89, 3)
     # 49 rows of padding, 24 above and 25 below; the crop's left edge is the last possible one.
     np.testing.assert_array_equal(cropped_label[24:64], label[:, 31:])
-    assert (cropped_label[:24] == training.IGNORE_LABEL).all() and (cropped_label[64:] == training.IGNORE_LABEL).all()
+    assert (cropped_label[:24] == IGNORE_LABEL).all() and (cropped_label[64:] == IGNORE_LABEL).all()
     np.testing.assert_array_equal(np.asarray(cropped_image)[:24], 0.0)
     assert_aligned(cropped_image, cropped_label)
 
@@ -271,7 +299,7 @@ def test_crop_pads_with_the_mean_colour_and_ignored_labels_where_smaller():
 @pytest.mark.parametrize("seed", range(6))
 def test_augmented_examples_are_aligned_in_the_network_convention(seed):
     image, label = region_image(70, 90, seed=10 + seed)
-    network_image, augmented_label = training.augment(
+    network_image, augmented_label = augment(
         *as_pair(image, label), tf.constant([7, seed], tf.int64), CROP
     )
     assert tuple(network_image.shape) == (CROP, CROP, 3) and augmented_label.dtype == tf.uint8
@@ -282,16 +310,16 @@ def test_augmented_examples_are_aligned_in_the_network_convention(seed):
 def test_network_input_is_the_inference_preprocessing():
     image, _ = region_image(20, 30, seed=5)
     np.testing.assert_array_equal(
-        training.network_input(image.astype(np.float32) - MEAN_RGB), inference.preprocess(image, MEAN_RGB)
+        network_input(image.astype(np.float32) - MEAN_RGB), inference.preprocess(image, MEAN_RGB)
     )
 
 
 def test_augmentation_draws_every_parameter_from_the_seed():
     image, label = region_image(70, 90, seed=6)
     pair = as_pair(image, label)
-    first = training.augment(*pair, tf.constant([1, 2], tf.int64), CROP)
-    again = training.augment(*pair, tf.constant([1, 2], tf.int64), CROP)
-    other = training.augment(*pair, tf.constant([1, 3], tf.int64), CROP)
+    first = augment(*pair, tf.constant([1, 2], tf.int64), CROP)
+    again = augment(*pair, tf.constant([1, 2], tf.int64), CROP)
+    other = augment(*pair, tf.constant([1, 3], tf.int64), CROP)
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])
@@ -317,7 +345,7 @@ def test_loss_is_the_cross_entropy_of_labelled_pixels_plus_weighted_aux():
     aux_logits = rng.normal(0, 3, (2, 5, 6, 4)).astype(np.float32)
     labels = rng.integers(0, 4, (2, 5, 6)).astype(np.uint8)
     labels[rng.random(labels.shape) < 0.3] = 255
-    losses = training.segmentation_losses(tf.constant(labels), tf.constant(logits), tf.constant(aux_logits), 0.4)
+    losses = segmentation_losses(tf.constant(labels), tf.constant(logits), tf.constant(aux_logits), 0.4)
     main_sum, count = numpy_cross_entropy(labels, logits)
     aux_sum, _ = numpy_cross_entropy(labels, aux_logits)
     assert 0 < count < labels.size
@@ -332,10 +360,10 @@ def test_ignored_pixels_get_no_gradient_and_an_all_ignored_batch_no_loss():
     labels = np.full((1, 4, 4), 255, np.uint8)
     labels[0, :2] = 1
     with tf.GradientTape() as tape:
-        loss = training.segmentation_losses(tf.constant(labels), logits, logits * 0.5)["loss"]
+        loss = segmentation_losses(tf.constant(labels), logits, logits * 0.5)["loss"]
     gradient = np.asarray(tape.gradient(loss, logits))
     assert np.abs(gradient[0, :2]).min(axis=-1).max() > 0 and not gradient[0, 2:].any()
-    nothing = training.segmentation_losses(tf.constant(np.full((1, 4, 4), 255, np.uint8)), logits, logits)
+    nothing = segmentation_losses(tf.constant(np.full((1, 4, 4), 255, np.uint8)), logits, logits)
     assert float(nothing["loss"]) == 0.0
 
 
@@ -404,7 +432,7 @@ def poly(base_lr, iteration, iterations, power):
 
 
 def test_poly_schedule_at_chosen_iterations():
-    schedule = training.PolyDecay(0.01, 1000, 0.9)
+    schedule = PolyDecay(0.01, 1000, 0.9)
     for iteration in (0, 1, 250, 500, 999, 1000):
         np.testing.assert_allclose(float(schedule(iteration)), poly(0.01, iteration, 1000, 0.9), rtol=1e-5, atol=1e-12)
     assert float(schedule(0)) == pytest.approx(0.01) and float(schedule(1000)) == 0.0
@@ -415,8 +443,8 @@ def test_sgd_steps_are_caffes_with_l2_decay_in_the_gradient_and_head_multiplier(
     base_lr, iterations, power, momentum, decay = 0.02, 10, 0.9, 0.9, 0.05
     backbone = keras.Variable(np.array([1.0, -2.0, 0.5], np.float32), name="kernel")
     head = keras.Variable(np.array([0.3, 4.0], np.float32), name="bias")
-    optimizer = training.CaffeSGD(
-        learning_rate=training.PolyDecay(base_lr, iterations, power), momentum=momentum, l2_decay=decay,
+    optimizer = CaffeSGD(
+        learning_rate=PolyDecay(base_lr, iterations, power), momentum=momentum, l2_decay=decay,
         lr_multipliers={head.path: 10.0},
     )
     gradients = [np.array([0.5, 0.0, -1.0], np.float32), np.array([0.2, -0.1], np.float32)]
@@ -444,9 +472,10 @@ def test_sgd_steps_are_caffes_with_l2_decay_in_the_gradient_and_head_multiplier(
 def small_training_model():
     """The training model of a 4-class PSPNet-50 at crop 41, with its inference network."""
     config = models.ModelConfig("small", 50, 4, 41, 64, SHAPE_CLASSES, ((0, 0, 0),) * 4)
-    return training.build_training_model(config, 41)
+    return build_training_model(config, 41)
 
 
+@pytest.mark.slow
 def test_training_model_adds_the_aux_head_on_stage_4_and_shares_the_networks_weights(small_training_model):
     model, network = small_training_model
     aux_input = model.get_layer("aux_3x3").input
@@ -459,6 +488,7 @@ def test_training_model_adds_the_aux_head_on_stage_4_and_shares_the_networks_wei
     assert model.get_layer("aux_3x3").kernel.shape == (3, 3, 1024, 256)
 
 
+@pytest.mark.slow
 def test_frozen_bn_keeps_statistics_gamma_and_beta_and_train_bn_synchronises(small_training_model):
     model, _ = small_training_model
     bn_layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
@@ -467,17 +497,18 @@ def test_frozen_bn_keeps_statistics_gamma_and_beta_and_train_bn_synchronises(sma
         trains = layer.name.startswith("aux")
         assert layer.trainable == trains and layer.synchronized == trains, layer.name
         assert (layer.gamma.path in trainable) == trains
-    training.set_batch_norm_training(model, True)
+    set_batch_norm_training(model, True)
     try:
         assert all(layer.trainable and layer.synchronized for layer in bn_layers)
         assert {layer.gamma.path for layer in bn_layers} <= {variable.path for variable in model.trainable_variables}
     finally:
-        training.set_batch_norm_training(model, False)
+        set_batch_norm_training(model, False)
 
 
+@pytest.mark.slow
 def test_head_layers_train_at_ten_times_the_learning_rate(small_training_model):
     model, _ = small_training_model
-    multipliers = training.head_lr_multipliers(model)
+    multipliers = head_lr_multipliers(model)
     layers_at_10x = {path.split("/")[0] for path in multipliers}
     pyramid = {f"conv5_3_pool{bins}_conv" for bins in models.PYRAMID_BINS}
     expected = pyramid | {f"{name}_bn" for name in pyramid} | {"conv5_4", "conv5_4_bn", "conv6", "aux_3x3",
@@ -486,6 +517,7 @@ def test_head_layers_train_at_ten_times_the_learning_rate(small_training_model):
     assert set(multipliers.values()) == {recipe.HEAD_LR_MULTIPLIER}
 
 
+@pytest.mark.slow
 def test_keras_fit_trains_the_training_model_on_images_and_labels(small_training_model):
     model, network = small_training_model
     rng = np.random.default_rng(4)
@@ -493,7 +525,7 @@ def test_keras_fit_trains_the_training_model_on_images_and_labels(small_training
     labels = rng.integers(0, 4, (4, 41, 41)).astype(np.uint8)
     labels[:, :10] = 255
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
-    model.compile(optimizer=training.recipe_optimizer(model, iterations=2, base_lr=1e-4), jit_compile=False)
+    model.compile(optimizer=recipe_optimizer(model, iterations=2, base_lr=1e-4), jit_compile=False)
     before = network.get_layer("conv6").kernel.numpy().copy()
     history = model.fit(dataset, epochs=1, verbose=0)
     assert {"loss", "main_loss", "aux_loss"} <= set(history.history)
@@ -504,8 +536,8 @@ def test_keras_fit_trains_the_training_model_on_images_and_labels(small_training
     assert not np.array_equal(network.get_layer("conv6").kernel.numpy(), before)
 
 
-def test_dropout_masks_follow_each_samples_seed(small_training_model):
-    layer = training.SampleDropout(0.5, salt=0)
+def test_dropout_masks_follow_each_samples_seed():
+    layer = SampleDropout(0.5, salt=0)
     features = tf.ones((3, 4, 5, 6))
     seeds = tf.constant([[1, 2], [3, 4], [1, 2]], tf.int64)
     dropped = np.asarray(layer([features, seeds], training=True))
@@ -522,14 +554,14 @@ def test_dropout_masks_follow_each_samples_seed(small_training_model):
 
 
 def test_sample_order_is_a_new_permutation_each_epoch_and_resumes_at_any_position():
-    order = [tuple(map(int, pair)) for pair in training.sample_order(5, seed=1).take(15)]
+    order = [tuple(map(int, pair)) for pair in sample_order(5, seed=1).take(15)]
     assert [position for position, _ in order] == list(range(15))
     epochs = [[index for _, index in order[start : start + 5]] for start in (0, 5, 10)]
     assert all(sorted(epoch) == list(range(5)) for epoch in epochs)
     assert len({tuple(epoch) for epoch in epochs}) == 3
-    resumed = [tuple(map(int, pair)) for pair in training.sample_order(5, seed=1, start_position=7).take(8)]
+    resumed = [tuple(map(int, pair)) for pair in sample_order(5, seed=1, start_position=7).take(8)]
     assert resumed == order[7:]
-    other_seed = [int(index) for _, index in training.sample_order(5, seed=2).take(15)]
+    other_seed = [int(index) for _, index in sample_order(5, seed=2).take(15)]
     assert other_seed != [index for _, index in order]
 
 
@@ -548,19 +580,19 @@ def batches(dataset, count):
 def test_pipeline_is_deterministic_resumable_and_split_over_replicas_without_changing_a_batch(small_dataset):
     samples = small_dataset.samples("train")
     arguments = (samples, models.RELEASE_MEAN_RGB, 41, 4, 5)
-    full = batches(training.training_dataset(*arguments), 3)
+    full = batches(training_dataset(*arguments), 3)
     (images, seeds), labels = full[0]
     assert images.shape == (4, 41, 41, 3) and images.dtype == np.float32
     assert seeds.shape == (4, 2) and labels.shape == (4, 41, 41) and labels.dtype == np.uint8
-    again = batches(training.training_dataset(*arguments), 3)
+    again = batches(training_dataset(*arguments), 3)
     for first, second in zip(tf.nest.flatten(full), tf.nest.flatten(again)):
         np.testing.assert_array_equal(first, second)
-    (resumed,) = batches(training.training_dataset(*arguments, start_iteration=2), 1)
+    (resumed,) = batches(training_dataset(*arguments, start_iteration=2), 1)
     for first, second in zip(tf.nest.flatten(full[2]), tf.nest.flatten(resumed)):
         np.testing.assert_array_equal(first, second)
     # Two pipelines (workers) of two replicas each: replica batches of one, in order.
     shares = [
-        batches(training.training_dataset(*arguments, pipeline=p, pipelines=2, replica_batch=1), 6) for p in (0, 1)
+        batches(training_dataset(*arguments, pipeline=p, pipelines=2, replica_batch=1), 6) for p in (0, 1)
     ]
     for step in range(3):
         parts = [shares[p][2 * step + r] for p in (0, 1) for r in (0, 1)]
@@ -571,12 +603,12 @@ def test_pipeline_is_deterministic_resumable_and_split_over_replicas_without_cha
 
 def test_pipeline_examples_are_the_read_sample_augmented_with_its_positions_seed(small_dataset):
     samples = small_dataset.samples("train")
-    (images, seeds), labels = batches(training.training_dataset(samples, models.RELEASE_MEAN_RGB, 41, 2, 5), 1)[0]
-    order = [int(index) for _, index in training.sample_order(len(samples), 5).take(2)]
+    (images, seeds), labels = batches(training_dataset(samples, models.RELEASE_MEAN_RGB, 41, 2, 5), 1)[0]
+    order = [int(index) for _, index in sample_order(len(samples), 5).take(2)]
     for position, index in enumerate(order):
-        image, label = training.SampleReader(samples)(index)
+        image, label = SampleReader(samples)(index)
         augmentation_seed, dropout_seed = tf.random.experimental.stateless_split(tf.constant([5, position], tf.int64), 2)
-        expected_image, expected_label = training.augment(
+        expected_image, expected_label = augment(
             tf.constant(image, tf.float32) - MEAN_RGB, tf.constant(label), augmentation_seed, 41
         )
         np.testing.assert_allclose(images[position], expected_image, atol=1e-4)
@@ -691,22 +723,23 @@ def test_help_lists_every_flag(capsys):
 
 def test_checkpoints_round_trip_and_are_never_written_with_non_finite_weights(tmp_path):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="conv6")], name="tiny")
-    optimizer = training.CaffeSGD(learning_rate=0.1, momentum=0.9)
+    optimizer = CaffeSGD(learning_rate=0.1, momentum=0.9)
     optimizer.apply([tf.ones((3, 2)), tf.ones(2)], model.trainable_variables)
     path = tmp_path / "checkpoint.h5"
-    training.write_checkpoint(path, model, optimizer, {"iteration": 1, "fingerprint": "x"})
+    write_checkpoint(path, model, optimizer, {"iteration": 1, "fingerprint": "x"})
     saved = [variable.numpy().copy() for variable in model.variables + optimizer.variables]
     optimizer.apply([tf.ones((3, 2)), tf.ones(2)], model.trainable_variables)
-    assert training.restore_checkpoint(path, model, optimizer) == {"iteration": 1, "fingerprint": "x"}
+    assert restore_checkpoint(path, model, optimizer) == {"iteration": 1, "fingerprint": "x"}
     for variable, value in zip(model.variables + optimizer.variables, saved):
         np.testing.assert_array_equal(variable.numpy(), value)
     model.get_layer("conv6").bias.assign([np.nan, 0.0])
-    with pytest.raises(training.NonFiniteWeights, match="conv6/bias"):
-        training.write_checkpoint(path, model, optimizer, {"iteration": 2})
-    assert training.read_checkpoint_state(path)["iteration"] == 1
+    with pytest.raises(NonFiniteWeights, match="conv6/bias"):
+        write_checkpoint(path, model, optimizer, {"iteration": 2})
+    assert checkpoint_state(path)["iteration"] == 1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.h5"]
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_naming_the_iteration_and_writes_nothing(small_dataset, calibrated_weights, tmp_path):
     out = tmp_path / "run"
     code, _, stderr = run_train(
@@ -789,6 +822,7 @@ def learned_run(tmp_path_factory, calibrated_weights):
     return {"root": root, "out": out, "terminated": terminated, "killed": killed, "stdout": stdout}
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_at_the_iteration_reached_and_exits_143(learned_run):
     terminated = learned_run["terminated"]
     assert terminated["code"] == 143
@@ -798,6 +832,7 @@ def test_sigterm_writes_a_checkpoint_at_the_iteration_reached_and_exits_143(lear
     assert terminated["stderr"].strip().endswith("train.py: terminated")
 
 
+@pytest.mark.slow
 def test_resumed_runs_continue_the_log_and_repeat_exactly_what_a_sigkill_lost(learned_run):
     killed, rows = learned_run["killed"], log_rows(learned_run["out"])
     assert [int(row["iteration"]) for row in rows] == list(range(1, ITERATIONS + 1))
@@ -824,6 +859,7 @@ def test_resumed_runs_continue_the_log_and_repeat_exactly_what_a_sigkill_lost(le
     assert checkpoint_iteration(learned_run["out"]) == ITERATIONS
 
 
+@pytest.mark.slow
 def test_training_learns_the_shapes(learned_run, tmp_path):
     """The final model segments held-out images at LEARNED_PIXEL_ACCURACY (evaluate.py's default mode),
     and the validation mIoU of the log is evaluate.py's."""
@@ -840,6 +876,7 @@ def test_training_learns_the_shapes(learned_run, tmp_path):
     assert float(last["loss"]) < first_loss
 
 
+@pytest.mark.slow
 def test_final_model_has_the_released_layout_and_runs_in_pspnet(learned_run, tmp_path):
     final = learned_run["out"] / "final.h5"
     description = json.loads(final.with_suffix(".json").read_text())
@@ -861,6 +898,7 @@ def test_final_model_has_the_released_layout_and_runs_in_pspnet(learned_run, tmp
         assert seg_read.size == (SHAPE_IMAGE_SIZE, SHAPE_IMAGE_SIZE)
 
 
+@pytest.mark.slow
 def test_tensorboard_has_the_logged_scalars(learned_run):
     from tensorflow.core.util import event_pb2
 
@@ -916,6 +954,7 @@ def assert_same_losses(single, workers):
             assert float(two[column]) == pytest.approx(float(one[column]), rel=1e-5), (column, one, two)
 
 
+@pytest.mark.slow
 def test_two_workers_reach_the_weights_of_one_process(small_dataset, calibrated_weights, tmp_path):
     """Two workers of one replica each against one process with the same global batch and seed.
 
@@ -939,6 +978,7 @@ def test_two_workers_reach_the_weights_of_one_process(small_dataset, calibrated_
     assert {"conv1_1_3x3_s2", "conv5_4", "conv6"} <= set(moved)
 
 
+@pytest.mark.slow
 def test_two_workers_synchronise_batch_norm_under_train_bn(small_dataset, calibrated_weights, tmp_path):
     """--train-bn normalises with the statistics of the global batch on every worker.
 
