@@ -1,11 +1,11 @@
 """Speed of export.py's ONNX file in ONNX Runtime against this project's TensorFlow path.
 
-    python bench/export_bench.py [--models ...] [--runs N] [--warmup N] [--threads N] [--decomposed-einsum]
+    python -m bench.export_bench [--models ...] [--runs N] [--warmup N] [--threads N] [--decomposed-einsum]
 
 For each model at its crop size: the Keras network with seeded weights (Keras'
 initialisers under keras.utils.set_random_seed: dense float32 arithmetic, so the
-values do not change the time), written as ONNX by export.export in a child process
-(which checks the file against the network), then these calls on the same crop in
+values do not change the time), written as ONNX by pspnet_keras.export.transaction.export
+in a child process (which checks the file against the network), then these calls on the same crop in
 this process, taken in turns so that a machine that speeds up or slows down affects
 all of them alike, each with --threads threads:
 
@@ -33,26 +33,21 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-
-# pspnet.py runs TensorFlow with its BFC allocator on the CPU (bench/README.md, "What made it fast").
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-
-from pspnet_keras import runtime  # noqa: E402
+from pspnet_keras import runtime
 
 tf = runtime.import_tensorflow()
 
-import keras  # noqa: E402
-import onnxruntime  # noqa: E402
+import keras
 
-import export  # noqa: E402
-import layers_builder  # noqa: E402
-import measure  # noqa: E402
-from pspnet_keras import models  # noqa: E402
+from bench import measure
+import layers_builder
+from pspnet_keras import models
+from pspnet_keras.export import runtimes
+from pspnet_keras.export import transaction
+from pspnet_keras.export import writers
+from pspnet_keras.export.formats import DEFAULT_OPSET
+from pspnet_keras.export.formats import INPUT_NAME
+from pspnet_keras.export.formats import LOGITS
 
 PROG = "bench/export_bench.py"
 WEIGHT_SEED = 2017
@@ -68,16 +63,6 @@ class BenchError(Exception):
     """A measurement that could not be made; the message says which."""
 
 
-def onnxruntime_session(path, threads):
-    """An fp32 CPU ONNX Runtime session of the file at `path` with all graph optimisations, sequential."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def seeded_weights(config, path):
     """Writes the Keras network of `config` with Keras' initial weights under a fixed seed to `path` (.h5)."""
     keras.utils.set_random_seed(WEIGHT_SEED)
@@ -87,7 +72,7 @@ def seeded_weights(config, path):
 def write_onnx_file(model_name, weights, path, decomposed):
     """Seconds to write and check one ONNX file of the model with `weights`, in a process of its own.
 
-    export.py's file (export.export), or with `decomposed` the same writer with no
+    export.py's file (transaction.export), or with `decomposed` the same writer with no
     tf2onnx optimizer left out, checked the same way. A conversion holds several
     copies of the weights (10 to 13 GiB at its peak for pspnet50_ade20k), which a
     process of its own gives back.
@@ -97,10 +82,10 @@ def write_onnx_file(model_name, weights, path, decomposed):
     layers_builder.load_weights(network, weights)
     started = time.perf_counter()
     if decomposed:
-        export.write_onnx(network, config, path, export.DEFAULT_OPSET, skipped_optimizers=())
-        export.check_export(network, config, "onnx", path)
+        writers.write_onnx(network, config, path, DEFAULT_OPSET, skipped_optimizers=())
+        runtimes.check_export(network, config, "onnx", path)
     else:
-        export.export(network, config, "onnx", path)
+        transaction.export(network, config, "onnx", path)
     return time.perf_counter() - started
 
 
@@ -127,14 +112,14 @@ def measure_model(model_name, args, directory):
     files, export_s = onnx_files(model_name, weights, directory, args.decomposed_einsum)
     network = layers_builder.build_pspnet(config)
     layers_builder.load_weights(network, weights)
-    crop = export.check_crops(network, config)
+    crop = runtimes.check_crops(network, config)
     compiled = tf.function(lambda batch: network(batch, training=False))
     calls = {"ours": lambda: compiled(crop).numpy()}
     for name, path in files.items():
-        session = onnxruntime_session(path, args.threads)
-        calls[name] = lambda session=session: session.run([export.LOGITS], {export.INPUT_NAME: crop})[0]
+        session = measure.onnxruntime_session(path, args.threads)
+        calls[name] = lambda session=session: session.run([LOGITS], {INPUT_NAME: crop})[0]
     reference = calls["ours"]()
-    agreement = {name: export.agreement(reference, calls[name]()) for name in files}
+    agreement = {name: runtimes.agreement(reference, calls[name]()) for name in files}
     times = measure.seconds_in_turns(calls, args.warmup, args.runs)
     medians = {name: statistics.median(spent) for name, spent in times.items()}
     return {

@@ -138,33 +138,6 @@ def plan_pool(nodes, workers=None, gpus_per_worker=None, cpus_per_worker=None):
     return Pool(workers or max(room, 1), cpus, gpus, reason), room
 
 
-@contextlib.contextmanager
-def native_stderr_hidden():
-    """Sends what native code writes on file descriptor 2 to /dev/null while Python's sys.stderr
-    goes on writing to the console: Ray's C++ log lines (the driver's, such as the notice that Ray
-    Data's actors take their arguments from the object store) are not for the user of a command."""
-    try:
-        on_console = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):
-        on_console = False
-    sys.stderr.flush()
-    console = os.dup(2)
-    stream = os.fdopen(console, "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    previous = sys.stderr
-    if on_console:
-        sys.stderr = stream
-    try:
-        yield
-    finally:
-        sys.stderr = previous
-        stream.flush()
-        os.dup2(console, 2)
-        stream.close()
-
-
 def quiet_ray_logging(verbose):
     """Keeps Ray's Python log lines below errors off the console, unless verbose."""
     level = logging.INFO if verbose else logging.ERROR
@@ -229,7 +202,9 @@ def ray_session(ray, address, verbose):
     embedded = address == cli.RAY_LOCAL
     with contextlib.ExitStack() as stack:
         if not verbose:
-            stack.enter_context(native_stderr_hidden())
+            # Ray's C++ log lines on stderr (the driver's, such as the notice that Ray Data's actors
+            # take their arguments from the object store) are not for the user of a command.
+            stack.enter_context(runtime.native_stderr(python_to_console=True))
         if not ray.is_initialized():
             start_ray(ray, address, embedded, verbose)
             stack.callback(ray.shutdown)

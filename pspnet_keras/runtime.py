@@ -6,8 +6,8 @@ them (`-v`, or a TF_CPP_MIN_LOG_LEVEL of their own). TF_CPP_MIN_LOG_LEVEL only
 reaches the lines logged after absl's logging starts; the few logged before it
 (absl's "All log messages before absl::InitializeLog()" notice and the lines of
 cudart_stub.cc and port.cc) are taken out of what the import writes on file
-descriptor 2, and everything else it writes, a real import error included, is
-passed on.
+descriptor 2 (`native_stderr`), and everything else it writes, a real import
+error included, is passed on.
 
 Thread pools and oneDNN: one inter-op thread, one intra-op thread per core this
 process may run on (os.sched_getaffinity, not the host's count), and TensorFlow's
@@ -25,6 +25,7 @@ whichever of them comes first. This module imports nothing heavy, so that
 command lines parse before TensorFlow loads.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -79,9 +80,54 @@ def wants_start_up_logs():
     return _settings["verbose"] or LOG_LEVEL_VARIABLE in os.environ
 
 
-def passed_on(text):
-    """What a quiet import lets through of the text it caught on stderr: all but start-up lines."""
-    return "".join(line for line in text.splitlines(keepends=True) if not START_UP_LINE.match(line))
+def is_start_up_line(line):
+    """Whether a line on stderr is one of TensorFlow's C++ start-up lines, which a quiet import hides."""
+    return START_UP_LINE.match(line) is not None
+
+
+def writes_to_file_descriptor_2(stream):
+    """Whether the text stream `stream` writes to file descriptor 2 (not a StringIO or another file)."""
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def native_stderr(keep=None, python_to_console=False):
+    """Runs the block with file descriptor 2 caught in a temporary file, where native code (C++
+    logging, child processes) writes; afterwards writes on sys.stderr the caught lines that
+    `keep(line)` accepts, none when `keep` is None.
+
+    With `python_to_console`, Python's own sys.stderr, when it writes to descriptor 2, is
+    pointed for the block at a duplicate of the console's descriptor, so that its lines (error
+    messages, progress bars) reach the console as they are written instead of being caught.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    previous = sys.stderr
+    console = None
+    if python_to_console and writes_to_file_descriptor_2(previous):
+        console = os.fdopen(
+            os.dup(saved), "w", buffering=1, encoding=previous.encoding, errors="backslashreplace"
+        )
+        sys.stderr = console
+    with tempfile.TemporaryFile(mode="w+b") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            if console is not None:
+                sys.stderr = previous
+                console.close()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if keep is not None:
+                caught.seek(0)
+                lines = caught.read().decode("utf-8", "replace").splitlines(keepends=True)
+                previous.write("".join(line for line in lines if keep(line)))
+                previous.flush()
 
 
 def usable_cores():
@@ -112,18 +158,20 @@ def import_tensorflow():
 
         return tensorflow
     os.environ[LOG_LEVEL_VARIABLE] = QUIET_LOG_LEVEL
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
+    try:
+        with native_stderr(keep=lambda line: not is_start_up_line(line)):
             import tensorflow
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            sys.stderr.write(passed_on(caught.read().decode("utf-8", "replace")))
-            sys.stderr.flush()
-            del os.environ[LOG_LEVEL_VARIABLE]
+    finally:
+        del os.environ[LOG_LEVEL_VARIABLE]
     return tensorflow
+
+
+def precision_problem(precision, here=True):
+    """Why the network cannot compute in `precision`, or None: an unknown precision, or (when `here`,
+    for this process) a mixed one without a visible GPU, where TensorFlow's CPU kernels would emulate
+    16-bit arithmetic slower than float32."""
+    if precision not in PRECISION_POLICIES:
+        return f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
+    if here and precision != "float32" and not import_tensorflow().config.list_physical_devices("GPU"):
+        return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
+    return None

@@ -1,12 +1,13 @@
-"""export.py: every format opened in its own runtime against the Keras network, and its refusals.
+"""export.py and pspnet_keras/export: every format opened in its own runtime against the Keras network,
+and the command's refusals.
 
-References are independent of export.py: the Keras network built here with its weights
-(layers_builder), each file opened here with its runtime (ONNX Runtime, the LiteRT
-interpreter, TensorFlow, a fresh Python process for the Keras archive), pspnet.PSPNet's
-default mode for the SavedModel's `segment` signature, and MATLAB's imresize 'bilinear'
-written out with NumPy for the graph's resizes. The full-size pspnet50_ade20k (473) goes
-through ONNX and LiteRT; the other formats use a 5-class user model at crop 89 made from
-the same synthetic weights, so that the file stays within a few minutes.
+References are independent of pspnet_keras/export: the Keras network built here with its
+weights (layers_builder), each file opened here with its runtime (ONNX Runtime, the LiteRT
+interpreter, TensorFlow, a fresh Python process for the Keras archive), PSPNet's default
+mode for the SavedModel's `segment` signature, and MATLAB's imresize 'bilinear' written
+out with NumPy for the graph's resizes. The full-size pspnet50_ade20k (473) goes through
+ONNX and LiteRT; the other formats use a 5-class user model at crop 89 made from the same
+synthetic weights. The tests that write a file are marked slow.
 """
 
 import io
@@ -26,12 +27,15 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
 import export
+import layers_builder
+import utils
 from pspnet_keras import cli
 from pspnet_keras import inference
-import layers_builder
 from pspnet_keras import models
-import utils
-from pspnet import PSPNet
+from pspnet_keras.export import graph
+from pspnet_keras.export import runtimes
+from pspnet_keras.export import transaction
+from pspnet_keras.segmenter import PSPNet
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXPORT = PROJECT_ROOT / "export.py"
@@ -218,7 +222,7 @@ def test_keras_archive_is_refused_for_another_model_and_for_a_file_that_is_not_o
 @pytest.mark.parametrize("length, margin", [(1, 3), (2, 5), (5, 3), (7, 7), (4, 11), (10, 0)])
 def test_mirrored_indices_are_numpys_symmetric_padding(length, margin):
     expected = np.pad(np.arange(length), margin, mode="symmetric")
-    np.testing.assert_array_equal(export.mirrored_indices(tf.constant(length), tf.constant(margin)), expected)
+    np.testing.assert_array_equal(graph.mirrored_indices(tf.constant(length), tf.constant(margin)), expected)
 
 
 def test_scaled_size_is_the_protocols_for_many_shapes():
@@ -227,14 +231,14 @@ def test_scaled_size_is_the_protocols_for_many_shapes():
     shapes += [tuple(map(int, shape)) for shape in rng.integers(1, 4000, (200, 2))]
     for long_side in (89, 473, 713):
         for height, width in shapes:
-            found = export.scaled_size(tf.constant(height), tf.constant(width), long_side)
+            found = graph.scaled_size(tf.constant(height), tf.constant(width), long_side)
             assert tuple(int(side) for side in found) == inference.scaled_size(height, width, long_side)
 
 
 @pytest.mark.parametrize("height, width", [(59, 89), (89, 13), (40, 30), (473, 316), (1, 89), (89, 1)])
 def test_image_resize_is_matlabs_and_pillows_within_a_grey_level(height, width):
     photo = utils.read_image(PHOTO)[:300, 100:400]
-    resized = export.resize_image(tf.constant(photo), tf.constant(height), tf.constant(width)).numpy()
+    resized = graph.resize_image(tf.constant(photo), tf.constant(height), tf.constant(width)).numpy()
     assert resized.shape == (height, width, 3)
     assert np.max(np.abs(resized - imresize(photo, height, width))) <= 1.0
     assert np.max(np.abs(resized - inference.resize_image(photo, height, width))) <= 1.0
@@ -245,7 +249,7 @@ def test_image_resize_is_matlabs_and_pillows_within_a_grey_level(height, width):
 )
 def test_probability_resize_is_matlabs_imresize(size, out):
     probabilities = np.random.default_rng(4).dirichlet(np.ones(6), size).astype(np.float32)
-    resized = export.resize_probabilities(tf.constant(probabilities), tf.constant(out[0]), tf.constant(out[1]))
+    resized = graph.resize_probabilities(tf.constant(probabilities), tf.constant(out[0]), tf.constant(out[1]))
     np.testing.assert_allclose(resized.numpy(), imresize(probabilities, *out), atol=1e-5)
 
 
@@ -253,6 +257,7 @@ def test_probability_resize_is_matlabs_imresize(size, out):
 # Every format, opened in its runtime here
 
 
+@pytest.mark.slow
 def test_full_size_onnx_runs_in_onnx_runtime_with_the_keras_networks_logits(tmp_path, released_h5, released_network):
     path = tmp_path / "deploy" / "pspnet50_ade20k.onnx"
     result = run_export("-m", RELEASED, "-w", released_h5, "--format", "onnx", "-o", path)
@@ -270,6 +275,7 @@ def test_full_size_onnx_runs_in_onnx_runtime_with_the_keras_networks_logits(tmp_
     assert_same_logits(mirrored[:1], reference)
 
 
+@pytest.mark.slow
 def test_full_size_litert_runs_in_the_litert_interpreter_with_the_keras_networks_logits(
     tmp_path, released_h5, released_network
 ):
@@ -286,6 +292,7 @@ def test_full_size_litert_runs_in_the_litert_interpreter_with_the_keras_networks
     assert_same_logits(logits, np.asarray(released_network(crop, training=False)))
 
 
+@pytest.mark.slow
 def test_keras_archive_opens_in_a_fresh_keras_program_with_the_networks_logits(tmp_path, user_h5, user_network):
     path = tmp_path / "mine.keras"
     result = run_export("-w", user_h5, "--format", "keras", "-o", path)
@@ -312,6 +319,7 @@ def test_keras_archive_opens_in_a_fresh_keras_program_with_the_networks_logits(t
     np.testing.assert_allclose(archive_probabilities, weights_probabilities, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_onnx_at_opset_18_of_a_user_model(tmp_path, user_h5, user_network):
     path = tmp_path / "mine.onnx"
     result = run_export("-w", user_h5, "--format", "onnx", "--opset", "18", "-o", path)
@@ -324,6 +332,7 @@ def test_onnx_at_opset_18_of_a_user_model(tmp_path, user_h5, user_network):
     assert_same_logits(session.run(["logits"], {"data": crop})[0], np.asarray(user_network(crop, training=False)))
 
 
+@pytest.mark.slow
 def test_saved_model_logits_signature_is_the_keras_networks(user_saved_model, user_network):
     result, path = user_saved_model
     assert result.returncode == 0, result.stderr
@@ -337,6 +346,7 @@ def test_saved_model_logits_signature_is_the_keras_networks(user_saved_model, us
     assert_same_logits(logits[1:], reference)
 
 
+@pytest.mark.slow
 def test_saved_model_segment_is_pspnets_default_mode(user_saved_model, user_h5):
     result, path = user_saved_model
     assert result.returncode == 0, result.stderr
@@ -354,9 +364,58 @@ def test_saved_model_segment_is_pspnets_default_mode(user_saved_model, user_h5):
         assert len(np.unique(expected)) > 1
         agreement = np.mean(class_ids == expected)
         # A thin image is shrunk 23 times across; Pillow may take the passes of that resize
-        # in the other order, which moves more grey levels by one (see export.resize_image).
+        # in the other order, which moves more grey levels by one (see graph.resize_image).
         assert agreement >= (MIN_ARGMAX_AGREEMENT if name != "thin" else 0.99), (name, agreement)
         assert np.mean(np.abs(max_probability - probabilities.max(axis=-1))) <= 2e-3, name
+
+
+class Doubler(tf.Module):
+    """A one-operation model with the exported signature: logits = 2 * data, for a (1, 4, 4, 3) crop."""
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 4, 4, 3), tf.float32, name="data")])
+    def logits(self, data):
+        return {"logits": data * 2.0}
+
+
+# Runs the LiteRT runtime on sys.argv[1] in a fresh process (the interpreter's notice comes
+# once a process), its interpreter writing one more line of its own on file descriptor 2.
+LITERT_PROGRAM = """
+import os, sys
+import numpy
+from ai_edge_litert import interpreter
+from pspnet_keras.export import runtimes
+
+class Noisy(interpreter.Interpreter):
+    def __init__(self, *args, **kwargs):
+        os.write(2, b"native: kept\\n")
+        super().__init__(*args, **kwargs)
+
+interpreter.Interpreter = Noisy
+logits = runtimes.litert_logits(sys.argv[1], numpy.ones((2, 4, 4, 3), numpy.float32), None)
+print(logits.shape, float(logits.max()))
+"""
+
+
+def test_litert_runtime_hides_the_interpreters_delegate_notice_and_nothing_else(tmp_path):
+    doubler = Doubler()
+    tf.saved_model.save(doubler, tmp_path / "saved", signatures={"logits": doubler.logits})
+    content = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved"), signature_keys=["logits"]).convert()
+    path = tmp_path / "doubler.tflite"
+    path.write_bytes(content)
+    unfiltered = (
+        "import sys, numpy; from ai_edge_litert.interpreter import Interpreter; "
+        "Interpreter(model_path=sys.argv[1]).get_signature_runner('logits')(data=numpy.ones((1, 4, 4, 3), 'float32'))"
+    )
+    opened = subprocess.run(
+        [sys.executable, "-c", unfiltered, path], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." in opened.stderr.splitlines()
+    result = subprocess.run(
+        [sys.executable, "-c", LITERT_PROGRAM, path], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "(2, 4, 4, 3) 2.0\n"
+    assert result.stderr == "native: kept\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,7 +452,7 @@ def failing_runtime(opened):
     ],
 )
 def test_file_failing_the_check_is_not_left_behind(tmp_path, monkeypatch, user_h5, runtime, problem):
-    monkeypatch.setitem(export.RUNTIMES, "keras", runtime(export.RUNTIMES["keras"]))
+    monkeypatch.setitem(runtimes.RUNTIMES, "keras", runtime(runtimes.RUNTIMES["keras"]))
     path = tmp_path / "out" / "mine.keras"
     result = run_main("-w", user_h5, "--format", "keras", "-o", path)
     assert result.code == 1
@@ -422,19 +481,9 @@ def test_saved_model_directory_is_swapped_for_the_new_one(tmp_path):
     staged = tmp_path / ".served.tmp" / "served"
     staged.mkdir(parents=True)
     (staged / "saved_model.pb").write_text("new")
-    export.replace(staged, target)
+    transaction.move_into_place(staged, target)
     assert (target / "saved_model.pb").read_text() == "new"
     assert listing(tmp_path) == [".served.tmp", "served", "served/saved_model.pb"]
-
-
-def test_unknown_model_is_one_line(tmp_path):
-    result = run_export("-m", "pspnet18_mnist", "--format", "onnx", cwd=tmp_path)
-    assert result.returncode == 1
-    assert only_error_line(result.stderr) == (
-        "export.py: error: unknown model 'pspnet18_mnist'; choose one of pspnet50_ade20k, pspnet101_voc2012, "
-        "pspnet101_cityscapes"
-    )
-    assert listing(tmp_path) == []
 
 
 def test_missing_weights_are_named(tmp_path):
@@ -487,6 +536,7 @@ def test_released_model_flag_with_a_user_model_is_refused(tmp_path, user_h5):
         (["--format", "onnx", "--opset", "12"], "argument --opset: invalid choice: 12 (choose from 17, 18)"),
         (["--format", "litert", "--opset", "18"], "--opset applies to --format onnx, not litert"),
         ([], "the following arguments are required: --format"),
+        (["-m", "pspnet18_mnist", "--format", "onnx"], "argument -m/--model: invalid choice: 'pspnet18_mnist'"),
     ],
 )
 def test_wrong_command_line_is_a_usage_error(args, message, capsys):

@@ -1,0 +1,26 @@
+"""What an exported file is: its formats, the names of its inputs and outputs, and ExportError."""
+
+FORMATS = ("keras", "saved_model", "onnx", "litert")
+# Python modules each format needs beyond requirements.txt (requirements-export.txt pins them).
+DEPENDENCIES = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
+# The ONNX opsets offered (tf2onnx 1.17 would pick 15 by itself); ONNX Runtime 1.32 runs both.
+ONNX_OPSETS = (17, 18)
+DEFAULT_OPSET = 17
+
+# Names of the exported inputs and outputs. "data" is the input blob of the Caffe deploy nets.
+INPUT_NAME = "data"
+LOGITS = "logits"
+SEGMENT = "segment"
+IMAGE_NAME = "image"
+CLASS_IDS = "class_ids"
+MAX_PROBABILITY = "max_probability"
+# The file that makes a directory a SavedModel.
+SAVED_MODEL_FILE = "saved_model.pb"
+
+
+class ExportError(ValueError):
+    """An export that failed, or whose file does not compute the Keras network's logits; the message says why."""
+
+
+# Grey levels of an 8-bit pixel: 0..PIXEL_RANGE (the `segment` signature's image, the check's crops).
+PIXEL_RANGE = 255.0
