@@ -4,11 +4,11 @@
     python evaluate.py -w runs/mine/final.h5 --data ~/data/mine
 
 The model is a released one (-m, default pspnet50_ade20k) or a user's (-w X.h5
-with its description X.json beside it, models.py). The data is one of the layouts
-of datasets.py: --dataset, else the layout found at --data (the model's own
+with its description X.json beside it, pspnet_keras/models.py). The data is one of the layouts
+of pspnet_keras/datasets.py: --dataset, else the layout found at --data (the model's own
 benchmark first), else the released model's benchmark, else the folders layout.
 The dataset must have as many classes as the model. The metrics are the Caffe
-release's (metrics.py); for the released models on their benchmark they are
+release's (pspnet_keras/metrics.py); for the released models on their benchmark they are
 printed beside the published numbers. The report is JSON.
 
 With --save-dir every prediction is kept as `<image stem>.png` (0-based class
@@ -25,15 +25,15 @@ import os
 import sys
 from pathlib import Path
 
-
+import utils
 from pspnet_keras import cli
-from pspnet_keras import scoring
-from pspnet_keras.download import default_weights_path
-from pspnet_keras.segmenter import load_network
 from pspnet_keras import datasets
 from pspnet_keras import metrics
 from pspnet_keras import models
-import utils
+from pspnet_keras import runtime
+from pspnet_keras import scoring
+from pspnet_keras.download import default_weights_path
+from pspnet_keras.segmenter import load_network
 
 PROG = "evaluate.py"
 REPORT_NAME = "metrics.json"
@@ -51,7 +51,7 @@ JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a numb
 
 
 def evaluate_on_ray(args, config, samples, protocol, tally):
-    """Adds every sample to `tally` as evaluate_samples does, measured by workers on Ray (ray_runner)."""
+    """Adds every sample to `tally` as evaluate_samples does, measured by workers on Ray (pspnet_keras/ray_pool.py)."""
     from pspnet_keras import ray_pool
 
     saved, to_predict = scoring.prediction_groups(samples, args.save_dir)
@@ -411,6 +411,7 @@ def main(argv=None):
     parser = argument_parser()
     args = parser.parse_args(argv)
     cli.check_ray_arguments(parser, args)
+    runtime.configure()
     return cli.run_command(PROG, run, args, error_prefix="", interrupted_suffix=" before any image was evaluated")
 
 

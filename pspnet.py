@@ -1,7 +1,7 @@
 """PSPNet semantic segmentation: the Python API and the `pspnet.py` command line.
 
 `PSPNet(model)` builds a released network (models.RELEASED_MODELS) or a user's
-model (a weights file with its JSON description beside it, models.py), loads its
+model (a weights file with its JSON description beside it, pspnet_keras/models.py), loads its
 weights (downloading the published Keras file of a released model when it is
 missing) and predicts class probabilities of whole images with the Caffe
 release's evaluation protocol (`inference.Predictor`); it lives in
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import utils
 from pspnet_keras import cli
 from pspnet_keras import models
 from pspnet_keras import runtime
@@ -39,7 +40,6 @@ from pspnet_keras.segmenter import PSPNet  # noqa: F401 (the Python API: from ps
 from pspnet_keras.segmenter import PSPNet50  # noqa: F401
 from pspnet_keras.segmenter import PSPNet101  # noqa: F401
 from pspnet_keras.segmenter import load_network
-import utils
 
 PROG = "pspnet.py"
 # The picture extension of -g outputs whose input's extension Pillow cannot write.

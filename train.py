@@ -201,15 +201,14 @@ def starting_model(values):
 
 def check_settings(settings, strategy):
     """Refuses a batch the replicas cannot share and a mixed precision without a GPU."""
-    import tensorflow as tf
-
     replicas = strategy.num_replicas_in_sync
     if settings.batch % replicas:
         raise cli.CommandError(
             f"--batch {settings.batch} cannot be split over the {replicas} replicas; use a multiple of {replicas}"
         )
-    if settings.precision != "float32" and not tf.config.list_physical_devices("GPU"):
-        raise cli.CommandError(f"precision {settings.precision} needs a GPU and none is visible; use float32 on the CPU")
+    problem = runtime.precision_problem(settings.precision)
+    if problem:
+        raise cli.CommandError(problem)
 
 
 def start_out(out, values, classes):

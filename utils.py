@@ -4,8 +4,8 @@ Reads image files into uint8 RGB arrays, turns class-id maps into palette
 colours, blends them with the input image, renders max-probability maps as gray
 levels, summarises which classes a map contains, and writes every file the
 project writes atomically (a temporary file beside the target, renamed into
-place). The class names and palettes of the models are in `models.py` and
-`palettes.py`.
+place). The class names and palettes of the models are in `pspnet_keras/models.py` and
+`pspnet_keras/palettes.py`.
 """
 
 import errno

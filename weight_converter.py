@@ -27,13 +27,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pspnet_keras import cli
+import utils
 from pspnet_keras import caffe_net
+from pspnet_keras import cli
 from pspnet_keras import keras2_weights
 from pspnet_keras import models
-import utils
 
-PROG = "weight_converter"
+PROG = "weight_converter.py"
 DEFAULT_OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "keras")
 
 CLASSIFIER = "conv6"
@@ -411,7 +411,7 @@ def parse_args(argv):
     return args
 
 
-def run(args):
+def conversion_report(args):
     """Does what the parsed command line asks; returns the line to print, or None."""
     if args.prototxt is not None:
         write_deploy_prototxt(args.prototxt, args.output)
@@ -421,22 +421,20 @@ def run(args):
     return f"wrote {conversion.output_path} ({conversion.model_name}, {conversion.layer_count} layers)"
 
 
-def main(argv=None):
-    """Command line entry point; returns the exit code."""
-    args = parse_args(argv)
-    cli.stop_on_termination()
+def run(args):
+    """Converts as the parsed command line asks and prints what was written; returns the exit code."""
     try:
-        report = run(args)
+        report = conversion_report(args)
     except (ConversionError, utils.OutputError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return cli.EXIT_FAILURE
-    except KeyboardInterrupt as error:
-        code = cli.interruption_exit_code(error)
-        print(f"{PROG}: error: {'terminated' if code == cli.EXIT_TERMINATED else 'interrupted'}", file=sys.stderr)
-        return code
+        raise cli.CommandError(str(error)) from None
     if report:
         print(report)
     return cli.EXIT_OK
+
+
+def main(argv=None):
+    """Command line entry point; returns the exit code."""
+    return cli.run_command(PROG, run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Class names and colour palettes of the three PSPNet datasets.
 
-Index = 0-based class id = channel of the network output. Values as listed in
-section D of the PSPNet reference facts: ADE20K from color150.mat /
-objectName150.mat of the MIT Scene Parsing benchmark (first synonym of each
-name), VOC2012 the PASCAL bit-interleaved colormap, Cityscapes the 19 trainId
-colours of cityscapesScripts.
+Index = 0-based class id = channel of the network output. ADE20K: the Caffe
+release's evaluation/colormap/color150.mat and evaluation/objectName150.mat
+(hszhao/PSPNet; the MIT Scene Parsing benchmark's 150 classes, first synonym of
+each name); VOC2012: the PASCAL VOC development kit's bit-interleaved colormap
+(VOCdevkit labelcolormap); Cityscapes: the 19 trainId classes and colours of
+cityscapesScripts' helpers/labels.py.
 """
 
 # The 150 ADE20K classes: (name, (red, green, blue)).

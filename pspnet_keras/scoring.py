@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import utils
 from pspnet_keras import datasets
 from pspnet_keras import metrics
-import utils
 
 
 class Tally:

@@ -38,19 +38,19 @@ class PSPNet:
     """
 
     def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
-        tf = runtime.import_tensorflow()
-
+        from layers_builder import build_pspnet
+        from layers_builder import load_keras_archive
+        from layers_builder import load_weights
+        from layers_builder import split_upsampling
         from pspnet_keras.inference import Predictor
-        from layers_builder import build_pspnet, load_keras_archive, load_weights, split_upsampling
 
         if isinstance(model, models.ModelConfig):
             config = model
         else:
             config = models.resolve_model(model, weights)
-        if precision not in runtime.PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(runtime.PRECISIONS)}")
-        if precision != "float32" and not tf.config.list_physical_devices("GPU"):
-            raise ValueError(f"precision {precision} needs a GPU and none is visible; use float32 on the CPU")
+        problem = runtime.precision_problem(precision)
+        if problem:
+            raise ValueError(problem)
         if weights is None and not config.released:
             raise ValueError(f"{config.name} is not a released model: pass its weights file")
         self.config = config
