@@ -1,9 +1,9 @@
 """Speed of this project's PSPNet against ONNX Runtime and OpenCV, and of its CLI protocol.
 
-    python bench/benchmark.py [--models ...] [--runs N] [--skip-cli] [--skip-memory] [--json FILE]
+    python -m bench.benchmark [--models ...] [--runs N] [--skip-cli] [--skip-memory] [--json FILE]
 
 In one run, on one machine, with the same seeded synthetic weights for all three
-runtimes (tests/synthetic_caffe.py), it measures:
+runtimes (bench/synthetic_caffe.py), it measures:
 
 1. The forward pass of each model at its crop size (473 / 473 / 713): this
    project's network, compiled (crop -> logits read back to NumPy, what the peers
@@ -45,27 +45,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import onnxruntime  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import pspnet  # noqa: E402  (the command this benchmark times)
+import tensorflow as tf  # noqa: E402
+import utils  # noqa: E402
+from bench import measure  # noqa: E402
+from bench.onnx_from_caffe import build_onnx_net  # noqa: E402
+from bench.synthetic_caffe import caffemodel_layers  # noqa: E402
+from bench.synthetic_caffe import opencv_logits  # noqa: E402
+from bench.synthetic_caffe import opencv_net  # noqa: E402
+from bench.synthetic_caffe import synthetic_image  # noqa: E402
+from bench.synthetic_caffe import synthetic_weights  # noqa: E402
+from bench.synthetic_caffe import write_caffemodel  # noqa: E402
+from pspnet_keras import caffe_net  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-
-from pspnet_keras import caffe_net  # noqa: E402
-import pspnet  # noqa: E402
-import measure  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import utils  # noqa: E402
-from onnx_from_caffe import build_onnx_net  # noqa: E402
-from synthetic_caffe import caffemodel_layers  # noqa: E402
-from synthetic_caffe import opencv_logits  # noqa: E402
-from synthetic_caffe import opencv_net  # noqa: E402
-from synthetic_caffe import synthetic_image  # noqa: E402
-from synthetic_caffe import synthetic_weights  # noqa: E402
-from synthetic_caffe import write_caffemodel  # noqa: E402
 
 PROG = "bench/benchmark.py"
 # The release's file names of the deploy prototxts (evaluation/prototxt of hszhao/PSPNet).
@@ -188,13 +184,8 @@ class SyntheticModel:
 
 
 def onnxruntime_session(onnx_net, threads):
-    """An fp32 CPU ONNX Runtime session of `onnx_net` with all graph optimisations."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(onnx_net.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """An fp32 CPU ONNX Runtime session of `onnx_net` (measure.onnxruntime_session)."""
+    return measure.onnxruntime_session(onnx_net.model.SerializeToString(), threads)
 
 
 def peer_calls(synthetic, image, args):
@@ -298,7 +289,7 @@ def profile_lines(call, lines):
         (file, line, function), (_, calls, own, cumulative, _) = key, value
         return f"  {cumulative:8.3f} s cumulative {own:8.3f} s own {calls:6d} calls  {Path(file).name}:{line} {function}"
 
-    project = [item for item in stats.items() if Path(item[0][0]).parent == PROJECT_ROOT]
+    project = [item for item in stats.items() if Path(item[0][0]).parent in (PROJECT_ROOT, PROJECT_ROOT / "pspnet_keras")]
     by_cumulative = sorted(project, key=lambda item: item[1][3], reverse=True)[:lines]
     by_own = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:lines]
     return (
@@ -320,7 +311,7 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args):
     (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
 
     def segment_image():
-        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli_args)
+        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, pspnet.protocol(cli_args), cli_args.quiet)
 
     crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
     calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}

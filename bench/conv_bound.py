@@ -1,6 +1,6 @@
 """What bounds the forward pass on this CPU: the costliest convolutions against the matmul peak.
 
-    python bench/conv_bound.py [--model pspnet50_ade20k] [--top 5] [--runs 5] [--json FILE]
+    python -m bench.conv_bound [--model pspnet50_ade20k] [--top 5] [--runs 5] [--json FILE]
 
 In one process, on this machine's usable cores, with TensorFlow started as the
 commands start it (tf_runtime):
@@ -26,25 +26,20 @@ from datetime import datetime
 from datetime import timezone
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
+from pspnet_keras import runtime
 
-from pspnet_keras import runtime  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parent
 
 tf = runtime.import_tensorflow()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
-import onnxruntime  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 from onnx import helper  # noqa: E402
 
 import layers_builder  # noqa: E402
-import measure  # noqa: E402
+from bench import measure  # noqa: E402
 from pspnet_keras import models  # noqa: E402
 
 PROG = "bench/conv_bound.py"
@@ -53,12 +48,8 @@ INPUT_SEED = 5
 
 
 def ort_session(model_proto):
-    """An ONNX Runtime CPU session with all optimisations and the usable cores as intra-op threads."""
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = runtime.usable_cores()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(model_proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime CPU session (measure.onnxruntime_session) with the usable cores as intra-op threads."""
+    return measure.onnxruntime_session(model_proto.SerializeToString(), runtime.usable_cores())
 
 
 def single_node_model(node, inputs, output, initializers):

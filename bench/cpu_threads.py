@@ -1,12 +1,12 @@
 """TensorFlow's thread pools and oneDNN on this CPU: per-call times against ONNX Runtime.
 
-    python bench/cpu_threads.py [--model pspnet50_ade20k] [--runs 8] [--passes 2] [--json FILE]
+    python -m bench.cpu_threads [--model pspnet50_ade20k] [--runs 8] [--passes 2] [--json FILE]
 
 Thread pools and oneDNN are fixed when TensorFlow starts, so each setting runs in a
 process of its own (the same script with --child), started with that setting's
 environment; the settings take turns, --passes times, so that a machine whose speed
 drifts slows all of them alike. In each process, on one crop-size image of the
-model and the same seeded synthetic weights (tests/synthetic_caffe.py, converted by
+model and the same seeded synthetic weights (bench/synthetic_caffe.py, converted by
 weight_converter.py), three calls are timed in turns:
 
 - network: this project's Keras network, crop -> logits read back to NumPy;
@@ -30,14 +30,11 @@ from datetime import datetime
 from datetime import timezone
 from pathlib import Path
 
+import utils
+from bench import measure
+
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-
-import measure  # noqa: E402
-import utils  # noqa: E402
 
 PROG = "bench/cpu_threads.py"
 # Each setting: the environment its process starts with. "0" lets TensorFlow choose
@@ -60,20 +57,16 @@ def child(args):
 
     tf = runtime.import_tensorflow()
     import numpy as np
-    import onnxruntime
     from PIL import Image
 
     import pspnet
-    from benchmark import cli_arguments
-    from synthetic_caffe import synthetic_image
+    from bench.benchmark import cli_arguments
+    from bench.synthetic_caffe import synthetic_image
 
     net = pspnet.PSPNet(args.model, weights=args.h5, show_progress=False)
     crop = synthetic_image(net.crop_size, 1)
     network = tf.function(lambda batch: net.model(batch, training=False))
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = runtime.usable_cores()
-    options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(args.onnx), options, providers=["CPUExecutionProvider"])
+    session = measure.onnxruntime_session(args.onnx, runtime.usable_cores())
     feed = {session.get_inputs()[0].name: np.ascontiguousarray(crop.transpose(0, 3, 1, 2))}
     with tempfile.TemporaryDirectory() as work:
         image_path = Path(work) / "image.png"
@@ -84,7 +77,9 @@ def child(args):
         (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
         calls = {
             "network": lambda: network(crop)[0].numpy(),
-            "cli_noflip": lambda: pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli_args),
+            "cli_noflip": lambda: pspnet.segment(
+                net, utils.read_image(image_path), image_path, outputs, pspnet.protocol(cli_args), cli_args.quiet
+            ),
             "onnxruntime": lambda: session.run(None, feed)[0],
         }
         times = measure.seconds_in_turns(calls, args.warmup, args.runs)
@@ -95,8 +90,8 @@ def child(args):
 
 def synthetic_files(model, work):
     """(.h5, .onnx) of `model` with the benchmark's seeded synthetic weights, written in `work`."""
-    import benchmark
-    from onnx_from_caffe import build_onnx_net
+    from bench import benchmark
+    from bench.onnx_from_caffe import build_onnx_net
 
     synthetic = benchmark.SyntheticModel(model, None, work)
     onnx_path = Path(work) / f"{model}.onnx"
@@ -108,10 +103,10 @@ def run_setting(name, args, h5, onnx_path):
     """One --child process with the environment of setting `name`; its JSON."""
     environment = {key: value for key, value in os.environ.items() if key not in OWN_VARIABLES}
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--child", "--model", args.model, "--h5", str(h5),
+        sys.executable, "-m", "bench.cpu_threads", "--child", "--model", args.model, "--h5", str(h5),
         "--onnx", str(onnx_path), "--runs", str(args.runs), "--warmup", str(args.warmup),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, env=environment | SETTINGS[name])
+    done = subprocess.run(command, capture_output=True, text=True, env=environment | SETTINGS[name], cwd=PROJECT_ROOT)
     if done.returncode:
         raise SystemExit(f"{PROG}: the {name} process failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """One prepared check of the network on an accelerator: parity, precision, speed and memory.
 
-    python bench/gpu_check.py [--models ...] [--budget-s 420] [--out bench/results]
-    python bench/gpu_check.py --dry-run          # the same steps on the CPU at tiny sizes
+    python -m bench.gpu_check [--models ...] [--budget-s 420] [--out bench/results]
+    python -m bench.gpu_check --dry-run          # the same steps on the CPU at tiny sizes
 
 For each released model, with seeded synthetic weights (tests/synthetic_caffe.py,
 never presented as a segmentation result):
@@ -42,15 +42,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import measure
+from pspnet_keras import models
+from pspnet_keras import runtime
+
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
-
-import measure  # noqa: E402
-from pspnet_keras import models  # noqa: E402
-from pspnet_keras import runtime  # noqa: E402
 
 PROG = "bench/gpu_check.py"
 WEIGHT_SEEDS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 713}
@@ -194,11 +191,13 @@ class CheckedModel:
 
 
 def prepare_model(name, work_dir, dry_run):
-    """A CheckedModel with seeded synthetic weights, converted to the Keras-2 layout by weight_converter."""
+    """A CheckedModel with seeded synthetic weights, converted to the Keras-2 layout by weight_converter.py
+    (run as a command on a .caffemodel of them: the weights do not depend on the crop size)."""
+    from bench.synthetic_caffe import caffemodel_layers
+    from bench.synthetic_caffe import converter_process
+    from bench.synthetic_caffe import synthetic_weights
+    from bench.synthetic_caffe import write_caffemodel
     from pspnet_keras import caffe_net
-    import layers_builder
-    import weight_converter
-    from synthetic_caffe import synthetic_weights
 
     config = models.RELEASED_MODELS[name]
     if dry_run:
@@ -206,13 +205,13 @@ def prepare_model(name, work_dir, dry_run):
     prototxt = Path(work_dir) / f"{name}.prototxt"
     prototxt.write_text(caffe_net.deploy_prototxt(config))
     weights = synthetic_weights(prototxt, WEIGHT_SEEDS[name])
-    types = {layer.name: layer.type for layer in caffe_net.deploy_net(config).layer}
-    layers = [
-        (weight_converter.keras_name(layer), weight_converter.keras_weights(types[layer], blobs))
-        for layer, blobs in weights.items()
-    ]
+    caffemodel = Path(work_dir) / f"{name}.caffemodel"
+    write_caffemodel(caffemodel, caffemodel_layers(prototxt, weights))
     h5 = Path(work_dir) / f"{name}.h5"
-    layers_builder.write_weights(h5, layers)
+    converted = converter_process(caffemodel, "-o", h5)
+    caffemodel.unlink()
+    if converted.returncode:
+        raise RuntimeError(f"weight_converter.py failed on the synthetic {name} weights: {converted.stderr.strip()}")
     return CheckedModel(config, prototxt, weights, h5)
 
 
@@ -232,7 +231,7 @@ def logits_of(model, batch):
 
 def parity(checked, model):
     """Item 1: the network against OpenCV's dnn on the CPU, on a synthetic image."""
-    from synthetic_caffe import opencv_logits, opencv_net, synthetic_image
+    from bench.synthetic_caffe import opencv_logits, opencv_net, synthetic_image
 
     image = synthetic_image(checked.config.crop_size, INPUT_SEED)
     reference = opencv_logits(opencv_net(checked.prototxt, checked.caffe_weights), image)

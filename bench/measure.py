@@ -84,6 +84,24 @@ def cpu_kind(simd, cores):
     return f"{widest}_{cores}core"
 
 
+def onnxruntime_session(path, threads):
+    """An fp32 CPU ONNX Runtime session of `path` with all graph optimisations, run sequentially.
+
+    `path` is an .onnx file (str or Path) or a serialized model (bytes); `threads` intra-op
+    threads, one inter-op thread. Every bench script opens its sessions here, so their figures
+    come from the same settings.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model = path if isinstance(path, bytes) else str(path)
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def publish(prog, path, results, report_text):
     """Writes `results` as JSON to `path`, atomically, and prints the report; says where on stderr."""
     import utils

@@ -1,7 +1,7 @@
 """Peak memory and time of segmenting large photos, each case in a process of its own.
 
-    python bench/memory.py [--cases ...] [--cityscapes] [--json FILE]
-    python bench/memory.py --from-json FILE          # print the table of a saved run again
+    python -m bench.memory [--cases ...] [--cityscapes] [--json FILE]
+    python -m bench.memory --from-json FILE          # print the table of a saved run again
 
 Each case runs `inference.Predictor.class_map`, which `pspnet.py` calls for every image,
 on a synthetic photo-like image, in a fresh Python process with
@@ -231,7 +231,7 @@ def flag_text(flags):
 
 def run_child(name, inference_path, work_dir):
     """Runs case `name` in a child process; returns its measurements with its exit code and ru_maxrss."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name]
+    command = [sys.executable, "-m", "bench.memory", "--child", name]
     if inference_path:
         command += ["--inference", str(inference_path)]
     environment = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC="true", TF_CPP_MIN_LOG_LEVEL="2")
@@ -325,7 +325,6 @@ def argument_parser():
 def main(argv=None):
     """Runs the benchmark (or, with --child, one case in this process)."""
     args = argument_parser().parse_args(argv)
-    sys.path.insert(0, str(PROJECT_ROOT))
     import utils
 
     if args.child:

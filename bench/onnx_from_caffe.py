@@ -11,13 +11,12 @@ deploy prototxt, layer by layer, into ONNX operators:
 - Interp (the release's src/caffe/layers/interp_layer.cpp) -> Resize, mode linear, coordinate_transformation_mode align_corners
 
 The prototxt is read with caffe_net's parser (protobuf). Weights are given as
-{Caffe layer name: [float32 blobs in Caffe shapes]} (tests/synthetic_caffe.py's
+{Caffe layer name: [float32 blobs in Caffe shapes]} (bench/synthetic_caffe.py's
 `synthetic_weights` layout). The graph takes (1, 3, H, W) BGR mean-subtracted input
 and returns the deploy net's (1, classes, H, W) logits.
 """
 
 import math
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,11 +26,7 @@ from onnx import TensorProto
 from onnx import helper
 from onnx import numpy_helper
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
-
-from pspnet_keras import caffe_net  # noqa: E402
+from pspnet_keras import caffe_net
 
 OPSET = 17
 IR_VERSION = 8

@@ -1,6 +1,6 @@
 """Images per minute of `pspnet.py -g` in one process and on Ray, and what Ray costs.
 
-    python bench/ray_bench.py [--images 8] [--rounds 1] [--weights H5] [--json FILE]
+    python -m bench.ray_bench [--images 8] [--rounds 1] [--weights H5] [--json FILE]
 
 Runs `pspnet.py -m pspnet50_ade20k -g DIR/*.png -o OUT` over the same images three
 ways, as a user runs it: in one process, with `--ray --workers 1` (one worker of all
@@ -45,9 +45,7 @@ RUN_TIMEOUT_S = 3600
 
 def synthetic_weights(directory):
     """The tests' seeded synthetic weights of MODEL, converted as the tests convert them; their path."""
-    sys.path.insert(0, str(PROJECT_ROOT / "tests"))
-    sys.path.insert(0, str(PROJECT_ROOT))
-    from helpers import SyntheticModel
+    from bench.synthetic_caffe import SyntheticModel
 
     return SyntheticModel(MODEL, Path(directory)).converted_h5
 

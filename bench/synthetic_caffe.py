@@ -10,12 +10,22 @@
   opencv-python-headless 4.x), with each of the fork's BN layers expressed as BVLC
   BatchNorm + Scale.
 
+- `SyntheticModel`: one released model with these weights, its rendered prototxt,
+  its .caffemodel and the .h5 that weight_converter.py (run as a command) makes of it;
+  what the tests' session fixtures and the benchmarks build on.
+
 The prototxts are read with regular expressions over their layer blocks, not with
-caffe_net's parser.
+caffe_net's parser. Imported as `bench.synthetic_caffe`, with the project root on the
+module path (pytest.ini's pythonpath, or `python -m bench.<name>` from the root).
 """
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -356,3 +366,79 @@ def write_classifier_only_weights(path, classes):
         group.create_dataset("conv6/kernel:0", data=np.zeros((1, 1, 512, classes), np.float32))
         group.create_dataset("conv6/bias:0", data=np.zeros(classes, np.float32))
     return path
+
+
+# --------------------------------------------------------------------------------------
+# One released model with synthetic weights, converted by weight_converter.py
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONVERTER = PROJECT_ROOT / "weight_converter.py"
+WEIGHT_SEEDS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 713}
+
+
+def converter_process(*args, cwd=None, converter=CONVERTER, **options):
+    """Runs `python weight_converter.py *args` with the project on the module path; returns the CompletedProcess."""
+    environment = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    return subprocess.run(
+        [sys.executable, str(converter), *map(str, args)],
+        cwd=cwd,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **options,
+    )
+
+
+def write_deploy_prototxt(name, directory):
+    """Writes caffe_net's rendering of the deploy prototxt of `name` under the release's file name; returns its path."""
+    from pspnet_keras import caffe_net
+    from pspnet_keras import models
+
+    path = Path(directory) / models.RELEASED_MODELS[name].caffe_prototxt
+    path.write_text(caffe_net.deploy_prototxt(name))
+    return path
+
+
+class SyntheticModel:
+    """One released PSPNet with synthetic weights; every artefact is built on first use.
+
+    `converted_h5` is made by running a copy of the converter placed in `directory`
+    on the caffemodel alone, without -o, so it also exercises recognising the model
+    from its weights and the default output path weights/keras/<model>.h5 beside the
+    script.
+    """
+
+    def __init__(self, name, directory):
+        self.name = name
+        self.directory = Path(directory)
+
+    @cached_property
+    def prototxt(self):
+        """Path of the rendered deploy prototxt."""
+        return write_deploy_prototxt(self.name, self.directory)
+
+    @cached_property
+    def weights(self):
+        """{Caffe layer name: [float32 blobs in Caffe shapes]}."""
+        return synthetic_weights(self.prototxt, WEIGHT_SEEDS[self.name])
+
+    @cached_property
+    def caffemodel(self):
+        """Path of a .caffemodel in the release's encoding (LayerParameter, `shape`, packed float data)."""
+        path = self.directory / f"{self.name}.caffemodel"
+        write_caffemodel(path, caffemodel_layers(self.prototxt, self.weights))
+        return path
+
+    @cached_property
+    def conversion(self):
+        """The CompletedProcess of `weight_converter.py <caffemodel>` for a copy in `directory`."""
+        converter = shutil.copy(CONVERTER, self.directory)
+        return converter_process(self.caffemodel, converter=converter)
+
+    @cached_property
+    def converted_h5(self):
+        """Path of the converter's output for this model."""
+        result = self.conversion
+        assert result.returncode == 0, result.stderr
+        return self.directory / "weights" / "keras" / f"{self.name}.h5"

@@ -22,32 +22,24 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime
 from datetime import timezone
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = BENCH_DIR.parent
-for directory in (PROJECT_ROOT, PROJECT_ROOT / "tests", BENCH_DIR):
-    if str(directory) not in sys.path:
-        sys.path.insert(0, str(directory))
+import numpy as np
+from PIL import Image
 
-from pspnet_keras import runtime  # noqa: E402
+import layers_builder
+from bench import measure
+from bench.synthetic_caffe import SyntheticModel
+from pspnet_keras import datasets
+from pspnet_keras import models
+from pspnet_keras import runtime
+from pspnet_keras import training
 
 tf = runtime.import_tensorflow()
-
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pspnet_keras import datasets  # noqa: E402
-import measure  # noqa: E402
-import layers_builder  # noqa: E402
-from pspnet_keras import models  # noqa: E402
-from pspnet_keras import training  # noqa: E402
-from helpers import SyntheticModel  # noqa: E402
 
 PROG = "bench/train_speed.py"
 INPUT_SEED = 1

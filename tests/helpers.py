@@ -1,13 +1,11 @@
-"""What the tests share: synthetic models converted by weight_converter.py, test images, runs of
-pspnet.py in this process or in a child, and the checks of its output files."""
+"""What the tests share: test images, runs of pspnet.py in this process or in a child, and the
+checks of its output files; and, from bench/synthetic_caffe.py (shared with the benchmarks),
+synthetic models converted by weight_converter.py."""
 
 import io
-import os
-import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
-from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,11 +13,13 @@ import numpy as np
 from PIL import Image
 
 import pspnet
-from pspnet_keras import caffe_net
+from bench.synthetic_caffe import CONVERTER  # noqa: F401  (re-exported for the tests)
+from bench.synthetic_caffe import WEIGHT_SEEDS  # noqa: F401
+from bench.synthetic_caffe import SyntheticModel  # noqa: F401
+from bench.synthetic_caffe import converter_process  # noqa: F401
+from bench.synthetic_caffe import write_deploy_prototxt  # noqa: F401
 from pspnet_keras import models
-from synthetic_caffe import caffemodel_layers, synthetic_weights, write_caffemodel
 
-CONVERTER = Path(__file__).resolve().parents[1] / "weight_converter.py"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pspnet50_ade20k"
 CROP_SIZE = 473
@@ -116,71 +116,3 @@ def output_files(stem, ext, probs=True):
     if probs:
         files["probs_npy"] = f"{stem}_probs.npy"
     return {kind: Path(name) for kind, name in files.items()}
-
-
-WEIGHT_SEEDS = {"pspnet50_ade20k": 50, "pspnet101_voc2012": 101, "pspnet101_cityscapes": 713}
-
-
-def converter_process(*args, cwd=None, converter=CONVERTER, **options):
-    """Runs `python weight_converter.py *args` with the project on the module path; returns the CompletedProcess."""
-    environment = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
-    return subprocess.run(
-        [sys.executable, str(converter), *map(str, args)],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        **options,
-    )
-
-
-def write_deploy_prototxt(name, directory):
-    """Writes caffe_net's rendering of the deploy prototxt of `name` under the release's file name; returns its path."""
-    path = Path(directory) / models.RELEASED_MODELS[name].caffe_prototxt
-    path.write_text(caffe_net.deploy_prototxt(name))
-    return path
-
-
-class SyntheticModel:
-    """One released PSPNet with synthetic weights; every artefact is built on first use.
-
-    `converted_h5` is made by running a copy of the converter placed in `directory`
-    on the caffemodel alone, without -o, so it also exercises recognising the model
-    from its weights and the default output path weights/keras/<model>.h5 beside the
-    script.
-    """
-
-    def __init__(self, name, directory):
-        self.name = name
-        self.directory = directory
-
-    @cached_property
-    def prototxt(self):
-        """Path of the rendered deploy prototxt."""
-        return write_deploy_prototxt(self.name, self.directory)
-
-    @cached_property
-    def weights(self):
-        """{Caffe layer name: [float32 blobs in Caffe shapes]}."""
-        return synthetic_weights(self.prototxt, WEIGHT_SEEDS[self.name])
-
-    @cached_property
-    def caffemodel(self):
-        """Path of a .caffemodel in the release's encoding (LayerParameter, `shape`, packed float data)."""
-        path = self.directory / f"{self.name}.caffemodel"
-        write_caffemodel(path, caffemodel_layers(self.prototxt, self.weights))
-        return path
-
-    @cached_property
-    def conversion(self):
-        """The CompletedProcess of `weight_converter.py <caffemodel>` for a copy in `directory`."""
-        converter = shutil.copy(CONVERTER, self.directory)
-        return converter_process(self.caffemodel, converter=converter)
-
-    @cached_property
-    def converted_h5(self):
-        """Path of the converter's output for this model."""
-        result = self.conversion
-        assert result.returncode == 0, result.stderr
-        return self.directory / "weights" / "keras" / f"{self.name}.h5"

@@ -14,15 +14,19 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
 import layers_builder
-from pspnet_keras import models
 import pspnet
-from synthetic_caffe import write_classifier_only_weights
+from pspnet_keras import download
+from pspnet_keras import models
+from bench.synthetic_caffe import write_classifier_only_weights
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pspnet50_ade20k"
 CHUNK_BYTES = 1 << 20
 SERVER_TIMEOUT_S = 30
@@ -94,7 +98,7 @@ def built_model():
 def setup(tmp_path, monkeypatch, built_model, server):
     """A temporary weights directory, the built network reused, and an image to segment."""
     weights_dir = tmp_path / "weights" / "keras"
-    monkeypatch.setattr(pspnet, "WEIGHTS_DIR", weights_dir)
+    monkeypatch.setattr(download, "WEIGHTS_DIR", weights_dir)
     monkeypatch.setattr(layers_builder, "build_pspnet", lambda model_name, *args, **kwargs: built_model)
     server.httpd.requests.clear()
     image = tmp_path / "photo.png"
@@ -125,8 +129,9 @@ def refused_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_download_renames_the_checked_file_into_place(setup, monkeypatch):
-    monkeypatch.setenv(pspnet.WEIGHTS_URL_BASE_VARIABLE, f"{setup.server.url}/ok")
+    monkeypatch.setenv(download.WEIGHTS_URL_BASE_VARIABLE, f"{setup.server.url}/ok")
     result = segment(setup)
     assert result.code == 0, result.stderr
     assert setup.server.httpd.requests == [f"/ok/{MODEL}.h5"]
@@ -135,7 +140,7 @@ def test_download_renames_the_checked_file_into_place(setup, monkeypatch):
     assert setup.target.read_bytes() == setup.server.httpd.files["weights"].read_bytes()
     assert (setup.out / "photo_seg_read.png").is_file()
 
-    monkeypatch.setenv(pspnet.WEIGHTS_URL_BASE_VARIABLE, f"http://127.0.0.1:{refused_port()}")
+    monkeypatch.setenv(download.WEIGHTS_URL_BASE_VARIABLE, f"http://127.0.0.1:{refused_port()}")
     network = pspnet.PSPNet(MODEL)
     assert network.weights_path == setup.target
     assert setup.server.httpd.requests == [f"/ok/{MODEL}.h5"]
@@ -151,9 +156,10 @@ def test_download_renames_the_checked_file_into_place(setup, monkeypatch):
         ("{server}/lacking", f"the downloaded file is not weights of {MODEL}"),
     ],
 )
+@pytest.mark.slow
 def test_failed_download_leaves_nothing_and_says_what_to_do(setup, monkeypatch, base, reason):
     url_base = base.format(server=setup.server.url, port=refused_port())
-    monkeypatch.setenv(pspnet.WEIGHTS_URL_BASE_VARIABLE, url_base)
+    monkeypatch.setenv(download.WEIGHTS_URL_BASE_VARIABLE, url_base)
     result = segment(setup, "-q")
     assert result.code == 1
     assert "Traceback" not in result.stderr
@@ -161,22 +167,47 @@ def test_failed_download_leaves_nothing_and_says_what_to_do(setup, monkeypatch, 
     assert message.startswith(f"pspnet.py: error: cannot download the weights of {MODEL} from {url_base}/{MODEL}.h5")
     assert reason in message
     assert f"Put the published {MODEL}.h5 at {setup.target}" in message and "-w" in message
-    converter = Path(pspnet.__file__).resolve().parent / "weight_converter.py"
-    caffemodel = pspnet.CAFFE_WEIGHTS_DIR / "pspnet50_ADE20K.caffemodel"
-    assert f"put pspnet50_ADE20K.caffemodel in {pspnet.CAFFE_WEIGHTS_DIR} and run" in message
+    converter = PROJECT_ROOT / "weight_converter.py"
+    caffemodel = PROJECT_ROOT / "weights" / "caffe" / "pspnet50_ADE20K.caffemodel"
+    assert f"put pspnet50_ADE20K.caffemodel in {PROJECT_ROOT / 'weights' / 'caffe'} and run" in message
     assert f"python {converter} {caffemodel} -o {setup.target}" in message
     assert list(setup.weights_dir.iterdir()) == []
     assert not setup.out.exists()
 
 
+def readme_paragraph(text, start):
+    """The paragraph of a Markdown text that begins with `start`, its lines joined by spaces."""
+    for paragraph in text.split("\n\n"):
+        if paragraph.startswith(start):
+            return " ".join(paragraph.split())
+    raise AssertionError(f"no paragraph beginning {start!r}")
+
+
 def test_published_urls_are_the_readme_ones(monkeypatch):
-    monkeypatch.delenv(pspnet.WEIGHTS_URL_BASE_VARIABLE, raising=False)
-    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet50_ade20k"]) == (
-        "https://www.dropbox.com/s/0uxn14y26jcui4v/pspnet50_ade20k.h5?dl=1"
+    """README.md's account of the weights, checked against what pspnet.py does: where it looks, where
+    the links it downloads are listed (and that they are the ones it uses), where Caffe weights go."""
+    monkeypatch.delenv(download.WEIGHTS_URL_BASE_VARIABLE, raising=False)
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    paragraph = readme_paragraph(readme, "`pspnet.py` looks for `weights/keras/<model>.h5` beside itself")
+    for name in models.RELEASED_MODEL_NAMES:
+        assert download.default_weights_path(name) == PROJECT_ROOT / "weights" / "keras" / f"{name}.h5"
+    assert PROJECT_ROOT / "pspnet.py" == Path(pspnet.__file__).resolve()
+    # "the published Keras weights of the 2017 port (Dropbox links of its README, listed in weights/keras/README.md)"
+    (listing,) = re.findall(r"listed in `([^`]+)`", paragraph)
+    table = dict(re.findall(r"^\| `([^`]+\.h5)` \| (\S+) \|$", (PROJECT_ROOT / listing).read_text(), re.MULTILINE))
+    assert table == {f"{name}.h5": download.weights_url(models.RELEASED_MODELS[name]) for name in models.RELEASED_MODEL_NAMES}
+    assert all(url.startswith("https://www.dropbox.com/") for url in table.values())
+    assert table["pspnet50_ade20k.h5"] == "https://www.dropbox.com/s/0uxn14y26jcui4v/pspnet50_ade20k.h5?dl=1"
+    # "Put the .caffemodel in weights/caffe/ ... and run: python weight_converter.py weights/caffe/pspnet50_ADE20K.caffemodel"
+    assert "Put the `.caffemodel` in `weights/caffe/`" in paragraph
+    assert download.CAFFE_WEIGHTS_DIR == PROJECT_ROOT / "weights" / "caffe"
+    command = re.search(r"^python weight_converter\.py weights/caffe/(\S+)$", readme, re.MULTILINE)
+    assert command.group(1) == models.RELEASED_MODELS["pspnet50_ade20k"].caffe_weights
+    assert f"{download.CAFFE_WEIGHTS_DIR / command.group(1)}" in download.weights_help(
+        models.RELEASED_MODELS["pspnet50_ade20k"], download.default_weights_path("pspnet50_ade20k")
     )
-    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet101_cityscapes"]) == (
-        "https://www.dropbox.com/s/c17g94n946tpalb/pspnet101_cityscapes.h5?dl=1"
-    )
-    assert pspnet.weights_url(models.RELEASED_MODELS["pspnet101_voc2012"]) == (
-        "https://www.dropbox.com/s/uvqj2cjo4b9c5wg/pspnet101_voc2012.h5?dl=1"
+    # A mirror replaces the base of every URL.
+    monkeypatch.setenv(download.WEIGHTS_URL_BASE_VARIABLE, "http://mirror.example/pspnet/")
+    assert download.weights_url(models.RELEASED_MODELS["pspnet101_voc2012"]) == (
+        "http://mirror.example/pspnet/pspnet101_voc2012.h5"
     )

@@ -1,7 +1,7 @@
 """Tests of evaluate.py on tiny synthetic datasets in the ADE20K, Cityscapes, VOC 2012 and folders layouts.
 
-A stand-in for pspnet.PSPNet predicts the class whose colour code each pixel
-carries (class = R // 64 + 4 * (G // 64) + 16 * (B // 64)); the tests paint
+A stand-in for segmenter.PSPNet (pspnet_keras/segmenter.py; evaluate.py builds it through
+load_network) predicts the class whose colour code each pixel carries (class = R // 64 + 4 * (G // 64) + 16 * (B // 64)); the tests paint
 images in those colours, on 8-pixel-aligned rectangles so that even JPEG keeps
 them, and paint labels by hand. Every confusion count and metric expected below
 is worked out by hand from those rectangles.
@@ -23,7 +23,7 @@ from PIL import Image
 from pspnet_keras import datasets
 import evaluate
 from pspnet_keras import models
-import pspnet
+from pspnet_keras import segmenter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 30, 40
@@ -52,7 +52,7 @@ def colour_coded(class_ids):
 
 
 class ColourCodedNetwork:
-    """Stands in for pspnet.PSPNet: predicts the class coded in each pixel's colour, with probability 0.9."""
+    """Stands in for segmenter.PSPNet: predicts the class coded in each pixel's colour, with probability 0.9."""
 
     constructions = None
     calls = None
@@ -94,12 +94,12 @@ def weights(tmp_path):
 
 @pytest.fixture
 def network(monkeypatch, weights):
-    """Puts a fresh ColourCodedNetwork class in place of pspnet.PSPNet and returns it."""
+    """Puts a fresh ColourCodedNetwork class in place of segmenter.PSPNet (what load_network builds) and returns it."""
     stand_in = type("StandIn", (ColourCodedNetwork,), {
         "constructions": [], "calls": [], "interrupt_at_call": None, "terminate_at_call": None,
         "default_weights": weights[0],
     })
-    monkeypatch.setattr(pspnet, "PSPNet", stand_in)
+    monkeypatch.setattr(segmenter, "PSPNet", stand_in)
     return stand_in
 
 
@@ -472,7 +472,7 @@ def test_wrong_root_is_a_clear_error(tmp_path, model, expected):
     result = run_cli("-m", model, "--data", root, cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("evaluate: ") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("evaluate.py: ") and result.stderr.count("\n") == 1
     for path in expected:
         assert str(root / path) in result.stderr
     assert sorted(tmp_path.iterdir()) == [root]
@@ -498,6 +498,7 @@ def test_model_of_another_dataset_is_refused(tmp_path):
     assert "Cityscapes" in result.stderr and "pspnet101_cityscapes" in result.stderr
 
 
+@pytest.mark.slow
 def test_end_to_end_with_synthetic_weights(tmp_path, synthetic_model):
     """The real network (synthetic weights) on two small ADE20K images; the metrics must be
     those computed here, class by class, from the saved predictions and the labels."""
@@ -651,7 +652,7 @@ def test_class_count_of_data_and_model_must_agree(tmp_path, network, capsys):
     weights = write_user_model(tmp_path / "model")
     assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 1
     assert capsys.readouterr().err == (
-        f"evaluate: {root / 'classes.txt'} has 4 classes but the model mine has 3; "
+        f"evaluate.py: {root / 'classes.txt'} has 4 classes but the model mine has 3; "
         "evaluate it on data with its classes\n"
     )
     assert network.constructions == [] and not (tmp_path / "r.json").exists()
@@ -666,7 +667,7 @@ def test_default_model_is_pspnet50_ade20k(tmp_path, network, capsys):
     capsys.readouterr()
     assert run("--data", root, "--report", tmp_path / "r2.json") == 1
     assert capsys.readouterr().err == (
-        f"evaluate: {root / 'classes.txt'} has 3 classes but the model pspnet50_ade20k has 150; "
+        f"evaluate.py: {root / 'classes.txt'} has 3 classes but the model pspnet50_ade20k has 150; "
         "pass a model of these classes with -w\n"
     )
 
@@ -676,7 +677,7 @@ def test_released_name_with_a_user_model_is_refused(tmp_path, network, capsys):
     weights = write_user_model(tmp_path / "model")
     assert run("-m", "pspnet50_ade20k", "-w", weights, "--data", root) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"evaluate: {weights}: ") and "leave out -m pspnet50_ade20k" in line
+    assert line.startswith(f"evaluate.py: {weights}: ") and "leave out -m pspnet50_ade20k" in line
     assert network.constructions == []
 
 
@@ -686,7 +687,7 @@ def test_two_layouts_at_one_root_need_dataset(tmp_path, network, capsys):
     weights = write_user_model(tmp_path / "model")
     assert run("-w", weights, "--data", root) == 1
     assert capsys.readouterr().err == (
-        f"evaluate: {root} holds the layouts of ade20k and folders; choose one with --dataset\n"
+        f"evaluate.py: {root} holds the layouts of ade20k and folders; choose one with --dataset\n"
     )
     assert run("-w", weights, "--data", root, "--dataset", "folders", "--report", tmp_path / "r.json") == 0
     assert_folders_metrics(read_report(tmp_path / "r.json"))
@@ -720,7 +721,7 @@ def test_prediction_record_that_is_no_object_is_refused(tmp_path, network, conte
     (save_dir / "predictions.json").write_text(content)
     assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 1
     assert capsys.readouterr().err == (
-        f"evaluate: {save_dir / 'predictions.json'}: holds {kind}, not the JSON object of prediction "
+        f"evaluate.py: {save_dir / 'predictions.json'}: holds {kind}, not the JSON object of prediction "
         "settings this program writes there; delete it or choose another --save-dir\n"
     )
     assert network.constructions == []
@@ -764,7 +765,7 @@ def test_report_on_an_input_is_refused_before_any_work(tmp_path, network, case, 
     capsys.readouterr()
     assert run("-w", weights, "--data", root, "--save-dir", save_dir, "--report", target) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"evaluate: {target}: the report would replace {REPORT_TARGET_CASES[case]} ")
+    assert line.startswith(f"evaluate.py: {target}: the report would replace {REPORT_TARGET_CASES[case]} ")
     assert line.endswith("; choose another --report")
     assert network.constructions == []
     assert {path: path.read_bytes() for path in contents} == contents
@@ -781,7 +782,7 @@ def test_report_on_a_special_file_is_refused(tmp_path, network, kind, capsys, ha
         target.mkdir()
     assert run("-w", weights, "--data", root, "--report", target) == 1
     problem = "is a directory" if kind == "directory" else "exists and is not a regular file; refusing to replace it"
-    assert capsys.readouterr().err == f"evaluate: {target}: {problem}; choose another --report\n"
+    assert capsys.readouterr().err == f"evaluate.py: {target}: {problem}; choose another --report\n"
     assert network.constructions == []
     assert os.path.exists(target) and not target.is_file()
 
@@ -791,7 +792,7 @@ def test_report_folder_must_exist_before_the_run(tmp_path, network, capsys):
     weights = write_user_model(tmp_path / "model")
     target = tmp_path / "absent" / "r.json"
     assert run("-w", weights, "--data", root, "--report", target) == 1
-    assert capsys.readouterr().err == f"evaluate: {target}: folder {target.parent} does not exist\n"
+    assert capsys.readouterr().err == f"evaluate.py: {target}: folder {target.parent} does not exist\n"
     assert network.constructions == [] and not target.parent.exists()
 
 
@@ -802,7 +803,7 @@ def test_save_dir_on_the_labels_is_refused(tmp_path, network, capsys):
     before = {path: path.read_bytes() for path in labels.iterdir()}
     assert run("-w", weights, "--data", root, "--save-dir", labels, "--report", tmp_path / "r.json") == 1
     assert capsys.readouterr().err == (
-        f"evaluate: {labels}: the prediction of a.png would replace the label {labels / 'a.png'}; "
+        f"evaluate.py: {labels}: the prediction of a.png would replace the label {labels / 'a.png'}; "
         "choose another --save-dir\n"
     )
     assert network.constructions == []
@@ -820,14 +821,14 @@ def test_labels_with_nothing_to_count_are_a_failure(tmp_path, network, capsys):
     assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 1
     error_lines = capsys.readouterr().err.splitlines()
     assert error_lines[-1] == (
-        "evaluate: nothing to count: no pixel of the 3 evaluated labels holds a class of the dataset "
+        "evaluate.py: nothing to count: no pixel of the 3 evaluated labels holds a class of the dataset "
         f"(every value is unlabelled or undefined); check the labels under {root}"
     )
-    warnings = [line for line in error_lines if line.startswith("evaluate: warning: ")]
+    warnings = [line for line in error_lines if line.startswith("evaluate.py: warning: ")]
     assert warnings == [
-        f"evaluate: warning: {labels / 'b.png'}: label values 3 are not among the defined values (0-2, 255); "
+        f"evaluate.py: warning: {labels / 'b.png'}: label values 3 are not among the defined values (0-2, 255); "
         "counted as unlabelled",
-        f"evaluate: warning: {labels / 'c.png'}: label values 3, 9 are not among the defined values (0-2, 255); "
+        f"evaluate.py: warning: {labels / 'c.png'}: label values 3, 9 are not among the defined values (0-2, 255); "
         "counted as unlabelled",
     ]
     report = read_report(tmp_path / "r.json")
@@ -847,7 +848,7 @@ def test_undefined_label_values_count_as_unlabelled_with_one_warning_per_file(tm
     assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert warnings == [
-        f"evaluate: warning: {root / 'labels' / 'val' / 'b.png'}: label values 7, 100, 200 are not among the "
+        f"evaluate.py: warning: {root / 'labels' / 'val' / 'b.png'}: label values 7, 100, 200 are not among the "
         "defined values (0-2, 255); counted as unlabelled"
     ]
     report = read_report(tmp_path / "r.json")
@@ -863,6 +864,7 @@ def test_undefined_label_values_count_as_unlabelled_with_one_warning_per_file(tm
     assert report["pixel_acc"] == pytest.approx((1520 + 192 + 360) / (1520 + 936 + 744))
 
 
+@pytest.mark.slow
 def test_malformed_weights_file_is_one_line(tmp_path):
     """A user model whose HDF5 file has a `weight_names` attribute of numbers: the real network refuses it."""
     root = make_folders(tmp_path / "data")
@@ -876,7 +878,7 @@ def test_malformed_weights_file_is_one_line(tmp_path):
     result = run_cli("-w", weights, "--data", root, "--report", tmp_path / "r.json", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"evaluate: {weights}: layer conv1_1_3x3_s2 has a weight_names attribute that is not a list of names"
+        f"evaluate.py: {weights}: layer conv1_1_3x3_s2 has a weight_names attribute that is not a list of names"
     ]
     assert not (tmp_path / "r.json").exists()
 
@@ -906,8 +908,8 @@ def test_special_images_and_labels_are_skipped_one_line_each(tmp_path, network, 
         labels / "h.png": "is a directory, not a file",
         labels / "i.png": "symbolic link loop",
     }
-    skipped_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate: skipped")]
-    assert sorted(skipped_lines) == sorted(f"evaluate: skipped {path}: {problem}" for path, problem in expected.items())
+    skipped_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py: skipped")]
+    assert sorted(skipped_lines) == sorted(f"evaluate.py: skipped {path}: {problem}" for path, problem in expected.items())
     report = read_report(tmp_path / "r.json")
     assert {entry["file"]: entry["problem"] for entry in report["skipped"]} == {
         str(path): problem for path, problem in expected.items()
@@ -922,7 +924,7 @@ def test_sigterm_writes_the_partial_report_and_exits_143(tmp_path, network, caps
     save_dir = tmp_path / "saved"
     network.terminate_at_call = 2
     assert run("-w", weights, "--data", root, "--save-dir", save_dir) == 143
-    assert "evaluate: terminated; reporting the images done so far" in capsys.readouterr().err.splitlines()
+    assert "evaluate.py: terminated; reporting the images done so far" in capsys.readouterr().err.splitlines()
     report = read_report(save_dir / "metrics.json")
     assert report["partial"] is True and report["images"] == 1
     # a.png alone: [0,0] = 360, [1,0] = 216, [1,2] = 144, [2,2] = 360.
@@ -967,8 +969,8 @@ def test_an_image_that_runs_out_of_memory_is_skipped_with_one_line(tmp_path, mon
     report_path = tmp_path / "out.json"
     assert run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--report", report_path) == 0
     image = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
-    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")] == [
-        f"evaluate: skipped {image}: {problem}"
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py:")] == [
+        f"evaluate.py: skipped {image}: {problem}"
     ]
     report = read_report(report_path)
     assert report["images"] == 1 and report["skipped"] == [{"file": str(image), "problem": problem}]

@@ -11,15 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("pspnet50_ade20k", "pspnet101_cityscapes")
 
 
+@pytest.mark.slow
 def test_dry_run_measures_every_item(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
-         "--models", *MODELS],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(tmp_path), "--models", *MODELS],
+        capture_output=True, text=True, timeout=900, cwd=PROJECT_ROOT,
     )
     assert result.returncode == 0, result.stderr
     (written,) = tmp_path.iterdir()

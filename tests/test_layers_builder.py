@@ -11,6 +11,7 @@
 - `load_weights` on files written here with h5py in the Keras-2 `save_weights` layout.
 """
 
+import dataclasses
 import functools
 import re
 
@@ -20,7 +21,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from bench.synthetic_caffe import opencv_logits
+from bench.synthetic_caffe import opencv_net
+from bench.synthetic_caffe import synthetic_image
 from pspnet_keras import caffe_net
+from pspnet_keras import models
 from pspnet_keras.models import RELEASED_MODEL_NAMES as MODEL_NAMES
 from layers_builder import (
     Interp,
@@ -594,6 +599,7 @@ def test_pyramid_convolution_output_shape_in_a_functional_model():
 # The networks against the prototxts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_weighted_layers_are_the_caffe_convolutions_and_bns(model_name, native_models):
     model = native_models[model_name]
@@ -604,6 +610,7 @@ def test_weighted_layers_are_the_caffe_convolutions_and_bns(model_name, native_m
     assert set(weighted) == caffe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_caffe_layer_names_spot_check(model_name, native_models):
     names = {layer.name for layer in native_models[model_name].layers}
@@ -613,6 +620,7 @@ def test_caffe_layer_names_spot_check(model_name, native_models):
     assert ("conv4_6_1x1_increase_bn" in names) and ("conv4_24_1x1_increase" not in names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_convolutions_have_the_prototxt_settings(model_name, native_models):
     model = native_models[model_name]
@@ -631,6 +639,7 @@ def test_convolutions_have_the_prototxt_settings(model_name, native_models):
         assert conv.use_bias == (layer["params"].get("bias_term") != "false"), layer["name"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_every_caffe_blob_has_the_caffe_shape(model_name, native_models):
     """Convolution, BN, Pooling, Eltwise and Interp outputs, by Caffe's size arithmetic.
@@ -657,6 +666,7 @@ SPEC_SIDES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_feature_map_sides_are_those_of_the_deploy_nets(model_name, native_models):
     model = native_models[model_name]
@@ -670,6 +680,7 @@ def test_feature_map_sides_are_those_of_the_deploy_nets(model_name, native_model
     assert model.output.shape == (None, size, size, CLASSES[model_name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_pyramid_is_concatenated_in_caffe_order(model_name, native_models):
     conv5_4 = native_models[model_name].get_layer("conv5_4")
@@ -681,6 +692,7 @@ def test_pyramid_is_concatenated_in_caffe_order(model_name, native_models):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_conv3_1_stride_sits_where_the_prototxt_puts_it(model_name, native_models):
     model = native_models[model_name]
@@ -690,6 +702,7 @@ def test_conv3_1_stride_sits_where_the_prototxt_puts_it(model_name, native_model
     assert model.get_layer("conv3_1_1x1_proj").strides == (2, 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_batch_norms_use_caffe_epsilon(model_name, native_models):
     model = native_models[model_name]
@@ -699,6 +712,7 @@ def test_batch_norms_use_caffe_epsilon(model_name, native_models):
         assert layer.epsilon == pytest.approx(CAFFE_BN_EPSILON, rel=1e-6), layer.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_only_conv6_has_a_bias(model_name, native_models):
     convs = [layer for layer in native_models[model_name].layers if isinstance(layer, keras.layers.Conv2D)]
@@ -707,6 +721,7 @@ def test_only_conv6_has_a_bias(model_name, native_models):
     assert tuple(native_models[model_name].get_layer("conv6").bias.shape) == (CLASSES[model_name],)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_parameter_count_is_that_of_the_prototxt(model_name, native_models):
     layers = deploy_layers(model_name)
@@ -724,6 +739,8 @@ def test_parameter_count_is_that_of_the_prototxt(model_name, native_models):
 
 
 def test_small_supported_size_builds_the_scaled_network(small_model50):
+    """The shapes at SMALL_SIZE; the values of this network (small_model50) are checked against the prototxt
+    computed with tf.nn ops in test_network_computes_what_the_prototxt_computes."""
     side = (SMALL_SIZE + 7) // 8
     assert caffe_feature_side(SMALL_SIZE) == side
     assert small_model50.get_layer("conv5_3").output.shape[1:3] == (side, side)
@@ -733,10 +750,27 @@ def test_small_supported_size_builds_the_scaled_network(small_model50):
     assert small_model50.output.shape == (None, SMALL_SIZE, SMALL_SIZE, 150)
 
 
-def test_another_supported_size_builds():
+@pytest.mark.slow
+def test_another_supported_size_builds_and_computes_what_caffe_computes(synthetic_model, tmp_path):
+    """pspnet101_cityscapes at 233 px (not its 713): the shapes, and the logits against OpenCV's Caffe
+    running the deploy prototxt rendered at 233 px, with the session's synthetic weights (they do not
+    depend on the crop size) converted by weight_converter.py."""
     model = build_pspnet("pspnet101_cityscapes", 233)
     assert model.output.shape == (None, 233, 233, 19)
     assert model.get_layer("conv5_3").output.shape[1:3] == (caffe_feature_side(233),) * 2
+
+    synthetic = synthetic_model("pspnet101_cityscapes")
+    load_weights(model, synthetic.converted_h5)
+    config = dataclasses.replace(models.RELEASED_MODELS["pspnet101_cityscapes"], crop_size=233)
+    prototxt = tmp_path / "pspnet101_cityscapes_233.prototxt"
+    prototxt.write_text(caffe_net.deploy_prototxt(config))
+    image = synthetic_image(233, 233)
+    reference = opencv_logits(opencv_net(prototxt, synthetic.weights), image)
+    logits = np.asarray(model(image, training=False))[0]
+    assert logits.shape == reference.shape == (233, 233, 19)
+    assert reference.std() > 1.0 and len(np.unique(reference.argmax(axis=-1))) >= 3
+    np.testing.assert_allclose(logits, reference, rtol=0, atol=1e-4 * float(reference.max() - reference.min()))
+    assert (logits.argmax(axis=-1) == reference.argmax(axis=-1)).mean() > 0.999
 
 
 def test_unsupported_sizes_are_refused():
@@ -809,6 +843,7 @@ def test_keras_reads_the_test_files_alike(weights_file50, small_model50, weights
     assert_holds(small_model50, weights50)
 
 
+@pytest.mark.slow
 def test_load_weights_reaches_every_pspnet101_layer(tmp_path, native_models):
     model = native_models["pspnet101_voc2012"]
     shapes = weight_shapes(model)
@@ -823,6 +858,7 @@ def test_load_weights_reaches_every_pspnet101_layer(tmp_path, native_models):
     assert_holds(model, zeros)
 
 
+@pytest.mark.slow
 def test_missing_layer_is_named(tmp_path, native_models):
     model = native_models["pspnet50_ade20k"]
     shapes = weight_shapes(model)
@@ -833,6 +869,7 @@ def test_missing_layer_is_named(tmp_path, native_models):
     assert str(path) in message and names_layer(message, "conv4_2_3x3_bn"), message
 
 
+@pytest.mark.slow
 def test_unknown_layer_is_named(tmp_path, native_models):
     model = native_models["pspnet50_ade20k"]
     entries = keras2_layer_list(model, weight_shapes(model)) + [("conv7", {"kernel": (1, 1, 512, 150)})]
@@ -842,6 +879,7 @@ def test_unknown_layer_is_named(tmp_path, native_models):
     assert str(path) in message and names_layer(message, "conv7"), message
 
 
+@pytest.mark.slow
 def test_pspnet101_weights_do_not_load_into_pspnet50(tmp_path, native_models):
     model50, model101 = native_models["pspnet50_ade20k"], native_models["pspnet101_voc2012"]
     path = tmp_path / "pspnet101_voc2012.h5"
@@ -851,6 +889,7 @@ def test_pspnet101_weights_do_not_load_into_pspnet50(tmp_path, native_models):
     assert str(path) in message and any(names_layer(message, name) for name in extra), message
 
 
+@pytest.mark.slow
 def test_shape_mismatch_is_named(tmp_path, native_models):
     model = native_models["pspnet50_ade20k"]
     shapes = weight_shapes(model)
@@ -861,6 +900,7 @@ def test_shape_mismatch_is_named(tmp_path, native_models):
     assert str(path) in message and names_layer(message, "conv5_4"), message
 
 
+@pytest.mark.slow
 def test_21_class_weights_do_not_load_into_the_19_class_model_and_change_nothing(tmp_path, native_models):
     voc, cityscapes = native_models["pspnet101_voc2012"], native_models["pspnet101_cityscapes"]
     path = tmp_path / "pspnet101_voc2012.h5"
@@ -872,6 +912,7 @@ def test_21_class_weights_do_not_load_into_the_19_class_model_and_change_nothing
         assert (variable.numpy() == SCRAMBLED).all(), variable.path
 
 
+@pytest.mark.slow
 def test_file_that_is_not_hdf5_is_named(tmp_path, native_models):
     path = tmp_path / "pspnet50_ade20k.h5"
     path.write_text("<!DOCTYPE html><html><body>Dropbox - file not found</body></html>\n")
@@ -879,12 +920,14 @@ def test_file_that_is_not_hdf5_is_named(tmp_path, native_models):
     assert str(path) in message, message
 
 
+@pytest.mark.slow
 def test_missing_file_is_named(tmp_path, native_models):
     path = tmp_path / "absent" / "pspnet50_ade20k.h5"
     message = raised_message(native_models["pspnet50_ade20k"], path)
     assert str(path) in message, message
 
 
+@pytest.mark.slow
 def test_dataset_missing_from_its_layer_group_is_named(tmp_path, native_models):
     model = native_models["pspnet50_ade20k"]
     path = tmp_path / "truncated.h5"

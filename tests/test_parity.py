@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 import layers_builder
-from synthetic_caffe import caffe_layers, opencv_logits, opencv_net, opencv_outputs, synthetic_image
+from bench.synthetic_caffe import caffe_layers, opencv_logits, opencv_net, opencv_outputs, synthetic_image
+
+# Full-size networks (473 and 713 px crops) on converted synthetic weights.
+pytestmark = pytest.mark.slow
 
 MODEL_NAMES = ("pspnet50_ade20k", "pspnet101_voc2012", "pspnet101_cityscapes")
 INPUT_SIZES = {"pspnet50_ade20k": 473, "pspnet101_voc2012": 473, "pspnet101_cityscapes": 713}

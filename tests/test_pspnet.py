@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pspnet_keras import models
 import pspnet
-from synthetic_caffe import write_classifier_only_weights
+import utils
+from bench.synthetic_caffe import write_classifier_only_weights
+from pspnet_keras import models
+from pspnet_keras import segmenter
 from helpers import ADE20K_CLASSES, CROP_SIZE, EVERY_FLAG, MEAN_RGB, MODEL, PROJECT_ROOT, check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image, softmax
 
 # ---------------------------------------------------------------------------------------
@@ -46,7 +48,7 @@ def reuse_network(monkeypatch, network):
         assert (model.name, precision) == (MODEL, "float32")
         return network
 
-    monkeypatch.setattr(pspnet, "PSPNet", construct)
+    monkeypatch.setattr(segmenter, "PSPNet", construct)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +70,7 @@ def batch(tmp_path_factory, weights_h5):
     return SimpleNamespace(result=result, folder=folder, out=folder / "out")
 
 
+@pytest.mark.slow
 def test_batch_skips_the_broken_file_and_fails_at_the_end(batch):
     assert batch.result.code == 1
     assert error_lines(batch.result.stderr) == [
@@ -83,6 +86,7 @@ def test_batch_skips_the_broken_file_and_fails_at_the_end(batch):
     assert written == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stem, ext, shape", [("small", ".png", (90, 120)), ("portrait", ".jpg", (120, 90))])
 def test_batch_outputs_follow_the_saved_probabilities(batch, stem, ext, shape):
     probabilities = np.load(batch.out / f"{stem}_probs.npy")
@@ -107,6 +111,7 @@ def square_logits(network):
     return np.asarray(logits, dtype=np.float64)
 
 
+@pytest.mark.slow
 def test_crop_sized_image_gets_the_plain_network_softmax(batch, square_logits):
     image = decoded(batch.folder / "in" / "square.png")
     np.testing.assert_array_equal(image, smooth_image(CROP_SIZE, CROP_SIZE, 3))
@@ -116,6 +121,7 @@ def test_crop_sized_image_gets_the_plain_network_softmax(batch, square_logits):
     check_outputs(image, probabilities, outputs)
 
 
+@pytest.mark.slow
 def test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class(tmp_path, reuse_network, square_logits):
     image = smooth_image(CROP_SIZE, CROP_SIZE, 3)
     source = save_image(tmp_path / "square.png", image)
@@ -140,6 +146,7 @@ def test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class(tmp_path, r
         assert f"{count / class_ids.size:.2%}" in listed[class_id]
 
 
+@pytest.mark.slow
 def test_predict_passes_the_protocol_to_the_predictor(network, monkeypatch):
     calls = []
 
@@ -157,6 +164,7 @@ def test_predict_passes_the_protocol_to_the_predictor(network, monkeypatch):
     assert calls[1][1] == {"sliding": False, "flip": True, "multi_scale": False, "progress": None}
 
 
+@pytest.mark.slow
 def test_api_attributes(network):
     assert (network.model_name, network.dataset) == (MODEL, "ade20k")
     assert network.config is models.RELEASED_MODELS[MODEL]
@@ -165,6 +173,7 @@ def test_api_attributes(network):
     assert network.forward_count(90, 120) == 2
 
 
+@pytest.mark.slow
 def test_class_map_is_the_argmax_and_max_of_predict(network):
     image = smooth_image(50, 70, 4)
     probabilities = network.predict(image, flip=False)
@@ -232,7 +241,7 @@ class StandInNetwork:
 def stand_in(monkeypatch):
     monkeypatch.setattr(StandInNetwork, "constructions", [])
     monkeypatch.setattr(StandInNetwork, "predictions", [])
-    monkeypatch.setattr(pspnet, "PSPNet", StandInNetwork)
+    monkeypatch.setattr(segmenter, "PSPNet", StandInNetwork)
     return StandInNetwork
 
 
@@ -495,6 +504,7 @@ def test_wrong_command_lines_are_usage_errors(tmp_path, flags):
     assert result.stderr.startswith("usage: pspnet.py") and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_gpu_is_a_warning(tmp_path):
     source = tmp_path / "absent.png"
     result = run_cli("-i", source, "--id", "97")
@@ -503,6 +513,7 @@ def test_missing_gpu_is_a_warning(tmp_path):
     assert error_lines(result.stderr) == [f"pspnet.py: error: {source}: no such file"]
 
 
+@pytest.mark.slow
 def test_mixed_precision_without_a_gpu_is_refused(tmp_path, weights_h5):
     """On this CPU-only machine, bfloat16/float16 stop with one clear line and exit 1, writing nothing."""
     source = tmp_path / "photo.png"
@@ -607,7 +618,7 @@ def test_extension_that_cannot_store_every_output_is_refused_before_predicting(t
 
 def test_failure_on_a_later_output_leaves_no_output_of_the_image(tmp_path, stand_in, monkeypatch):
     source = save_image(tmp_path / "a.png", sky_and_person())
-    writer = pspnet.utils.image_writer
+    writer = utils.image_writer
 
     def failing_on_probs(path, array):
         if str(path).endswith("_probs.png"):
@@ -616,7 +627,7 @@ def test_failure_on_a_later_output_leaves_no_output_of_the_image(tmp_path, stand
             return fail
         return writer(path, array)
 
-    monkeypatch.setattr(pspnet.utils, "image_writer", failing_on_probs)
+    monkeypatch.setattr(utils, "image_writer", failing_on_probs)
     result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
     assert result.code == 1
     assert error_lines(result.stderr) == [
@@ -671,6 +682,7 @@ def test_help_shows_one_spelling_of_each_flag():
     assert "--save-probs" in result.stdout and "--save_probs" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_default_run_prints_no_tensorflow_start_up_line(tmp_path, weights_h5):
     source = save_image(tmp_path / "a.png", smooth_image(40, 50, 3))
     result = run_cli("-w", weights_h5, "-i", source, "-o", tmp_path / "out" / "a.png", "--no-flip", "-q")
@@ -678,6 +690,7 @@ def test_a_default_run_prints_no_tensorflow_start_up_line(tmp_path, weights_h5):
     assert run_cli("--help").stderr == ""
 
 
+@pytest.mark.slow
 def test_verbose_keeps_tensorflow_start_up_lines(tmp_path):
     from pspnet_keras import runtime
 

@@ -1,4 +1,4 @@
-"""Tests of pspnet.py and evaluate.py on Ray (ray_runner.py): an embedded Ray of 2 CPUs shared by the module.
+"""Tests of pspnet.py and evaluate.py on Ray (pspnet_keras/ray_pool.py): an embedded Ray of 2 CPUs shared by the module.
 
 The network is the synthetic pspnet50_ade20k of conftest, described as a user model
 with 137-pixel crops so that an image takes about a second on one core. The
@@ -26,9 +26,12 @@ import pytest
 import ray
 
 import evaluate
-from pspnet_keras import models
 import pspnet
+from pspnet_keras import datasets
+from pspnet_keras import models
 from pspnet_keras import ray_pool
+from pspnet_keras import scoring
+from pspnet_keras import segmenter
 from helpers import error_lines, output_files, save_image, smooth_image
 
 # Ray Data's own use of its deprecated settings when it sends its context to the workers.
@@ -47,7 +50,7 @@ LABEL_CLASSES = (0, 3, 12, 255, 200)
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One embedded Ray of 2 CPUs for the module, started as ray_runner starts one; the runs join it.
+    """One embedded Ray of 2 CPUs for the module, started as ray_pool starts one; the runs join it.
     The variables ray.init sets in this process's environment are taken out again afterwards."""
     environment = dict(os.environ)
     ray.init(
@@ -137,6 +140,7 @@ def single_process_outputs(tmp_path_factory, photos, weights):
 # pspnet.py
 
 
+@pytest.mark.slow
 def test_ray_writes_what_the_single_process_run_writes(tmp_path, ray_session, photos, weights, single_process_outputs):
     single = single_process_outputs.result
     assert single.returncode == 1, single.stderr
@@ -192,6 +196,7 @@ def kill_a_worker_once_an_image_is_done(out, killed):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_run_is_replaced_and_every_image_written_once(
     tmp_path, ray_session, photos, weights, single_process_outputs
 ):
@@ -228,7 +233,7 @@ def test_skip_existing_makes_no_forward_pass_when_every_output_exists(tmp_path, 
 
 
 class CountingNetwork:
-    """Stands in for pspnet.PSPNet without Ray: class 2 everywhere; counts its predictions."""
+    """Stands in for segmenter.PSPNet (what pspnet.py loads) without Ray: class 2 everywhere; counts its predictions."""
 
     predictions = []
 
@@ -246,7 +251,7 @@ class CountingNetwork:
 
 def test_skip_existing_without_ray_predicts_only_images_missing_an_output(tmp_path, monkeypatch):
     monkeypatch.setattr(CountingNetwork, "predictions", [])
-    monkeypatch.setattr(pspnet, "PSPNet", CountingNetwork)
+    monkeypatch.setattr(segmenter, "PSPNet", CountingNetwork)
     for index, size in enumerate(((20, 30), (24, 30), (28, 30))):
         save_image(tmp_path / "in" / f"p{index}.png", smooth_image(*size, index))
     first = run_main(pspnet.main, "-g", tmp_path / "in" / "*", "-o", tmp_path / "out", "-q")
@@ -284,6 +289,7 @@ def make_folders_set(root, count):
     return root
 
 
+@pytest.mark.slow
 def test_evaluate_on_ray_reports_what_the_single_process_run_reports_and_resumes(
     tmp_path, ray_session, weights
 ):
@@ -310,10 +316,10 @@ def test_evaluate_on_ray_reports_what_the_single_process_run_reports_and_resumes
     )
     assert result.code == 0, result.stderr
     assert result.stderr.splitlines()[0] == (
-        "evaluate: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says"
+        "evaluate.py: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says"
     )
-    assert sorted(line for line in result.stderr.splitlines() if line.startswith("evaluate: skipped")) == [
-        line for line in single.stderr.splitlines() if line.startswith("evaluate: skipped")
+    assert sorted(line for line in result.stderr.splitlines() if line.startswith("evaluate.py: skipped")) == [
+        line for line in single.stderr.splitlines() if line.startswith("evaluate.py: skipped")
     ]
     assert json.loads((tmp_path / "ray.json").read_text()) == expected
     assert files_of(ray_dir) == files_of(single_dir)
@@ -322,22 +328,22 @@ def test_evaluate_on_ray_reports_what_the_single_process_run_reports_and_resumes
 
 
 def test_ray_sums_per_image_confusion_matrices_in_single_process_order(monkeypatch):
-    tally = evaluate.Tally(3)
+    tally = scoring.Tally(3, "evaluate.py")
     samples = [SimpleNamespace(image=Path(f"i{index}.png"), label=Path(f"l{index}.png")) for index in range(3)]
     monkeypatch.setattr(
-        evaluate.datasets, "undefined_values_problem", lambda sample, values: f"{sample.label} {values}"
+        datasets, "undefined_values_problem", lambda sample, values: f"{sample.label} {values}"
     )
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         tally.add(samples[2], np.eye(3, dtype=np.int64), (9,), place=2)
-        tally.skip(evaluate.datasets.SampleError(Path("i1.png"), "torn"), place=1)
+        tally.skip(datasets.SampleError(Path("i1.png"), "torn"), place=1)
         tally.add(samples[0], 2 * np.eye(3, dtype=np.int64), (7,), place=0)
     np.testing.assert_array_equal(tally.confusion, 3 * np.eye(3))
     assert tally.images == 2
     assert tally.undefined_labels == [{"file": "l0.png", "values": [7]}, {"file": "l2.png", "values": [9]}]
     assert tally.skipped == [{"file": "i1.png", "problem": "torn"}]
     assert stderr.getvalue().splitlines() == [
-        "evaluate: warning: l2.png (9,)", "evaluate: skipped i1.png: torn", "evaluate: warning: l0.png (7,)"
+        "evaluate.py: warning: l2.png (9,)", "evaluate.py: skipped i1.png: torn", "evaluate.py: warning: l0.png (7,)"
     ]
 
 

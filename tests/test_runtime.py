@@ -1,4 +1,4 @@
-"""tf_runtime: how every command starts TensorFlow (thread pools, oneDNN), and that the user's settings win."""
+"""pspnet_keras/runtime.py: how every command starts TensorFlow (thread pools, oneDNN), and that the user's settings win."""
 
 import json
 import os
@@ -10,7 +10,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_ENABLE_ONEDNN_OPTS")
 # Imports TensorFlow as the commands do, then reports the settings it started with.
 PROGRAM = (
-    "import json, os, tf_runtime; tf = runtime.import_tensorflow(); "
+    "import json, os; from pspnet_keras import runtime; tf = runtime.import_tensorflow(); "
     f"print(json.dumps({{name: os.environ.get(name) for name in {VARIABLES!r}}}))"
 )
 

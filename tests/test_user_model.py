@@ -16,7 +16,7 @@ import layers_builder
 from pspnet_keras import models
 from helpers import check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image
 from helpers import softmax
-from synthetic_caffe import write_classifier_only_weights
+from bench.synthetic_caffe import write_classifier_only_weights
 
 CLASSES = 5
 CROP_SIZE = 233
@@ -77,6 +77,7 @@ def user_logits(user_weights):
     return image, np.asarray(model(network_input[np.newaxis], training=False), dtype=np.float64)[0]
 
 
+@pytest.mark.slow
 def test_single_image_gets_the_networks_softmax_and_the_descriptions_colours(tmp_path, user_weights, user_logits):
     image, logits = user_logits
     source = save_image(tmp_path / "crop.png", image)
@@ -94,6 +95,7 @@ def test_single_image_gets_the_networks_softmax_and_the_descriptions_colours(tmp
         assert any(line.split()[0] == str(class_id) and CLASS_NAMES[class_id] in line for line in listed)
 
 
+@pytest.mark.slow
 def test_glob_run_of_a_user_model(tmp_path, user_weights):
     for name, (height, width) in {"wide.png": (60, 150), "tall.jpg": (140, 50)}.items():
         save_image(tmp_path / "in" / name, smooth_image(height, width, 12))

@@ -656,12 +656,45 @@ def test_devices_are_not_input_files():
     assert utils.file_problem("/dev/zero") == "is a device, not a regular file"
 
 
-def test_canonical_flag_spellings():
-    import argparse
+def test_weights_file_problems_name_what_is_missing(tmp_path):
+    assert utils.file_problem(tmp_path / "absent.h5", what="weights file") == "no such weights file"
+    assert utils.file_problem(tmp_path, what="weights file") == "is a directory, not a weights file"
+    (tmp_path / "model.h5").write_bytes(b"")
+    assert utils.file_problem(tmp_path / "model.h5", what="weights file") is None
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--input_path")
-    parser.add_argument("--save-probs", action="store_true")
-    argv = ["--input-path=a_b-c", "--save_probs", "--", "--input-path"]
-    assert utils.canonical_flag_spellings(parser, argv) == ["--input_path=a_b-c", "--save-probs", "--", "--input-path"]
-    assert utils.canonical_flag_spellings(parser, ["--unknown_flag"]) == ["--unknown_flag"]
+
+def test_file_problem_through_a_file_used_as_directory(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert utils.file_problem(tmp_path / "file" / "image.png") == "cannot read (Not a directory)"
+    assert utils.file_problem(tmp_path / "file" / "image.png", replace=True) is None
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (lambda path: None, None),
+        (lambda path: path.write_bytes(b"old"), None),
+        (lambda path: os.symlink(path.parent / "absent", path), None),
+        (lambda path: os.mkfifo(path), "exists and is not a regular file; refusing to replace it"),
+        (lambda path: path.mkdir(), "is a directory"),
+        (lambda path: os.symlink(path, path), "symbolic link loop"),
+    ],
+)
+def test_output_file_problems(tmp_path, make, problem):
+    """With replace=True: a missing or regular file may be replaced; a directory, FIFO or link loop may not."""
+    path = tmp_path / "output.png"
+    make(path)
+    assert utils.file_problem(path, replace=True) == problem
+
+
+def test_devices_are_never_replaced():
+    assert utils.file_problem("/dev/null", replace=True) == "exists and is not a regular file; refusing to replace it"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read any file")
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "secret.png"
+    path.write_bytes(b"")
+    path.chmod(0)
+    assert utils.file_problem(path) == "cannot read (permission denied)"
+    assert utils.file_problem(path, replace=True) is None

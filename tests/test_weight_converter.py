@@ -3,7 +3,7 @@
 The expected HDF5 contents are derived here from the synthetic Caffe arrays with the
 mapping of the 2017 Keras port's converter (kernel OIHW -> HWIO, BN slope/bias/mean/
 variance -> gamma/beta/moving_mean/moving_variance, '/' -> '_'), not from the converter.
-The caffemodels are written by tests/synthetic_caffe.py's own protobuf encoder.
+The caffemodels are written by bench/synthetic_caffe.py's own protobuf encoder.
 """
 
 import os
@@ -25,7 +25,7 @@ import layers_builder
 from pspnet_keras import models
 import weight_converter
 from helpers import converter_process
-from synthetic_caffe import blob_message, caffemodel_layers, write_caffemodel
+from bench.synthetic_caffe import blob_message, caffemodel_layers, write_caffemodel
 
 MODEL_NAMES = ("pspnet50_ade20k", "pspnet101_voc2012", "pspnet101_cityscapes")
 # The Caffe release's deploy prototxts, kept beside a clone of this project on its development machines only.
@@ -36,7 +36,7 @@ WEIGHTED_LAYER_COUNTS = {"pspnet50_ade20k": 121, "pspnet101_voc2012": 223, "pspn
 # The pyramid's pooling kernels (bins 1, 2, 3, 6) on the 60x60 (473) and 90x90 (713) conv5_3 map.
 PYRAMID_KERNELS = {473: (60, 30, 20, 10), 713: (90, 45, 30, 15)}
 BN_WEIGHT_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
-ERROR_PREFIX = "weight_converter: error: "
+ERROR_PREFIX = "weight_converter.py: error: "
 # Far below a converted PSPNet50 (187 MB).
 FILE_SIZE_LIMIT = 16 << 20
 
@@ -97,7 +97,7 @@ def assert_weights_file(path, weights):
 
 
 def assert_fails_cleanly(result, blamed, fragment, output):
-    """One stderr line 'weight_converter: error: <blamed>: ...<fragment>...', exit 1, no output file."""
+    """One stderr line 'weight_converter.py: error: <blamed>: ...<fragment>...', exit 1, no output file."""
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -250,6 +250,7 @@ def test_converted_layout_by_example(synthetic_model):
         assert handle["conv6/conv6/bias:0"].shape == (150,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_converts_release_caffemodel_alone(name, synthetic_model):
     """Each released caffemodel is recognised and converts to weights/keras/<model>.h5 with every weighted layer."""
@@ -264,6 +265,7 @@ def test_converts_release_caffemodel_alone(name, synthetic_model):
     assert_weights_file(model.converted_h5, model.weights)
 
 
+@pytest.mark.slow
 def test_converts_with_the_release_prototxt(synthetic_model, command, tmp_path):
     """PROTOTXT CAFFEMODEL: the prototxt names the net; the file written is the same."""
     model = synthetic_model("pspnet101_cityscapes")
@@ -322,6 +324,7 @@ FULL_NET_ENCODINGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", FULL_NET_ENCODINGS)
 def test_converts_full_net_in_legacy_encodings(encoding, synthetic_model, command, tmp_path):
     """A whole PSPNet50 caffemodel in an old encoding, with an extra layer Caffe would ignore, converts identically."""
@@ -338,6 +341,7 @@ def test_converts_full_net_in_legacy_encodings(encoding, synthetic_model, comman
     assert_weights_file(output, model.weights)
 
 
+@pytest.mark.slow
 def test_output_option_creates_directories_and_replaces_file(synthetic_model, command, tmp_path):
     model = synthetic_model("pspnet50_ade20k")
     output = tmp_path / "a" / "b" / "out.h5"
@@ -366,8 +370,8 @@ def test_help_describes_usage(run_converter):
     result = run_converter("--help")
     assert result.returncode == 0
     assert result.stdout.startswith(
-        "usage: weight_converter [-h] [-o OUT.h5] [PROTOTXT] CAFFEMODEL\n"
-        "       weight_converter [-h] [-o FILE] --prototxt MODEL\n"
+        "usage: weight_converter.py [-h] [-o OUT.h5] [PROTOTXT] CAFFEMODEL\n"
+        "       weight_converter.py [-h] [-o FILE] --prototxt MODEL\n"
     )
     assert "weights/keras/<model>.h5" in result.stdout
     assert "python weight_converter.py weights/caffe/pspnet50_ADE20K.caffemodel" in result.stdout
@@ -793,5 +797,5 @@ def test_sigterm_while_writing_removes_the_temporary_file(synthetic_model, tmp_p
     stdout, stderr = process.communicate(timeout=120)
     assert len(temporary) == 1 and temporary[0].startswith(".model.h5.") and temporary[0].endswith(".tmp")
     assert process.returncode == 143
-    assert (stdout, stderr) == ("", f"{ERROR_PREFIX}terminated\n")
+    assert (stdout, stderr) == ("", "weight_converter.py: terminated\n")
     assert os.listdir(output_dir) == []
