@@ -1,16 +1,16 @@
 """Speed of PSPNet training on this machine: a training step against a forward pass, the input pipeline.
 
-    python bench/train_speed.py [--model pspnet50_ade20k] [--crop 473] [--batch 2] [--runs 3] [--json FILE]
+    python -m bench.train_speed [--model pspnet50_ade20k] [--crop 473] [--batch 2] [--runs 3] [--json FILE]
 
-With the seeded synthetic weights of the released model (tests/conftest.py, converted
+With the seeded synthetic weights of the released model (bench/synthetic_caffe.py, converted
 by weight_converter.py as the tests do), in one process:
 
 1. The forward pass of the inference network on a batch (training=False), and the
-   training step of train.py (`training.TrainingModel.train_step`: forward with the
+   training step of train.py (`pspnet_keras/training/network.py`, `TrainingModel.train_step`: forward with the
    auxiliary head, the recipe's loss, gradients, CaffeSGD update) on the same batch,
    compiled with tf.function, called in turns (--warmup rounds, then --runs rounds;
    medians). Images/s of the step, and the step / forward ratio.
-2. The tf.data pipeline alone (`training.training_dataset`: read, augment, batch) on
+2. The tf.data pipeline alone (`pspnet_keras/training/data.py`, `training_dataset`: read, augment, batch) on
    --pipeline-images random 640x480 JPEG photographs: images/s it delivers.
 3. Fwd+bwd CPU time up to the end of each stage (--stages): where a step's time goes.
 4. The peak resident memory of the process (ru_maxrss), which the training step sets.
@@ -37,7 +37,10 @@ from bench.synthetic_caffe import SyntheticModel
 from pspnet_keras import datasets
 from pspnet_keras import models
 from pspnet_keras import runtime
-from pspnet_keras import training
+from pspnet_keras.datasets import IGNORE_LABEL
+from pspnet_keras.training.data import training_dataset
+from pspnet_keras.training.network import build_training_model
+from pspnet_keras.training.optimizer import recipe_optimizer
 
 tf = runtime.import_tensorflow()
 
@@ -53,7 +56,7 @@ def synthetic_batch(config, crop, batch):
     rng = np.random.default_rng(INPUT_SEED)
     images = rng.normal(0, 60, (batch, crop, crop, 3)).astype(np.float32)
     labels = rng.integers(0, config.classes, (batch, crop, crop)).astype(np.uint8)
-    labels[:, : crop // 8] = training.IGNORE_LABEL
+    labels[:, : crop // 8] = IGNORE_LABEL
     seeds = np.arange(2 * batch, dtype=np.int64).reshape(batch, 2)
     return (tf.constant(images), tf.constant(seeds)), tf.constant(labels)
 
@@ -98,7 +101,7 @@ def pipeline_rate(config, crop, batch, count, warmup_batches=2):
             )
         (root / "classes.txt").write_text("\n".join(f"class{i}" for i in range(config.classes)) + "\n")
         samples = datasets.open_dataset("folders", root).samples("train")
-        dataset = training.training_dataset(samples, config.mean_rgb, crop, batch, seed=0)
+        dataset = training_dataset(samples, config.mean_rgb, crop, batch, seed=0)
         iterator = iter(dataset)
         for _ in range(warmup_batches):
             next(iterator)
@@ -166,9 +169,9 @@ def main(argv=None):
     started = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory() as directory:
         weights = SyntheticModel(args.model, Path(directory)).converted_h5
-        model, network = training.build_training_model(config, crop, train_bn=args.train_bn)
+        model, network = build_training_model(config, crop, train_bn=args.train_bn)
         layers_builder.load_weights(network, weights)
-    model.compile(optimizer=training.recipe_optimizer(model, iterations=1000), jit_compile=False)
+    model.compile(optimizer=recipe_optimizer(model, iterations=1000), jit_compile=False)
     batch = synthetic_batch(config, crop, args.batch)
     times, first_step, first_forward = step_and_forward(model, network, batch, args.warmup, args.runs)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -19,35 +19,5 @@ model/pspnet.py, tool/train.py). One module per concern:
 - loop.py: `Trainer`, the loop of train.py (checkpoints, logs, validation, interruption);
 - run_files.py and errors.py: the names of a run's files in OUT, and its errors.
 
-The names used from Python (README.md, "Training") are available here, each imported
-(with TensorFlow) from its module when first used, so that importing recipe.py or
-run_files.py stays light: build_training_model, recipe_optimizer, training_dataset,
-TrainingModel, Settings, Trainer, TrainingError, IGNORE_LABEL.
+Import each from its module (README.md, "Train on your own data", has an example).
 """
-
-import importlib
-
-# The names available as pspnet_keras.training.<name>, by the module that defines them.
-_EXPORTS = {
-    "build_training_model": "network",
-    "TrainingModel": "network",
-    "recipe_optimizer": "optimizer",
-    "training_dataset": "data",
-    "Settings": "loop",
-    "Trainer": "loop",
-    "TrainingError": "errors",
-    "IGNORE_LABEL": "loss",
-}
-
-
-def __getattr__(name):
-    """The public name `name` of the sub-package, imported from its module on first use."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
