@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+import utils
 from pspnet_keras import cli
 from pspnet_keras import models
 from pspnet_keras import runtime
@@ -32,7 +33,6 @@ from pspnet_keras.export.runtimes import MAX_RELATIVE_DELTA
 from pspnet_keras.export.runtimes import MIN_ARGMAX_AGREEMENT
 from pspnet_keras.export.runtimes import RUNTIME_NAMES
 from pspnet_keras.segmenter import load_network
-import utils
 
 PROG = "export.py"
 PROJECT_DIR = Path(__file__).resolve().parent

@@ -269,22 +269,14 @@ def keras_weights(layer_type, arrays):
     return weights
 
 
-def same_file(path, other):
-    """Whether two paths name the same existing file."""
-    try:
-        return os.path.samefile(path, other)
-    except OSError:
-        return False
-
-
 def check_output(path, inputs):
     """Refuses an output path that is not a regular file when it exists, or is one of `inputs`."""
     problem = utils.file_problem(path, replace=True)
     if problem:
         raise ConversionError(path, problem)
-    for input_path in inputs:
-        if same_file(path, input_path):
-            raise ConversionError(path, f"is the input {input_path}; refusing to overwrite it")
+    replaced = cli.replaced_file(path, cli.file_index({input_path: "the input" for input_path in inputs}))
+    if replaced:
+        raise ConversionError(path, f"is {replaced[1]} {replaced[0]}; refusing to overwrite it")
 
 
 def check_inputs(paths):

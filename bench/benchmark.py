@@ -45,10 +45,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import pspnet  # noqa: E402  (the command this benchmark times)
-import tensorflow as tf  # noqa: E402
 import utils  # noqa: E402
 from bench import measure  # noqa: E402
 from bench.onnx_from_caffe import build_onnx_net  # noqa: E402

@@ -39,8 +39,8 @@ tf = runtime.import_tensorflow()
 
 import keras
 
-from bench import measure
 import layers_builder
+from bench import measure
 from pspnet_keras import models
 from pspnet_keras.export import runtimes
 from pspnet_keras.export import transaction

@@ -231,7 +231,9 @@ def logits_of(model, batch):
 
 def parity(checked, model):
     """Item 1: the network against OpenCV's dnn on the CPU, on a synthetic image."""
-    from bench.synthetic_caffe import opencv_logits, opencv_net, synthetic_image
+    from bench.synthetic_caffe import opencv_logits
+    from bench.synthetic_caffe import opencv_net
+    from bench.synthetic_caffe import synthetic_image
 
     image = synthetic_image(checked.config.crop_size, INPUT_SEED)
     reference = opencv_logits(opencv_net(checked.prototxt, checked.caffe_weights), image)
@@ -252,8 +254,8 @@ def photo_crop(config, size):
 
 def predictor(checked, model):
     """The evaluation protocol of the CLI around `model` (TensorFlow backend)."""
-    from pspnet_keras import inference
     import layers_builder
+    from pspnet_keras import inference
 
     logits, upsampling = layers_builder.split_upsampling(model)
     config = checked.config

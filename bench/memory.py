@@ -157,8 +157,8 @@ def run_case(name, inference_path):
     import numpy as np
     import tensorflow as tf
 
-    from pspnet_keras import models
     from layers_builder import split_upsampling
+    from pspnet_keras import models
 
     inference = load_inference(inference_path)
     model_name, (height, width), flags = CASES[name]

@@ -93,7 +93,8 @@ def download_weights(model, config, path, show_progress=True):
     shape). On any failure nothing is left behind and WeightsNotFound says where
     to put the file and how to convert it.
     """
-    from layers_builder import WeightsError  # imports Keras: only when a download is needed
+    # imports Keras: only when a download is needed
+    from layers_builder import WeightsError
     from layers_builder import load_weights
 
     url = weights_url(config)

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import utils
 from pspnet_keras import cli
 from pspnet_keras import datasets
+from pspnet_keras import runtime
 from pspnet_keras import scoring
 from pspnet_keras import segment
 from pspnet_keras.segmenter import load_network
-from pspnet_keras import runtime
-import utils
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 INSTALL_COMMAND = "python -m pip install -r requirements-ray.txt"

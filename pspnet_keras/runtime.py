@@ -95,9 +95,9 @@ def writes_to_file_descriptor_2(stream):
 
 @contextlib.contextmanager
 def native_stderr(keep=None, python_to_console=False):
-    """Runs the block with file descriptor 2 caught in a temporary file, where native code (C++
-    logging, child processes) writes; afterwards writes on sys.stderr the caught lines that
-    `keep(line)` accepts, none when `keep` is None.
+    """Runs the block with file descriptor 2, where native code (C++ logging, child processes)
+    writes, caught in a temporary file; afterwards writes on sys.stderr the caught lines that
+    `keep(line)` accepts. With `keep` None, descriptor 2 goes to /dev/null for the block.
 
     With `python_to_console`, Python's own sys.stderr, when it writes to descriptor 2, is
     pointed for the block at a duplicate of the console's descriptor, so that its lines (error
@@ -112,7 +112,8 @@ def native_stderr(keep=None, python_to_console=False):
             os.dup(saved), "w", buffering=1, encoding=previous.encoding, errors="backslashreplace"
         )
         sys.stderr = console
-    with tempfile.TemporaryFile(mode="w+b") as caught:
+    # What nothing is kept of goes to /dev/null, so that a long block (a Ray run) fills no file.
+    with tempfile.TemporaryFile(mode="w+b") if keep is not None else open(os.devnull, "wb") as caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield

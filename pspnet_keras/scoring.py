@@ -95,7 +95,8 @@ def read_saved_prediction(path, shape, classes):
 def predict_class_ids(network, sample, shape, protocol):
     """The class id the network predicts at every pixel of `sample`'s image, whose size must be `shape`;
     SampleError for an image that cannot be read, has another size or does not fit in memory."""
-    from pspnet_keras.inference import OutOfMemory  # imports TensorFlow: only once a network is there
+    # imports TensorFlow: only once a network is there
+    from pspnet_keras.inference import OutOfMemory
 
     try:
         image = utils.read_image(sample.image)

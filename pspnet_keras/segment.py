@@ -65,7 +65,8 @@ def segment(net, image, source, outputs, protocol, quiet=False):
     """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
     ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
     a long image unless `quiet`."""
-    from pspnet_keras.inference import OutOfMemory  # imports TensorFlow: only once a network is there
+    # imports TensorFlow: only once a network is there
+    from pspnet_keras.inference import OutOfMemory
 
     height, width = image.shape[:2]
     passes = net.forward_count(height, width, **protocol)

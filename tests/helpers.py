@@ -5,7 +5,8 @@ synthetic models converted by weight_converter.py."""
 import io
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr
+from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -8,13 +8,13 @@ one; the network is built once and reused by every run.
 
 import http.server
 import io
+import re
 import socket
 import threading
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stderr
+from contextlib import redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
-
-import re
 
 import numpy as np
 import pytest
@@ -22,9 +22,9 @@ from PIL import Image
 
 import layers_builder
 import pspnet
+from bench.synthetic_caffe import write_classifier_only_weights
 from pspnet_keras import download
 from pspnet_keras import models
-from bench.synthetic_caffe import write_classifier_only_weights
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "pspnet50_ade20k"

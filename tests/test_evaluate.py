@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pspnet_keras import datasets
 import evaluate
+from pspnet_keras import datasets
 from pspnet_keras import models
 from pspnet_keras import segmenter
 

@@ -24,16 +24,14 @@ import tensorflow as tf
 from bench.synthetic_caffe import opencv_logits
 from bench.synthetic_caffe import opencv_net
 from bench.synthetic_caffe import synthetic_image
+from layers_builder import Interp
+from layers_builder import PyramidConvolution
+from layers_builder import WeightsError
+from layers_builder import build_pspnet
+from layers_builder import load_weights
 from pspnet_keras import caffe_net
 from pspnet_keras import models
 from pspnet_keras.models import RELEASED_MODEL_NAMES as MODEL_NAMES
-from layers_builder import (
-    Interp,
-    PyramidConvolution,
-    WeightsError,
-    build_pspnet,
-    load_weights,
-)
 
 # The release's deploy prototxts: input sides, classes, depths, weighted layers, parameter counts.
 NATIVE_SIZES = {"pspnet50_ade20k": 473, "pspnet101_voc2012": 473, "pspnet101_cityscapes": 713}

@@ -11,7 +11,11 @@ import numpy as np
 import pytest
 
 import layers_builder
-from bench.synthetic_caffe import caffe_layers, opencv_logits, opencv_net, opencv_outputs, synthetic_image
+from bench.synthetic_caffe import caffe_layers
+from bench.synthetic_caffe import opencv_logits
+from bench.synthetic_caffe import opencv_net
+from bench.synthetic_caffe import opencv_outputs
+from bench.synthetic_caffe import synthetic_image
 
 # Full-size networks (473 and 713 px crops) on converted synthetic weights.
 pytestmark = pytest.mark.slow

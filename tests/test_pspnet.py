@@ -22,9 +22,23 @@ from PIL import Image
 import pspnet
 import utils
 from bench.synthetic_caffe import write_classifier_only_weights
+from helpers import ADE20K_CLASSES
+from helpers import CROP_SIZE
+from helpers import EVERY_FLAG
+from helpers import MEAN_RGB
+from helpers import MODEL
+from helpers import PROJECT_ROOT
+from helpers import check_outputs
+from helpers import decoded
+from helpers import error_lines
+from helpers import output_files
+from helpers import run_cli
+from helpers import run_main
+from helpers import save_image
+from helpers import smooth_image
+from helpers import softmax
 from pspnet_keras import models
 from pspnet_keras import segmenter
-from helpers import ADE20K_CLASSES, CROP_SIZE, EVERY_FLAG, MEAN_RGB, MODEL, PROJECT_ROOT, check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image, softmax
 
 # ---------------------------------------------------------------------------------------
 # End to end, with the real network and converted synthetic weights

@@ -22,17 +22,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 import ray
 
 import evaluate
 import pspnet
+from helpers import error_lines
+from helpers import output_files
+from helpers import save_image
+from helpers import smooth_image
 from pspnet_keras import datasets
 from pspnet_keras import models
 from pspnet_keras import ray_pool
 from pspnet_keras import scoring
 from pspnet_keras import segmenter
-from helpers import error_lines, output_files, save_image, smooth_image
 
 # Ray Data's own use of its deprecated settings when it sends its context to the workers.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")

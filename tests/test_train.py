@@ -35,11 +35,14 @@ import tensorflow as tf
 from PIL import Image
 from PIL import ImageDraw
 
-from pspnet_keras import datasets
 import evaluate
+import layers_builder
+import train
+from helpers import run_main as run_pspnet
+from helpers import smooth_image
+from pspnet_keras import datasets
 from pspnet_keras import inference
 from pspnet_keras import keras2_weights
-import layers_builder
 from pspnet_keras import models
 from pspnet_keras.datasets import IGNORE_LABEL
 from pspnet_keras.training import recipe
@@ -65,9 +68,6 @@ from pspnet_keras.training.optimizer import PolyDecay
 from pspnet_keras.training.optimizer import head_lr_multipliers
 from pspnet_keras.training.optimizer import recipe_optimizer
 from pspnet_keras.training.run_files import CHECKPOINT_NAME
-import train
-from helpers import run_main as run_pspnet
-from helpers import smooth_image
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MEAN_RGB = np.array(models.RELEASE_MEAN_RGB, dtype=np.float32)
@@ -107,7 +107,8 @@ SEED = 3
 def run_train(*args):
     """Runs train.main in this process; returns (exit code, stdout, stderr)."""
     import io
-    from contextlib import redirect_stderr, redirect_stdout
+    from contextlib import redirect_stderr
+    from contextlib import redirect_stdout
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with redirect_stdout(stdout), redirect_stderr(stderr):

@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 
 import layers_builder
-from pspnet_keras import models
-from helpers import check_outputs, decoded, error_lines, output_files, run_cli, run_main, save_image, smooth_image
-from helpers import softmax
 from bench.synthetic_caffe import write_classifier_only_weights
+from helpers import check_outputs
+from helpers import decoded
+from helpers import error_lines
+from helpers import output_files
+from helpers import run_cli
+from helpers import run_main
+from helpers import save_image
+from helpers import smooth_image
+from helpers import softmax
+from pspnet_keras import models
 
 CLASSES = 5
 CROP_SIZE = 233

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from PIL import JpegImagePlugin
 
-from pspnet_keras import models
 import utils
+from pspnet_keras import models
 
 DATASET_MODELS = {"ade20k": "pspnet50_ade20k", "voc2012": "pspnet101_voc2012", "cityscapes": "pspnet101_cityscapes"}
 

@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
-from pspnet_keras import caffe_net
 import layers_builder
-from pspnet_keras import models
 import weight_converter
+from bench.synthetic_caffe import blob_message
+from bench.synthetic_caffe import caffemodel_layers
+from bench.synthetic_caffe import write_caffemodel
 from helpers import converter_process
-from bench.synthetic_caffe import blob_message, caffemodel_layers, write_caffemodel
+from pspnet_keras import caffe_net
+from pspnet_keras import models
 
 MODEL_NAMES = ("pspnet50_ade20k", "pspnet101_voc2012", "pspnet101_cityscapes")
 # The Caffe release's deploy prototxts, kept beside a clone of this project on its development machines only.

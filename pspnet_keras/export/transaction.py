@@ -5,11 +5,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import utils
 from pspnet_keras import models
 from pspnet_keras.export.formats import DEFAULT_OPSET
 from pspnet_keras.export.runtimes import check_export
 from pspnet_keras.export.writers import write_file
-import utils
 
 
 def move_into_place(source, target):

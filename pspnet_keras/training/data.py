@@ -90,7 +90,8 @@ def training_dataset(
     mean = tf.constant(mean_rgb, tf.float32)
     base_seed = tf.constant(seed, tf.int64)
 
-    def mine(position, index):
+    def for_this_pipeline(position, index):
+        """Whether the sample at `position` of the order falls in this pipeline's share of its batch."""
         return tf.equal((position % global_batch) // share, pipeline)
 
     def example(position, index):
@@ -103,7 +104,7 @@ def training_dataset(
         image, label = augment(tf.cast(image, tf.float32) - mean, label, augmentation_seed, crop_size)
         return (image, dropout_seed), label
 
-    dataset = sample_order(len(samples), seed, start_iteration * global_batch).filter(mine)
+    dataset = sample_order(len(samples), seed, start_iteration * global_batch).filter(for_this_pipeline)
     dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(replica_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
