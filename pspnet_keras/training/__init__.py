@@ -16,6 +16,7 @@ model/pspnet.py, tool/train.py). One module per concern:
 - init_weights.py: the model and the weights training starts from (train.py --init);
 - checkpoint.py: the run's state in one HDF5 file, resumable;
 - run_log.py: OUT/log.csv and the TensorBoard scalars;
+- distribute.py: the replicas of a run (TF_CONFIG's workers, the GPUs), the chief;
 - loop.py: `Trainer`, the loop of train.py (checkpoints, logs, validation, interruption);
 - run_files.py and errors.py: the names of a run's files in OUT, and its errors.
 
