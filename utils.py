@@ -316,16 +316,6 @@ def image_writer(path, array):
     return save
 
 
-def npy_writer(array):
-    """A write(temporary path) callback saving `array` as .npy (no pickled objects)."""
-
-    def save(temporary):
-        with open(temporary, "wb") as file:
-            np.save(file, np.asarray(array), allow_pickle=False)
-
-    return save
-
-
 def json_writer(data):
     """A write(temporary path) callback saving `data` as indented JSON."""
 
@@ -341,11 +331,6 @@ def write_image_atomic(path, array):
     """Writes an array as an image file in the format of its extension,
     atomically (see image_writer and AtomicFiles)."""
     write_atomic(path, image_writer(path, array))
-
-
-def write_npy_atomic(path, array):
-    """Writes an array as a .npy file (no pickled objects), atomically."""
-    write_atomic(path, npy_writer(array))
 
 
 def write_json_atomic(path, data):

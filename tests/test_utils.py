@@ -589,30 +589,12 @@ def test_write_array_pillow_cannot_hold(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_npy_round_trip(tmp_path):
-    probabilities = np.random.default_rng(2).random((3, 4, 5), dtype=np.float32)
-    path = tmp_path / "deep" / "probs.npy"
-    utils.write_npy_atomic(path, probabilities)
-    loaded = np.load(path)
-    assert loaded.dtype == np.float32
-    np.testing.assert_array_equal(loaded, probabilities)
-    assert os.listdir(path.parent) == ["probs.npy"]
-
-
-def test_npy_failure_leaves_no_file(tmp_path):
-    with pytest.raises(ValueError, match="allow_pickle=False"):
-        utils.write_npy_atomic(
-            tmp_path / "objects.npy", np.array([{}, []], dtype=object)
-        )
-    assert os.listdir(tmp_path) == []
-
-
 def test_atomic_files_write_all_or_nothing(tmp_path):
     (tmp_path / "kept.png").write_bytes(b"old")
     with pytest.raises(utils.OutputError) as raised:
         with utils.AtomicFiles() as files:
             files.write(tmp_path / "kept.png", utils.image_writer(tmp_path / "kept.png", np.zeros((2, 2), np.uint8)))
-            files.write(tmp_path / "b.npy", utils.npy_writer(np.zeros(3)))
+            files.write(tmp_path / "b.json", utils.json_writer({"classes": 3}))
 
             def disk_full(temporary):
                 raise OSError(28, "No space left on device")
