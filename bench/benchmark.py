@@ -16,7 +16,7 @@ runtimes (bench/synthetic_caffe.py), it measures:
    OpenCV's logits for the same input, so all of them compute the same net.
 2. The CLI's time per image in each mode, in-process: options parsed by the CLI's
    own parser, the network loaded once (`pspnet.PSPNet`, as `pspnet.run` does),
-   and per image `utils.read_image` + `pspnet.segment` (the body of `run`'s loop:
+   and per image `utils.read_image` + `pspnet_keras.segment.segment` (the body of `run`'s loop:
    predict, argmax, colour, blend, write four images). Process start and model
    load are excluded. Compared with forward_count x the forward time.
 3. The peak resident memory of `pspnet.py -m pspnet101_cityscapes -s -ms` on a

@@ -3,7 +3,7 @@
     python -m bench.conv_bound [--model pspnet50_ade20k] [--top 5] [--runs 5] [--json FILE]
 
 In one process, on this machine's usable cores, with TensorFlow started as the
-commands start it (tf_runtime):
+commands start it (pspnet_keras.runtime):
 
 1. The machine's float32 matmul peak: TensorFlow's and ONNX Runtime's MatMul of
    two MATMUL_SIDE-square matrices, GFLOP/s (the larger is the peak).

@@ -11,7 +11,7 @@ weight_converter.py), three calls are timed in turns:
 
 - network: this project's Keras network, crop -> logits read back to NumPy;
 - cli_noflip: the CLI's work on one crop-size image with --no-flip, in process
-  (pspnet.segment: predict, argmax, colour, blend, write the images);
+  (pspnet_keras.segment.segment: predict, argmax, colour, blend, write the images);
 - onnxruntime: ONNX Runtime on a graph built from the Caffe prototxt
   (bench/onnx_from_caffe.py), fp32, intra-op threads = the usable cores.
 

@@ -3,7 +3,7 @@
     python -m bench.gpu_check [--models ...] [--budget-s 420] [--out bench/results]
     python -m bench.gpu_check --dry-run          # the same steps on the CPU at tiny sizes
 
-For each released model, with seeded synthetic weights (tests/synthetic_caffe.py,
+For each released model, with seeded synthetic weights (bench/synthetic_caffe.py,
 never presented as a segmentation result):
 
 1. parity: the network on the accelerator against OpenCV's dnn module running the
