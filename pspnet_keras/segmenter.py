@@ -28,8 +28,8 @@ class PSPNet:
     JSON description beside it is that user model. `weights` is the path of a
     Keras-2 HDF5 weights file (or a Keras archive written by export.py --format
     keras); for a released model by default
-    `weights/keras/<model>.h5` in the directory of this file, downloaded from the
-    published URL when missing (`show_progress` shows that download's progress
+    `weights/keras/<model>.h5` in the project's folder (beside pspnet.py,
+    download.WEIGHTS_DIR), downloaded from the published URL when missing (`show_progress` shows that download's progress
     bar on stderr). `precision` is float32, or bfloat16 / float16 mixed
     precision on a GPU. Raises WeightsNotFound when the weights cannot be found
     or downloaded, layers_builder.WeightsError when they do not fit the network,
