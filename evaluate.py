@@ -300,7 +300,7 @@ def run(args):
         except OSError as error:
             raise cli.CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
 
-    protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+    protocol = cli.protocol(args)
     if args.ray is None:
         network = load_network(config, args.weights)
         weights_path = network.weights_path

@@ -133,11 +133,6 @@ def unfinished(plan, quiet):
     return left
 
 
-def protocol(args):
-    """The evaluation protocol of the command line: {"sliding", "flip", "multi_scale"}."""
-    return {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
-
-
 def network(args, config):
     """The PSPNet of the command line (cli.CommandError when it cannot be loaded)."""
     return load_network(config, args.weights, show_progress=not args.quiet, precision=args.precision)
@@ -179,7 +174,7 @@ def run(args):
         try:
             image = utils.read_image(source)
             net = net or network(args, config)
-            class_ids = segment(net, image, source, outputs, protocol(args), args.quiet)
+            class_ids = segment(net, image, source, outputs, cli.protocol(args), args.quiet)
         except utils.ImageError as error:
             tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
             failures += 1

@@ -59,6 +59,7 @@ from bench.synthetic_caffe import synthetic_image  # noqa: E402
 from bench.synthetic_caffe import synthetic_weights  # noqa: E402
 from bench.synthetic_caffe import write_caffemodel  # noqa: E402
 from pspnet_keras import caffe_net  # noqa: E402
+from pspnet_keras import cli  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
@@ -311,7 +312,7 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args):
     (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
 
     def segment_image():
-        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, pspnet.protocol(cli_args), cli_args.quiet)
+        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli.protocol(cli_args), cli_args.quiet)
 
     crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
     calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}
@@ -469,11 +470,11 @@ def forward_table(results):
 def cli_table(results):
     """Section 2 as a Markdown table."""
     rows = []
-    for model_name, cli in results["cli"].items():
-        for mode in cli["modes"].values():
+    for model_name, cli_result in results["cli"].items():
+        for mode in cli_result["modes"].values():
             rows.append([
                 model_name,
-                "{}x{}".format(*cli["image_size"]),
+                "{}x{}".format(*cli_result["image_size"]),
                 mode["flags"],
                 str(mode["forward_passes"]),
                 f"{mode['forward_s']:.2f}",
@@ -526,8 +527,8 @@ def report_text(results):
         )
     if results["cli"]:
         lines += ["", cli_table(results)]
-        for model_name, cli in results["cli"].items():
-            for mode, timing in cli["modes"].items():
+        for model_name, cli_result in results["cli"].items():
+            for mode, timing in cli_result["modes"].items():
                 if "profile" in timing:
                     lines += ["", f"Profile of one {model_name} image, flags {timing['flags']}:"]
                     lines += timing["profile"]

@@ -60,6 +60,7 @@ def child(args):
     from PIL import Image
 
     import pspnet
+    from pspnet_keras import cli
     from bench.benchmark import cli_arguments
     from bench.synthetic_caffe import synthetic_image
 
@@ -78,7 +79,7 @@ def child(args):
         calls = {
             "network": lambda: network(crop)[0].numpy(),
             "cli_noflip": lambda: pspnet.segment(
-                net, utils.read_image(image_path), image_path, outputs, pspnet.protocol(cli_args), cli_args.quiet
+                net, utils.read_image(image_path), image_path, outputs, cli.protocol(cli_args), cli_args.quiet
             ),
             "onnxruntime": lambda: session.run(None, feed)[0],
         }

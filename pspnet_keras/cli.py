@@ -189,6 +189,12 @@ def add_model_arguments(parser):
     )
 
 
+def protocol(args):
+    """The evaluation protocol of a command line's -s, -ms and --flip: {"sliding", "flip", "multi_scale"},
+    the keyword arguments of PSPNet.predict and PSPNet.class_map."""
+    return {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+
+
 def add_ray_arguments(parser):
     """The options of a run on Ray (pspnet_keras/ray_pool.py), shared by pspnet.py and evaluate.py."""
     parser.add_argument(

@@ -300,7 +300,7 @@ class ImageWorker:
 
     def __init__(self, args, config, pool):
         start_worker_process(pool)
-        self.protocol = {"sliding": args.sliding, "flip": args.flip, "multi_scale": args.multi_scale}
+        self.protocol = cli.protocol(args)
         self.verbose = args.verbose
         self.net, self.fatal = None, ""
         try:
