@@ -274,7 +274,7 @@ def check_output(path, inputs):
     problem = utils.file_problem(path, replace=True)
     if problem:
         raise ConversionError(path, problem)
-    replaced = cli.replaced_file(path, cli.file_index({input_path: "the input" for input_path in inputs}))
+    replaced = cli.Inputs({input_path: "the input" for input_path in inputs}).find(path)
     if replaced:
         raise ConversionError(path, f"is {replaced[1]} {replaced[0]}; refusing to overwrite it")
 

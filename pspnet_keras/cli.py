@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+import utils
 from pspnet_keras import models
 
 # Exit codes of every command of the project.
@@ -29,6 +30,8 @@ EXIT_TERMINATED = 143
 
 # The --ray value without an address: an embedded Ray on this machine (ray.init(address="local")).
 RAY_LOCAL = "local"
+# The option that lets a command replace an existing output (cli.output_problem).
+OVERWRITE_FLAG = "--overwrite"
 
 
 class CommandError(Exception):
@@ -257,25 +260,106 @@ def file_identity(path):
     return status.st_dev, status.st_ino
 
 
-def file_index(files):
-    """`files` ({path: what it is}) indexed by resolved path and by file identity, for replaced_file."""
-    by_path, by_identity = {}, {}
-    for path, what in files.items():
-        by_path.setdefault(os.path.realpath(path), (path, what))
+def is_within(path, folder):
+    """Whether `path`, resolved, is `folder` (resolved) or lies under it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+class Inputs:
+    """The files a command reads, which none of its outputs may replace, even with --overwrite.
+
+    A file is found by its resolved path (symbolic links) and, when it exists, by its
+    identity (hard links). Every existing file under a folder added with add_folder
+    (a dataset root, say) is an input too.
+    """
+
+    def __init__(self, files=None):
+        self.by_path = {}
+        self.by_identity = {}
+        self.folders = []
+        for path, what in (files or {}).items():
+            self.add(path, what)
+
+    def add(self, path, what):
+        """Adds the file at `path`; `what` names it in messages ("the weights file")."""
+        self.by_path.setdefault(os.path.realpath(path), (path, what))
         key = file_identity(path)
         if key is not None:
-            by_identity.setdefault(key, (path, what))
-    return by_path, by_identity
+            self.by_identity.setdefault(key, (path, what))
+
+    def add_folder(self, folder, what):
+        """Makes every existing file under `folder` an input; `what` names such a file ("a file of the dataset")."""
+        self.folders.append((folder, what))
+
+    def find(self, target):
+        """The (path, what it is) of the input that writing `target` would replace, or None."""
+        found = self.by_path.get(os.path.realpath(target))
+        key = file_identity(target)
+        if found is None and key is not None:
+            found = self.by_identity.get(key)
+        if found is None and os.path.lexists(target):
+            found = next(((target, what) for folder, what in self.folders if is_within(target, folder)), None)
+        return found
+
+    def inside(self, directory):
+        """The (path, what it is) of an input that lies in `directory` or under it, or None."""
+        for path, what in list(self.by_path.values()):
+            if os.path.lexists(path) and is_within(path, directory):
+                return path, what
+        for folder, what in self.folders:
+            if is_within(folder, directory) and any(os.scandir(folder)):
+                return folder, what
+        return None
 
 
-def replaced_file(target, index):
-    """The (path, what it is) of a file_index that writing `target` would replace, or None.
+def output_problem(target, inputs=None, overwrite=False):
+    """Why a command may not write the file `target`, or None: the rule of every output of the project.
 
-    Compares resolved paths (symbolic links) and, for an existing target, file identities (hard links).
+    An input of the command (`inputs`, an Inputs) is never replaced, even with
+    `overwrite`; nor is a directory, a device, a FIFO or a socket; an existing file is
+    replaced only with `overwrite` (the command's --overwrite).
     """
-    by_path, by_identity = index
-    found = by_path.get(os.path.realpath(target))
-    key = file_identity(target)
-    if found is None and key is not None:
-        found = by_identity.get(key)
-    return found
+    found = inputs.find(target) if inputs is not None else None
+    if found is not None:
+        return f"is {found[1]} {found[0]}, which this command reads; it is never replaced"
+    problem = utils.file_problem(target, replace=True)
+    if problem:
+        return problem
+    if not overwrite and os.path.lexists(target):
+        return f"exists; pass {OVERWRITE_FLAG} to replace it, or choose another path"
+    return None
+
+
+def folder_output_problem(folder, own_entries, inputs=None, overwrite=False):
+    """Why a command may not write the folder `folder` whole (a SavedModel, say), or None.
+
+    A missing folder may be written. An existing one is replaced only with
+    `overwrite`, only when it holds nothing but `own_entries` (the names such a folder
+    is made of) and no input of the command.
+    """
+    if not os.path.lexists(folder):
+        return None
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return output_problem(folder, inputs, overwrite) or "exists and is not a folder; refusing to replace it"
+    found = inputs.inside(folder) if inputs is not None else None
+    if found is not None:
+        return f"holds {found[1]} {found[0]}, which this command reads; it is never replaced"
+    try:
+        foreign = sorted(name for name in os.listdir(folder) if name not in own_entries)
+    except OSError as error:
+        return f"cannot read ({error.strerror or error})"
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return f"holds files that it would lose ({shown}); refusing to replace it"
+    if not overwrite:
+        return f"exists; pass {OVERWRITE_FLAG} to replace it, or choose another path"
+    return None
+
+
+def add_overwrite_argument(parser, what):
+    """The --overwrite option of a command; `what` says what it lets the command replace."""
+    parser.add_argument(
+        OVERWRITE_FLAG, action="store_true",
+        help=f"replace {what} when it exists (never a file the command reads)",
+    )

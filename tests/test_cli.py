@@ -184,26 +184,83 @@ def test_directory_problem_read_only(tmp_path, monkeypatch):
 def test_replaced_file_by_path_symbolic_and_hard_link(tmp_path):
     image = tmp_path / "image.png"
     image.write_bytes(b"pixels")
-    index = cli.file_index({image: "an input image"})
-    assert cli.replaced_file(image, index) == (image, "an input image")
-    assert cli.replaced_file(tmp_path / "." / "image.png", index) == (image, "an input image")
+    index = cli.Inputs({image: "an input image"})
+    assert index.find(image) == (image, "an input image")
+    assert index.find(tmp_path / "." / "image.png") == (image, "an input image")
     (tmp_path / "soft.png").symlink_to(image)
-    assert cli.replaced_file(tmp_path / "soft.png", index) == (image, "an input image")
+    assert index.find(tmp_path / "soft.png") == (image, "an input image")
     os.link(image, tmp_path / "hard.png")
-    assert cli.replaced_file(tmp_path / "hard.png", index) == (image, "an input image")
-    assert cli.replaced_file(tmp_path / "other.png", index) is None
+    assert index.find(tmp_path / "hard.png") == (image, "an input image")
+    assert index.find(tmp_path / "other.png") is None
     (tmp_path / "other.png").write_bytes(b"pixels")
-    assert cli.replaced_file(tmp_path / "other.png", index) is None
+    assert index.find(tmp_path / "other.png") is None
 
 
 def test_replaced_file_first_description_wins(tmp_path):
     weights = tmp_path / "model.h5"
     weights.write_bytes(b"")
     (tmp_path / "alias.h5").symlink_to(weights)
-    index = cli.file_index({weights: "the weights file", tmp_path / "alias.h5": "something else"})
-    assert cli.replaced_file(weights, index) == (weights, "the weights file")
-    assert cli.replaced_file(tmp_path / "alias.h5", index) == (weights, "the weights file")
+    index = cli.Inputs({weights: "the weights file", tmp_path / "alias.h5": "something else"})
+    assert index.find(weights) == (weights, "the weights file")
+    assert index.find(tmp_path / "alias.h5") == (weights, "the weights file")
     assert cli.file_identity(tmp_path / "absent") is None
+
+
+def test_inputs_hold_every_existing_file_of_an_added_folder(tmp_path):
+    data = tmp_path / "data"
+    (data / "other_split").mkdir(parents=True)
+    (data / "other_split" / "a.png").write_bytes(b"pixels")
+    inputs = cli.Inputs()
+    inputs.add_folder(data, "a file of the dataset")
+    assert inputs.find(data / "other_split" / "a.png") == (data / "other_split" / "a.png", "a file of the dataset")
+    assert inputs.find(data / "new.json") is None
+    assert inputs.find(tmp_path / "outside.json") is None
+    assert inputs.inside(tmp_path) == (data, "a file of the dataset")
+
+
+def test_output_problem_never_replaces_an_input_even_with_overwrite(tmp_path):
+    weights = tmp_path / "model.h5"
+    weights.write_bytes(b"weights")
+    (tmp_path / "link.h5").symlink_to(weights)
+    inputs = cli.Inputs({weights: "the weights file"})
+    for target in (weights, tmp_path / "link.h5"):
+        for overwrite in (False, True):
+            assert cli.output_problem(target, inputs, overwrite) == (
+                f"is the weights file {weights}, which this command reads; it is never replaced"
+            )
+
+
+def test_output_problem_replaces_an_existing_file_only_with_overwrite(tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text("{}")
+    assert cli.output_problem(notes) == "exists; pass --overwrite to replace it, or choose another path"
+    assert cli.output_problem(notes, overwrite=True) is None
+    assert cli.output_problem(tmp_path / "new.json") is None
+    os.mkfifo(tmp_path / "fifo")
+    assert cli.output_problem(tmp_path / "fifo", overwrite=True) == (
+        "exists and is not a regular file; refusing to replace it"
+    )
+    assert cli.output_problem(tmp_path, overwrite=True) == "is a directory"
+
+
+def test_folder_output_problem_keeps_foreign_files_and_inputs(tmp_path):
+    own = {"saved_model.pb", "variables"}
+    folder = tmp_path / "sm"
+    assert cli.folder_output_problem(folder, own) is None
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_bytes(b"graph")
+    assert cli.folder_output_problem(folder, own) == "exists; pass --overwrite to replace it, or choose another path"
+    assert cli.folder_output_problem(folder, own, overwrite=True) is None
+    (folder / "README").write_text("my notes")
+    assert cli.folder_output_problem(folder, own, overwrite=True) == (
+        "holds files that it would lose (README); refusing to replace it"
+    )
+    (folder / "README").unlink()
+    weights = folder / "variables" / "final.h5"
+    weights.write_bytes(b"weights")
+    assert cli.folder_output_problem(folder, own, cli.Inputs({weights: "the weights file"}), overwrite=True) == (
+        f"holds the weights file {weights}, which this command reads; it is never replaced"
+    )
 
 
 def test_run_command_exit_codes(capsys):
