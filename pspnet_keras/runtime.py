@@ -176,3 +176,34 @@ def precision_problem(precision, here=True):
     if here and precision != "float32" and not import_tensorflow().config.list_physical_devices("GPU"):
         return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
     return None
+
+
+def available_memory():
+    """The bytes of memory this process can still take: the kernel's MemAvailable (proc(5)), bounded
+    by the address-space limit (RLIMIT_AS) when one is set; None where neither is known."""
+    import resource
+
+    found = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit != resource.RLIM_INFINITY:
+        found.append(limit)
+    return min(found) if found else None
+
+
+def allocation_problem(size, what):
+    """Why `size` bytes for `what` ("a batch of 8 crops of 473 px") cannot be allocated here, or None.
+
+    Checked before the work starts, so that an impossible request is one line at once
+    instead of an out-of-memory failure later.
+    """
+    available = available_memory()
+    if available is None or size <= available:
+        return None
+    return f"{what} needs at least {size / 2**30:.1f} GiB of memory; this machine has {available / 2**30:.1f} GiB free"
