@@ -28,8 +28,10 @@ from keras import ops
 
 import utils
 from pspnet_keras import models
+from pspnet_keras.keras2_weights import RESNET101_ONLY_LAYER
 from pspnet_keras.keras2_weights import WeightsError
 from pspnet_keras.keras2_weights import read_weights
+from pspnet_keras.keras2_weights import weights_layout
 from pspnet_keras.keras2_weights import write_weights
 from pspnet_keras.models import BLOCKS_PER_STAGE
 from pspnet_keras.models import BN_EPSILON
@@ -351,15 +353,38 @@ def and_more(names):
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-def load_weights(model, path, fresh=()):
+def description_mismatch(model, arrays, path, description):
+    """WeightsError naming the field of the description file `description` that the weights at `path`
+    contradict (its depth or its classes), or None when the two agree on both."""
+    depth, classes = weights_layout(arrays)
+    described_depth = 101 if RESNET101_ONLY_LAYER in file_weight_shapes(model) else 50
+    if depth != described_depth:
+        return WeightsError(
+            f"{description}: field 'depth' says {described_depth}, but the weights {path} are a ResNet-{depth}'s"
+        )
+    described_classes = model.get_layer("conv6").filters
+    if classes is not None and classes != described_classes:
+        return WeightsError(
+            f"{description}: field 'classes' says {described_classes}, but the weights {path} hold {classes} "
+            "classes (layer conv6)"
+        )
+    return None
+
+
+def load_weights(model, path, fresh=(), description=None):
     """Fills every weighted layer of `model` from the HDF5 file at `path`, by layer name.
 
     Layers named in `fresh` keep their initialisation, whatever the file holds for them
     (a classifier trained for other classes, say). Raises WeightsError naming the file
     and the layer when another layer of the model is missing from the file, the file
-    holds a layer the model does not have, or an array's shape does not match.
+    holds a layer the model does not have, or an array's shape does not match; naming
+    the field of `description` (the JSON file the model was built from) when that is
+    what the weights contradict.
     """
     arrays = read_weights(path)
+    mismatch = description_mismatch(model, arrays, path, description) if description is not None else None
+    if mismatch is not None:
+        raise mismatch
     expected = {name: shapes for name, shapes in file_weight_shapes(model).items() if name not in fresh}
     unknown = sorted(set(arrays) - set(expected) - set(fresh))
     if unknown:

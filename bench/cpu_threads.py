@@ -60,9 +60,9 @@ def child(args):
     from PIL import Image
 
     import pspnet
-    from pspnet_keras import cli
     from bench.benchmark import cli_arguments
     from bench.synthetic_caffe import synthetic_image
+    from pspnet_keras import cli
 
     net = pspnet.PSPNet(args.model, weights=args.h5, show_progress=False)
     crop = synthetic_image(net.crop_size, 1)

@@ -21,8 +21,19 @@ KERAS2_BACKEND = np.bytes_(b"tensorflow")
 KERAS2_VERSION = np.bytes_(b"2.1.5")
 
 
+# A layer of ResNet-101's stage 4 that ResNet-50 does not have (23 blocks against 6, section 4 of the
+# paper; the release's prototxt names).
+RESNET101_ONLY_LAYER = "conv4_23_1x1_reduce"
+
+
 class WeightsError(ValueError):
     """A weights file that does not fit the network it is loaded into."""
+
+
+def weights_layout(arrays):
+    """(ResNet depth, classes) of a PSPNet's weights (read_weights' arrays); classes None without conv6."""
+    conv6 = arrays.get("conv6")
+    return 101 if RESNET101_ONLY_LAYER in arrays else 50, conv6[0].shape[-1] if conv6 else None
 
 
 def decoded_names(path, group_name, names):

@@ -18,11 +18,14 @@ a JSON description beside it, same stem, `.json`:
 """
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 from pathlib import Path
 
+import utils
+from pspnet_keras import runtime
 from pspnet_keras.palettes import ADE20K_CLASSES
 from pspnet_keras.palettes import CITYSCAPES_CLASSES
 from pspnet_keras.palettes import VOC2012_CLASSES
@@ -52,6 +55,16 @@ MAX_CLASSES = 255
 CROP_SIZE_STEP = 48
 CROP_SIZE_OFFSET = 7
 SMALLEST_CROP_SIZE = 41
+# A description is a few kilobytes (255 class names and colours at most); a larger file is not one.
+MAX_DESCRIPTION_BYTES = 1 << 20
+# The fields of a description, in the order description() writes them.
+DESCRIPTION_FIELDS = (
+    "format", "version", "depth", "classes", "crop_size", "base_size", "class_names", "palette", "mean_rgb",
+)
+# Channels of the widest map the network keeps at 1/8 of its input: conv5's output (section 3.3 of the
+# paper; res5c in the release's prototxt).
+WIDEST_FEATURE_CHANNELS = 2048
+FLOAT32_BYTES = 4
 
 
 class ModelDescriptionError(ValueError):
@@ -172,10 +185,11 @@ def crop_size_problem(size):
 
 
 def released_description_of(path):
-    """Whether the JSON at `path` is a Keras-2 model config (the 2017 port's published .json)."""
+    """Whether the JSON at `path` is a Keras-2 model config (the 2017 port's published .json); only a
+    readable regular file of at most MAX_DESCRIPTION_BYTES is read."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(description_text(path))
+    except (ModelDescriptionError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and "class_name" in data and "config" in data and "format" not in data
 
@@ -244,10 +258,48 @@ def mean_field(data, path):
     return tuple(float(m) for m in mean)
 
 
+def forward_pass_bytes(crop_size, classes):
+    """A lower bound of the memory one forward pass of a crop takes: the float32 input crop, conv5's
+    map at 1/8 of it and the logits at full size, each held at least once."""
+    features = feature_size(crop_size) ** 2 * WIDEST_FEATURE_CHANNELS
+    return FLOAT32_BYTES * (crop_size * crop_size * (3 + classes) + features)
+
+
+def size_problem(path, crop_size, base_size, classes):
+    """Why a model of these sizes cannot run on this machine, or None: one forward pass of a crop, and
+    an image scaled to `base_size` x `base_size` by the sliding-window protocol (float32 RGB), must fit."""
+    problem = runtime.allocation_problem(forward_pass_bytes(crop_size, classes), f"a forward pass of {crop_size} px")
+    if problem:
+        return field_error(path, "crop_size", f"{crop_size}: {problem}")
+    problem = runtime.allocation_problem(
+        FLOAT32_BYTES * 3 * base_size * base_size, f"an image scaled to {base_size} x {base_size}"
+    )
+    if problem:
+        return field_error(path, "base_size", f"{base_size}: {problem}")
+    return None
+
+
+def unknown_fields_problem(data, path):
+    """A ModelDescriptionError naming the first field that is not a description's (a misspelling, say),
+    or None."""
+    unknown = [field for field in data if field not in DESCRIPTION_FIELDS]
+    if not unknown:
+        return None
+    close = difflib.get_close_matches(unknown[0], DESCRIPTION_FIELDS, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (the fields are {', '.join(DESCRIPTION_FIELDS)})"
+    return field_error(path, unknown[0][:40], f"is not a field of a model description{hint}")
+
+
 def config_from_description(data, path, name):
-    """The ModelConfig a description's JSON object gives; ModelDescriptionError naming the field otherwise."""
+    """The ModelConfig a description's JSON object gives; ModelDescriptionError naming the field otherwise.
+
+    Every field is checked, unknown ones are refused, and the sizes must fit in this machine's memory.
+    """
     if not isinstance(data, dict):
         raise ModelDescriptionError(f"{path}: not a model description (a JSON object is expected)")
+    problem = unknown_fields_problem(data, path)
+    if problem:
+        raise problem
     if data.get("format") != DESCRIPTION_FORMAT:
         raise field_error(path, "format", f"must be \"{DESCRIPTION_FORMAT}\"")
     if data.get("version") != DESCRIPTION_VERSION:
@@ -265,6 +317,9 @@ def config_from_description(data, path, name):
     palette = colour_triples(data.get("palette"), classes)
     if palette is None:
         raise field_error(path, "palette", f"must be {classes} colours [R, G, B], each value an integer 0-255")
+    problem = size_problem(path, crop_size, base_size, classes)
+    if problem:
+        raise problem
     return ModelConfig(
         name=name,
         depth=depth,
@@ -277,22 +332,39 @@ def config_from_description(data, path, name):
     )
 
 
+def description_text(path):
+    """The text of the description file at `path`: a readable regular file of at most
+    MAX_DESCRIPTION_BYTES, in UTF-8; ModelDescriptionError naming the file otherwise."""
+    problem = utils.file_problem(path)
+    if problem:
+        raise ModelDescriptionError(f"{path}: {problem}")
+    try:
+        with open(path, "rb") as file:
+            content = file.read(MAX_DESCRIPTION_BYTES + 1)
+    except OSError as error:
+        raise ModelDescriptionError(f"{path}: cannot read ({error.strerror or error})") from None
+    if len(content) > MAX_DESCRIPTION_BYTES:
+        raise ModelDescriptionError(
+            f"{path}: larger than {MAX_DESCRIPTION_BYTES // 1024} KiB, too large for a model description"
+        )
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ModelDescriptionError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
 def read_description(path):
     """The ModelConfig described by the JSON file at `path`, named after its stem.
 
     Raises ModelDescriptionError naming the file, and the field where one is wrong.
     """
     path = Path(path)
-    if not path.is_file():
-        problem = "is a directory" if path.is_dir() else "no such file" if not path.exists() else "not a regular file"
-        raise ModelDescriptionError(f"{path}: {problem}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ModelDescriptionError(f"{path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    text = description_text(path)
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as error:
+    except RecursionError:
+        raise ModelDescriptionError(f"{path}: JSON nested too deeply for a model description") from None
+    except ValueError as error:
         raise ModelDescriptionError(f"{path}: not valid JSON ({str(error)[:80]})") from None
     return config_from_description(data, path, path.stem)
 
@@ -301,10 +373,13 @@ def model_of_weights(weights_path):
     """The user model a weights file is, from the description beside it; None when there is none.
 
     A Keras-2 model config beside the file (the 2017 port published one beside each
-    released `.h5`) is not a description and is ignored.
+    released `.h5`) is not a description and is ignored. Whatever is beside it is
+    checked before it is opened: a FIFO or a device there is ModelDescriptionError.
     """
     path = description_path(weights_path)
-    if not path.exists() or released_description_of(path):
+    if not os.path.lexists(path):
+        return None
+    if released_description_of(path):
         return None
     return read_description(path)
 

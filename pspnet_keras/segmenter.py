@@ -75,7 +75,10 @@ class PSPNet:
         else:
             self.model = build_pspnet(config, precision=precision)
             if weights is not None or self.weights_path.exists():
-                load_weights(self.model, self.weights_path)
+                described = models.description_path(self.weights_path)
+                if config.released or not os.path.lexists(described):
+                    described = None
+                load_weights(self.model, self.weights_path, description=described)
             else:
                 download_weights(self.model, config, self.weights_path, show_progress)
         logits, upsampling = split_upsampling(self.model)

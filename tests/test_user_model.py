@@ -137,6 +137,10 @@ def test_model_flag_with_a_user_model_is_refused(tmp_path, user_weights):
         ({"class_names": None}, "class_names", "list of non-empty strings"),
         ({"format": "keras"}, "format", "pspnet-keras"),
         ({"base_size": "512"}, "base_size", "must be an integer"),
+        ({"mean_rbg": MEAN_RGB}, "mean_rbg", "is not a field of a model description (did you mean 'mean_rgb'?)"),
+        # float32 input and 5 logits at 95993^2, conv5's 2048 channels at 1/8: 4 * (95993^2 * 8 + 12000^2 * 2048) B
+        ({"crop_size": 95993}, "crop_size", "95993: a forward pass of 95993 px needs at least 1373.3 GiB of memory"),
+        ({"base_size": 10**9}, "base_size", "an image scaled to 1000000000 x 1000000000 needs at least"),
     ],
 )
 def test_invalid_description_is_one_line_naming_file_and_field(tmp_path, changes, field, problem):
@@ -149,6 +153,40 @@ def test_invalid_description_is_one_line_naming_file_and_field(tmp_path, changes
     line = result.stderr.strip()
     assert line.startswith(f"pspnet.py: error: {weights.with_suffix('.json')}: field '{field}' ") and problem in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply for a model description"),
+        (b" " * (models.MAX_DESCRIPTION_BYTES + 1), "larger than 1024 KiB, too large for a model description"),
+        (b'{"format": "pspnet-keras\xff"}', "not UTF-8 text (invalid start byte at byte 24)"),
+        (b"[1, 2]", "not a model description (a JSON object is expected)"),
+    ],
+)
+def test_description_that_is_no_description_is_one_line(tmp_path, content, problem):
+    weights = write_classifier_only_weights(tmp_path / "bad.h5", CLASSES)
+    weights.with_suffix(".json").write_bytes(content)
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 1))
+    result = run_main("-w", weights, "-i", source, "-o", tmp_path / "out" / "a.png")
+    assert (result.code, result.stderr) == (1, f"pspnet.py: error: {weights.with_suffix('.json')}: {problem}\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, weights_classes, problem",
+    [
+        ({}, 7, "field 'classes' says 5, but the weights {weights} hold 7 classes (layer conv6)"),
+        ({"depth": 101}, CLASSES, "field 'depth' says 101, but the weights {weights} are a ResNet-50's"),
+    ],
+)
+def test_description_that_lies_about_the_weights_is_named(tmp_path, changes, weights_classes, problem):
+    weights = write_classifier_only_weights(tmp_path / "mine.h5", weights_classes)
+    weights.with_suffix(".json").write_text(json.dumps(description(crop_size=41, **changes)))
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 1))
+    result = run_main("-w", weights, "-i", source, "-o", tmp_path / "out" / "a.png")
+    expected = problem.format(weights=weights)
+    assert (result.code, result.stderr) == (1, f"pspnet.py: error: {weights.with_suffix('.json')}: {expected}\n")
 
 
 KERAS2_MODEL_CONFIG = {"class_name": "Model", "config": {"name": "model_1", "layers": []}, "keras_version": "2.1.5"}
