@@ -8,6 +8,7 @@ Ray workers (ray_pool.py) call it for every image.
 """
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,22 @@ def summary_lines(source, class_ids, class_names, verbose):
     return [f"{source}: {shown}" + (f" (+{more} more classes)" if more > 0 else "")]
 
 
+def probabilities_file(files, path, shape):
+    """A float32 .npy of `shape` memory-mapped in a temporary file of `files` (utils.AtomicFiles) for `path`.
+
+    Its disk space is reserved at once (posix_fallocate), so that a full disk or a file-size
+    limit is utils.OutputError here, never a SIGBUS when a page of the map is written later.
+    """
+    temporary = files.temporary(path)
+    try:
+        probabilities = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=shape)
+        with open(temporary, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    except OSError as error:
+        raise utils.OutputError(f"{path}: cannot write ({error.strerror or error})") from None
+    return probabilities
+
+
 def segment(net, image, source, outputs, protocol, quiet=False):
     """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
     ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
@@ -73,10 +90,7 @@ def segment(net, image, source, outputs, protocol, quiet=False):
     with utils.AtomicFiles() as files:
         probabilities = None
         if "probs_npy" in outputs:
-            temporary = files.temporary(outputs["probs_npy"])
-            probabilities = np.lib.format.open_memmap(
-                temporary, mode="w+", dtype=np.float32, shape=(height, width, net.classes)
-            )
+            probabilities = probabilities_file(files, outputs["probs_npy"], (height, width, net.classes))
         with tqdm(
             total=passes, unit="pass", desc="forward passes", leave=False,
             disable=quiet or passes < FORWARD_BAR_MIN_PASSES,

@@ -650,6 +650,48 @@ def test_failure_on_a_later_output_leaves_no_output_of_the_image(tmp_path, stand
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.fixture
+def file_size_limit():
+    """file_size_limit(bytes): a file-size limit on this process (RLIMIT_FSIZE, writes past it fail with
+    EFBIG instead of SIGXFSZ) until the end of the test."""
+    import resource
+    import signal
+
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(size):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, previous_limit[1]))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+    signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def test_probabilities_past_a_file_size_limit_are_one_line_and_leave_nothing(tmp_path, stand_in, file_size_limit):
+    source = save_image(tmp_path / "a.png", sky_and_person(height=80, width=90))
+    file_size_limit(1 << 20)  # the .npy is 80 x 90 x 150 x 4 bytes = 4.3 MB
+    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
+    assert result.code == 1
+    assert result.stderr == f"pspnet.py: error: {tmp_path / 'out' / 'b_probs.npy'}: cannot write (File too large)\n"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_probabilities_on_a_full_disk_are_one_line_and_leave_nothing(tmp_path, stand_in, monkeypatch):
+    source = save_image(tmp_path / "a.png", sky_and_person())
+
+    def full_disk(descriptor, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
+    assert result.code == 1
+    assert result.stderr == (
+        f"pspnet.py: error: {tmp_path / 'out' / 'b_probs.npy'}: cannot write (No space left on device)\n"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_sigterm_while_predicting_cleans_up_and_exits_143(tmp_path, stand_in, monkeypatch, restore_sigterm):
     import signal
 
