@@ -14,9 +14,13 @@ back for the driver to add up. The driver reads no image.
 Faults: Ray Data creates its actors with max_restarts=-1 and max_task_retries=-1
 (ActorPoolMapOperator's defaults; Ray Core, "Actor Fault Tolerance"): when a worker
 process dies, Ray starts it again and resubmits the images it had not finished, at
-least once each. A worker killed while writing leaves only its temporary files,
-never a half-written output; the driver removes them when the run ends. Every
-result names its image, so an image run twice counts once.
+least once each. Each image's attempts are counted in one small actor of the run
+(`Attempts`): an image taken up again after its worker died is said in one line, and
+one whose worker died on each of MAX_ATTEMPTS attempts is reported as failed instead
+of being run again, so that an image that kills every worker ends the run. A worker
+killed while writing leaves only its temporary files, never a half-written output;
+the driver removes them when the run ends. Every result names its image, so an image
+run twice counts once.
 
 Ray is imported only here, and this module only with --ray.
 """
@@ -54,6 +58,8 @@ CORES_PER_CPU_WORKER = 4
 TASKS_IN_FLIGHT_PER_WORKER = 2
 # Seconds to wait for the head of a cluster to answer at HOST:PORT.
 CONNECT_TIMEOUT_S = 10
+# Attempts at an image whose worker died each time before it is reported as failed.
+MAX_ATTEMPTS = 3
 # AtomicFiles' temporary file of a target: ".<target name>.<8 random characters>.tmp" (tempfile.mkstemp).
 TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
@@ -171,9 +177,54 @@ def check_reachable(address):
                        "(ray start --head) or 'auto' on one of its machines") from None
 
 
+def ray_processes_below(pid):
+    """The pids of the processes below `pid` (children, their children, ...) that run Ray: what an embedded
+    ray.init starts (gcs_server, raylet, Ray's agents and workers). Read from /proc (proc(5)); empty elsewhere."""
+    children = {}
+    with contextlib.suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError), open(f"{entry.path}/stat") as stat:
+                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, queue = [], list(children.get(pid, []))
+    while queue:
+        child = queue.pop()
+        queue.extend(children.get(child, []))
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as cmdline:
+            if b"ray" in cmdline.read():
+                found.append(child)
+    return found
+
+
+def stop_ray_start_up(ray):
+    """Stops what an interrupted ray.init started: ray.shutdown, then SIGKILL to whatever of it is left
+    (Ray's dashboard and runtime-env agents outlive a raylet stopped before they registered)."""
+    started = ray_processes_below(os.getpid())
+    ray.shutdown()
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def stop_ray_on_interruption(ray):
+    """The exit callback of a Ray session this process started: ray.shutdown, and on Ctrl-C or SIGTERM
+    also SIGKILL to the processes of it that are left (stop_ray_start_up)."""
+
+    def stop(error_type, error, traceback):
+        if error_type is not None and issubclass(error_type, KeyboardInterrupt):
+            stop_ray_start_up(ray)
+        else:
+            ray.shutdown()
+        return False
+
+    return stop
+
+
 def start_ray(ray, address, embedded, verbose):
     """Starts an embedded Ray or joins the cluster at `address`, keeping the caller's SIGTERM
-    handling (ray.init installs its own, which exits without the commands' cleanup)."""
+    handling: ray.init installs its own, which exits with status 15 (sys.exit(SIGTERM)) without the
+    commands' cleanup. SIGTERM or Ctrl-C while Ray starts stops what it started (ray.shutdown) and
+    raises cli.Terminated or KeyboardInterrupt."""
     if not embedded:
         check_reachable(address)
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -185,6 +236,14 @@ def start_ray(ray, address, embedded, verbose):
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise RunError(f"cannot join the Ray cluster at {address}: {root_cause(error)}") from None
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM:
+            raise
+        stop_ray_start_up(ray)
+        raise cli.Terminated() from None
+    except KeyboardInterrupt:
+        stop_ray_start_up(ray)
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
@@ -207,7 +266,7 @@ def ray_session(ray, address, verbose):
             stack.enter_context(runtime.native_stderr(python_to_console=True))
         if not ray.is_initialized():
             start_ray(ray, address, embedded, verbose)
-            stack.callback(ray.shutdown)
+            stack.push(stop_ray_on_interruption(ray))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = verbose
         context.print_on_execution_start = verbose
@@ -242,6 +301,42 @@ def start_worker_process(pool):
     tf = runtime.import_tensorflow()
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
+
+
+class Attempts:
+    """The attempts at each image of a run (a Ray actor of no CPU, one per run): a worker starting on an
+    image records itself there, so that a worker taking up an image after another died on it knows."""
+
+    def __init__(self):
+        self.workers = {}
+
+    def start(self, key, worker):
+        """Records that `worker` (its host and pid) starts on the image `key`; returns the workers that
+        started on it before, in order (each of which died, since the image is being run again)."""
+        earlier = self.workers.setdefault(key, [])
+        before = list(earlier)
+        earlier.append(worker)
+        return before
+
+
+def new_attempts(ray):
+    """The Attempts actor of a run."""
+    return ray.remote(num_cpus=0)(Attempts).remote()
+
+
+def attempt_problems(ray, attempts, key, what):
+    """(lines to print, failure or "") of a worker starting on the image `key` (`what` names it): a line
+    saying that the worker before it died on the image, and, after MAX_ATTEMPTS such deaths, the
+    failure to report instead of running it again."""
+    died = ray.get(attempts.start.remote(key, f"{socket.gethostname()} pid {os.getpid()}"))
+    if not died:
+        return [], ""
+    line = (
+        f"warning: a worker ({died[-1]}) died while on {what}, attempt {len(died)} of {MAX_ATTEMPTS}: killed by a "
+        "signal, out of memory (the kernel's or Ray's memory monitor) or a crash of its process"
+    )
+    failure = f"{what}: left out, its worker died on each of {MAX_ATTEMPTS} attempts" if len(died) >= MAX_ATTEMPTS else ""
+    return [line], failure
 
 
 def map_with_pool(ray, rows, worker, arguments, pool):
@@ -285,6 +380,8 @@ def consume(prog, results, total, quiet, handle):
             for result in results:
                 if result["fatal"]:
                     raise RunError(result["fatal"])
+                for line in result["warnings"]:
+                    tqdm.write(f"{prog}: {line}", file=sys.stderr)
                 if result["key"] in seen:
                     continue
                 seen.add(result["key"])
@@ -298,8 +395,9 @@ def consume(prog, results, total, quiet, handle):
 class ImageWorker:
     """A Ray actor segmenting images as pspnet.py does: one network, each image's outputs written here."""
 
-    def __init__(self, args, config, pool):
+    def __init__(self, args, config, pool, attempts):
         start_worker_process(pool)
+        self.attempts = attempts
         self.protocol = cli.protocol(args)
         self.verbose = args.verbose
         self.net, self.fatal = None, ""
@@ -311,10 +409,13 @@ class ImageWorker:
     def __call__(self, row):
         """Segments the image of `row` ({"key": source path, "outputs": {kind: path}}); returns the
         error or the summary lines pspnet.py prints."""
-        result = {"key": row["key"], "fatal": self.fatal, "error": "", "summary": ""}
+        result = {"key": row["key"], "fatal": self.fatal, "error": "", "summary": "", "warnings": []}
         if self.fatal:
             return result
         source = Path(row["key"])
+        result["warnings"], result["error"] = attempt_problems(import_ray(), self.attempts, row["key"], str(source))
+        if result["error"]:
+            return result
         outputs = {kind: Path(path) for kind, path in row["outputs"].items()}
         try:
             class_ids = segment.segment(self.net, utils.read_image(source), source, outputs, self.protocol, quiet=True)
@@ -344,7 +445,8 @@ def segment_images(prog, args, config, plan):
     try:
         with ray_session(ray, args.ray, args.verbose) as (embedded, nodes):
             pool = start_pool(prog, nodes, embedded, args, args.quiet)
-            results = map_with_pool(ray, rows, ImageWorker, {"args": args, "config": config, "pool": pool}, pool)
+            arguments = {"args": args, "config": config, "pool": pool, "attempts": new_attempts(ray)}
+            results = map_with_pool(ray, rows, ImageWorker, arguments, pool)
             consume(prog, results, len(rows), args.quiet, report)
     finally:
         remove_temporaries(path for outputs in plan.values() for path in outputs.values())
@@ -354,8 +456,9 @@ def segment_images(prog, args, config, plan):
 class SampleWorker:
     """A Ray actor measuring samples as evaluate.py does: one network, predictions saved here."""
 
-    def __init__(self, config, weights, samples, save_dir, protocol, pool):
+    def __init__(self, config, weights, samples, save_dir, protocol, pool, attempts):
         start_worker_process(pool)
+        self.attempts = attempts
         self.samples, self.save_dir, self.protocol = samples, save_dir, protocol
         self.network, self.fatal = None, ""
         try:
@@ -367,12 +470,17 @@ class SampleWorker:
         """Measures the sample numbered row["key"]: the nonzero cells of its confusion matrix
         (flat indices and counts) and its undefined label values, or why it was skipped."""
         result = {"key": row["key"], "fatal": self.fatal, "skipped": "", "problem": "",
-                  "cells": [], "counts": [], "undefined": []}
+                  "cells": [], "counts": [], "undefined": [], "warnings": []}
         if self.fatal:
+            return result
+        sample = self.samples[row["key"]]
+        result["warnings"], failure = attempt_problems(import_ray(), self.attempts, row["key"], str(sample.image))
+        if failure:
+            result.update(skipped=str(sample.image), problem=failure.removeprefix(f"{sample.image}: "))
             return result
         try:
             confusion, undefined = scoring.measure_sample(
-                self.network, self.samples[row["key"]], self.save_dir, self.protocol
+                self.network, sample, self.save_dir, self.protocol
             )
         except datasets.SampleError as error:
             result.update(skipped=str(error.path), problem=error.problem)
@@ -404,8 +512,8 @@ def evaluate_samples(prog, args, config, samples, order, protocol, tally):
     try:
         with ray_session(ray, args.ray, False) as (embedded, nodes):
             pool = start_pool(prog, nodes, embedded, args, False)
-            results = map_with_pool(ray, [{"key": index} for index in order], SampleWorker, {**arguments, "pool": pool},
-                                    pool)
+            arguments.update(pool=pool, attempts=new_attempts(ray))
+            results = map_with_pool(ray, [{"key": index} for index in order], SampleWorker, arguments, pool)
             consume(prog, results, len(order), False, count)
     finally:
         if args.save_dir is not None:
