@@ -16,6 +16,8 @@ can choose the GPU before TensorFlow looks for devices, and quietly
 (runtime.import_tensorflow).
 """
 
+import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
+
 import argparse
 import glob
 import os

@@ -20,6 +20,8 @@ BN layer. It is written atomically (utils.write_atomic): an error, Ctrl-C or SIG
 leaves no file behind.
 """
 
+import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
+
 import argparse
 import os
 import sys

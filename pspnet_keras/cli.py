@@ -43,12 +43,15 @@ class Terminated(KeyboardInterrupt):
 
 
 def stop_on_termination():
-    """Makes SIGTERM raise Terminated in the main thread (commands then exit with EXIT_TERMINATED)."""
+    """Makes SIGTERM raise Terminated and Ctrl-C KeyboardInterrupt in the main thread, so that a command's
+    work cleans up and exits with EXIT_TERMINATED or EXIT_INTERRUPTED (until then, startup.py's handlers
+    end the process at once)."""
 
     def terminate(signum, frame):
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def interruption_exit_code(error):
@@ -59,10 +62,11 @@ def interruption_exit_code(error):
 def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
     """The exit status of a command line whose work is run(args).
 
-    SIGTERM stops the work as Ctrl-C does. A CommandError prints one line
+    SIGTERM stops the work as Ctrl-C does; the handlers of both signals are put back afterwards. A CommandError prints one line
     `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
     `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
     """
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     stop_on_termination()
     try:
         return run(args)
@@ -73,6 +77,9 @@ def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
         reason = "terminated" if isinstance(error, Terminated) else "interrupted"
         print(f"{prog}: {reason}{interrupted_suffix}", file=sys.stderr)
         return interruption_exit_code(error)
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 class _SpellingRecorder:

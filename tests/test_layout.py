@@ -102,11 +102,12 @@ def circle(graph):
 
 
 def allowed_commands(relative_path):
-    """The commands a bench/ or tests/ file may import: its own command and EXTRA_COMMAND_USES's."""
+    """The commands a bench/ or tests/ file may import: its own command (tests/test_<command>.py and
+    tests/test_hostile_<command>.py) and EXTRA_COMMAND_USES's."""
     allowed = set(EXTRA_COMMAND_USES.get(relative_path, ()))
-    stem = Path(relative_path).stem
-    if relative_path.startswith("tests/") and stem.startswith("test_") and stem[len("test_"):] in COMMANDS:
-        allowed.add(stem[len("test_"):])
+    tested = Path(relative_path).stem.removeprefix("test_").removeprefix("hostile_")
+    if relative_path.startswith("tests/test_") and tested in COMMANDS:
+        allowed.add(tested)
     return allowed
 
 
