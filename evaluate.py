@@ -12,14 +12,20 @@ release's (pspnet_keras/metrics.py); for the released models on their benchmark 
 printed beside the published numbers. The report is JSON.
 
 With --save-dir every prediction is kept as `<image stem>.png` (0-based class
-ids) and predictions.json records how they were made; a rerun scores those files
-instead of predicting again, so an interrupted run resumes where it stopped.
-Ctrl-C or SIGTERM writes the metrics of the images done so far, marked partial,
-and exits with 130 or 143. Every file is written atomically.
+ids, stamped with the SHA-256 of its image and of the prediction settings) and
+predictions.json records how they were made; a rerun scores the files stamped for
+this image and these settings instead of predicting again, so an interrupted run
+resumes where it stopped. Ctrl-C or SIGTERM writes the metrics of the images done
+so far, marked partial, and exits with 130 or 143. An image that cannot be
+evaluated is skipped and named; the run goes on and exits with 1 after the report.
+
+No output replaces a file the run reads (the model's files, any file under --data,
+the save dir's record and predictions); an existing report is replaced only with
+--overwrite, except the report a save dir keeps for itself, replaced on a rerun.
+Every file is written atomically.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -48,6 +54,20 @@ PUBLISHED_RESULTS = {
     ("pspnet101_cityscapes", "val", True): (0.8091, 0.9659),
 }
 JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+# The fields of predictions.json (scoring.prediction_settings) and the JSON type of each.
+RECORD_FIELDS = {
+    "model": str, "model_sha256": str, "weights_sha256": str, "sliding": bool, "flip": bool, "multi_scale": bool,
+}
+# predictions.json holds six short fields; a larger file is not one this program wrote.
+MAX_RECORD_BYTES = 64 * 1024
+# The longest string of a record: a model's name is a file stem.
+MAX_RECORD_STRING = 255
+# The report of a run of a million skipped images stays below this; a larger file is not a report.
+MAX_REPORT_BYTES = 256 << 20
+REPORT_FIELDS = frozenset({
+    "miou", "pixel_acc", "mean_acc", "per_class", "images", "images_expected", "labelled_pixels", "partial",
+    "skipped", "undefined_label_values", "published", "settings",
+})
 
 
 def evaluate_on_ray(args, config, samples, protocol, tally):
@@ -112,19 +132,27 @@ def print_report(report, published_elsewhere):
     print(f"images     {report['images']} of {report['images_expected']} ({status}), skipped {len(report['skipped'])}")
 
 
-def sha256_of(path):
-    """Hex SHA-256 of the file at `path`."""
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def json_kind(value):
     """What a JSON value is, in words."""
     return "null" if value is None else JSON_KINDS.get(type(value), "an object")
 
 
+def read_small_json(path, max_bytes):
+    """The JSON value of the regular file at `path`, read only when it has at most `max_bytes`;
+    ValueError saying why not otherwise (OSError where it cannot be read)."""
+    problem = utils.file_problem(path)
+    if problem:
+        raise ValueError(problem)
+    with open(path, "rb") as file:
+        content = file.read(max_bytes + 1)
+    if len(content) > max_bytes:
+        raise ValueError(f"larger than {max_bytes // 1024} KiB")
+    return json.loads(content.decode("utf-8"))
+
+
 def read_prediction_record(save_dir):
-    """The prediction settings recorded in <save dir>/predictions.json; None when there is no such file."""
+    """The prediction settings recorded in <save dir>/predictions.json, checked field by field;
+    None when there is no such file."""
     record = save_dir / PREDICTION_SETTINGS_NAME
     if not os.path.lexists(record):
         return None
@@ -133,15 +161,33 @@ def read_prediction_record(save_dir):
     if problem:
         raise cli.CommandError(f"{record}: {problem}; {advice}")
     try:
-        recorded = json.loads(record.read_text(encoding="utf-8"))
+        recorded = read_small_json(record, MAX_RECORD_BYTES)
     except (OSError, ValueError, RecursionError) as error:
-        raise cli.CommandError(f"{record}: unreadable ({getattr(error, 'strerror', None) or error}); {advice}") from None
+        reason = getattr(error, "strerror", None) or error
+        raise cli.CommandError(f"{record}: unreadable ({reason}); {advice}") from None
     if not isinstance(recorded, dict):
         raise cli.CommandError(
             f"{record}: holds {json_kind(recorded)}, not the JSON object of prediction settings this "
             f"program writes there; {advice}"
         )
+    problem = record_problem(recorded)
+    if problem:
+        raise cli.CommandError(f"{record}: {problem}; {advice}")
     return recorded
+
+
+def record_problem(recorded):
+    """Why a predictions.json object is not one this program writes, or None: a field it does not
+    write, or a field of another JSON type, or a string longer than any it writes."""
+    for field, value in recorded.items():
+        kind = RECORD_FIELDS.get(field)
+        if kind is None:
+            return f"field {field[:40]!r} is none of the prediction settings ({', '.join(RECORD_FIELDS)})"
+        if type(value) is not kind:
+            return f"field '{field}' holds {json_kind(value)}, not {JSON_KINDS[kind]}"
+        if kind is str and len(value) > MAX_RECORD_STRING:
+            return f"field '{field}' is longer than {MAX_RECORD_STRING} characters"
+    return None
 
 
 def claim_save_dir(save_dir, samples, prediction_settings, recorded):
@@ -211,45 +257,75 @@ def check_classes(config, dataset):
 
 
 def open_data(args, config):
-    """The dataset and the samples of the split to evaluate, and every sample of that split."""
+    """The dataset and the samples of the split to evaluate, and every sample of that split; a line on
+    stderr names the images a list names more than once."""
+
+    def warn(line):
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+
     try:
         dataset = datasets.open_dataset(choose_dataset(args.dataset, config, args.data), args.data)
         check_classes(config, dataset)
-        every_sample = dataset.samples(args.split)
+        every_sample = dataset.samples(args.split, warn)
     except datasets.DataRootError as error:
         raise cli.CommandError(str(error)) from None
     return dataset, every_sample[:args.limit], every_sample
 
 
-def protected_files(every_sample, dataset, weights_path, save_dir):
-    """{path: what it is} of the files a run reads or keeps, which no output may replace."""
-    files = {weights_path: "the weights file", models.description_path(weights_path): "the model description"}
+def read_files(dataset, every_sample, weights_path):
+    """The cli.Inputs of a run: the weights and the description beside them, the class files, the
+    images and labels of the split, and every file under the data root."""
+    inputs = cli.Inputs({
+        weights_path: "the weights file", models.description_path(weights_path): "the model description",
+    })
     for path in dataset.class_files:
-        files[path] = "a class file of the dataset"
+        inputs.add(path, "a class file of the dataset")
     for sample in every_sample:
-        files[sample.image] = "an image of the set"
-        files[sample.label] = "a label of the set"
-    if save_dir is not None:
-        files[save_dir / PREDICTION_SETTINGS_NAME] = "the prediction record of --save-dir"
-        for sample in every_sample:
-            files[scoring.prediction_path(save_dir, sample)] = "a saved prediction"
-    return files
+        inputs.add(sample.image, "an image of the set")
+        inputs.add(sample.label, "a label of the set")
+    inputs.add_folder(dataset.root, "a file of the dataset")
+    return inputs
 
 
-def check_save_dir(save_dir, every_sample):
-    """Refuses a --save-dir that cannot be created or written, or whose predictions would replace inputs."""
-    if os.path.lexists(save_dir) and not save_dir.is_dir():
-        raise cli.CommandError(f"{save_dir}: not a directory; choose another --save-dir")
+def add_save_dir_files(inputs, save_dir, every_sample):
+    """Adds to `inputs` the files of --save-dir a run reads: its record and the predictions of the split."""
+    inputs.add(save_dir / PREDICTION_SETTINGS_NAME, "the prediction record of --save-dir")
+    for sample in every_sample:
+        inputs.add(scoring.prediction_path(save_dir, sample), "a saved prediction of --save-dir")
+
+
+def save_dir_kind_problem(save_dir):
+    """Why an existing --save-dir path is no folder, or None."""
+    if os.path.isdir(save_dir):
+        return None
+    problem = utils.file_problem(save_dir)
+    return problem.replace("not a regular file", "not a directory") if problem else "not a directory"
+
+
+def check_save_dir(save_dir, every_sample, inputs, data_root):
+    """Refuses a --save-dir that cannot be created or written, that lies in the data root, where two
+    images would share a prediction, or whose predictions would replace inputs."""
+    problem = save_dir_kind_problem(save_dir) if os.path.lexists(save_dir) else None
+    if problem:
+        raise cli.CommandError(f"{save_dir}: {problem}; choose another --save-dir")
     problem = cli.directory_problem(save_dir, "the save dir")
     if problem:
         raise cli.CommandError(f"{save_dir}: {problem}")
-    inputs = {}
+    if cli.is_within(save_dir, data_root):
+        raise cli.CommandError(
+            f"{save_dir}: lies in --data {data_root}, whose files this command never replaces; "
+            "choose a --save-dir outside it"
+        )
+    owners = {}
     for sample in every_sample:
-        inputs[sample.image] = "the image"
-        inputs[sample.label] = "the label"
-    inputs = cli.file_index(inputs)
-    for sample in every_sample:
-        replaced = cli.replaced_file(scoring.prediction_path(save_dir, sample), inputs)
+        prediction = scoring.prediction_path(save_dir, sample)
+        if prediction in owners:
+            raise cli.CommandError(
+                f"{save_dir}: {owners[prediction]} and {sample.image} would share the prediction {prediction.name}; "
+                "evaluate them without --save-dir, or rename one"
+            )
+        owners[prediction] = sample.image
+        replaced = inputs.find(prediction)
         if replaced:
             raise cli.CommandError(
                 f"{save_dir}: the prediction of {sample.image.name} would replace {replaced[1]} {replaced[0]}; "
@@ -257,23 +333,49 @@ def check_save_dir(save_dir, every_sample):
             )
 
 
-def check_report_path(report_path, save_dir, protected):
-    """Refuses a report path that is a special file or an input, or whose folder cannot be written."""
-    problem = utils.file_problem(report_path, replace=True)
+def is_own_report(path):
+    """Whether `path` holds a report of this program: a regular file of at most MAX_REPORT_BYTES
+    holding a JSON object of the report's fields."""
+    try:
+        report = read_small_json(path, MAX_REPORT_BYTES)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and set(report) == REPORT_FIELDS and isinstance(report["settings"], dict)
+
+
+def replaces_own_report(report_path, save_dir, recorded):
+    """Whether the run may replace `report_path` without --overwrite: the report of a save dir of
+    this program (one with a record) in that save dir, on a rerun."""
+    return (
+        recorded is not None
+        and report_path.name == REPORT_NAME
+        and os.path.realpath(report_path.parent) == os.path.realpath(save_dir)
+        and is_own_report(report_path)
+    )
+
+
+def check_report_path(report_path, save_dir, inputs, overwrite):
+    """Refuses a report path that is an input or a special file, an existing file without `overwrite`,
+    or one whose folder cannot be written."""
+    problem = cli.output_problem(report_path, inputs, overwrite)
     if problem:
-        raise cli.CommandError(f"{report_path}: {problem}; choose another --report")
-    replaced = cli.replaced_file(report_path, cli.file_index(protected))
-    if replaced:
-        raise cli.CommandError(
-            f"{report_path}: the report would replace {replaced[1]} {replaced[0]}; choose another --report"
-        )
+        advice = "" if cli.OVERWRITE_FLAG in problem else "; choose another --report"
+        raise cli.CommandError(f"{report_path}: {problem}{advice}")
     folder = report_path.parent
     if save_dir is not None and os.path.realpath(folder) == os.path.realpath(save_dir):
         return
-    if not folder.is_dir():
-        raise cli.CommandError(f"{report_path}: folder {folder} does not exist")
+    problem = datasets.folder_problem(folder)
+    if problem:
+        raise cli.CommandError(f"{report_path}: folder {folder}: {problem}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise cli.CommandError(f"{report_path}: cannot write in {folder} (permission denied)")
+
+
+def error_line(error):
+    """An OSError or OutputError as one line naming the file."""
+    if isinstance(error, utils.OutputError) or not getattr(error, "strerror", None):
+        return str(error)
+    return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
 
 
 def published_results(config, dataset, args):
@@ -283,22 +385,43 @@ def published_results(config, dataset, args):
     return PUBLISHED_RESULTS.get((config.name, args.split, args.multi_scale))
 
 
-def run(args):
-    """Evaluates the model on the data of the command line; returns the exit code."""
-    config = resolve_model(args)
-    dataset, samples, every_sample = open_data(args, config)
-    weights_path = Path(args.weights) if args.weights is not None else default_weights_path(config.name)
+def prepare_outputs(args, dataset, every_sample, weights_path):
+    """Checks --save-dir and the report path before any work, creates the save dir, and returns
+    (report path, the save dir's record or None)."""
+    inputs = read_files(dataset, every_sample, weights_path)
     recorded = None
     if args.save_dir is not None:
-        check_save_dir(args.save_dir, every_sample)
+        check_save_dir(args.save_dir, every_sample, inputs, args.data)
         recorded = read_prediction_record(args.save_dir) if args.save_dir.is_dir() else None
+        add_save_dir_files(inputs, args.save_dir, every_sample)
     report_path = args.report or (args.save_dir or Path()) / REPORT_NAME
-    check_report_path(report_path, args.save_dir, protected_files(every_sample, dataset, weights_path, args.save_dir))
+    overwrite = args.overwrite or replaces_own_report(report_path, args.save_dir, recorded)
+    check_report_path(report_path, args.save_dir, inputs, overwrite)
     if args.save_dir is not None:
         try:
             args.save_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise cli.CommandError(f"{args.save_dir}: cannot create the save dir ({error.strerror or error})") from None
+    return report_path, recorded
+
+
+def write_report(report_path, report, failure):
+    """Writes the report; a CommandError, naming also the run's `failure` where there is one, when it
+    cannot be written."""
+    try:
+        utils.write_json_atomic(report_path, report)
+    except utils.OutputError as error:
+        if failure is not None:
+            raise cli.CommandError(f"{failure}; the report was not written either ({error})") from None
+        raise cli.CommandError(f"cannot write the report: {error}") from None
+
+
+def run(args):
+    """Evaluates the model on the data of the command line; returns the exit code."""
+    config = resolve_model(args)
+    dataset, samples, every_sample = open_data(args, config)
+    weights_path = Path(args.weights) if args.weights is not None else default_weights_path(config.name)
+    report_path, recorded = prepare_outputs(args, dataset, every_sample, weights_path)
 
     protocol = cli.protocol(args)
     if args.ray is None:
@@ -307,11 +430,11 @@ def run(args):
     else:
         weights_path = weights_for_workers(config, args.weights, weights_path)
     try:
-        prediction_settings = {"model": config.name, "weights_sha256": sha256_of(weights_path), **protocol}
+        prediction_settings = scoring.prediction_settings(config, weights_path, protocol)
         if args.save_dir is not None:
             claim_save_dir(args.save_dir, samples, prediction_settings, recorded)
     except (OSError, utils.OutputError) as error:
-        raise cli.CommandError(str(error)) from None
+        raise cli.CommandError(error_line(error)) from None
 
     tally = scoring.Tally(config.classes, PROG)
     stopped = None
@@ -326,7 +449,7 @@ def run(args):
         reason = "terminated" if isinstance(error, cli.Terminated) else "interrupted"
         print(f"{PROG}: {reason}; reporting the images done so far", file=sys.stderr)
     except (OSError, utils.OutputError) as error:
-        failure = f"stopped: {error}"
+        failure = f"stopped: {error_line(error)}"
 
     settings = {
         **prediction_settings,
@@ -340,10 +463,7 @@ def run(args):
     report = build_report(
         tally, dataset.class_names, stopped is not None or failure is not None, len(samples), settings, published
     )
-    try:
-        utils.write_json_atomic(report_path, report)
-    except utils.OutputError as error:
-        raise cli.CommandError(f"cannot write the report: {error}") from None
+    write_report(report_path, report, failure)
     published_elsewhere = (
         config.released and dataset.name == config.dataset
         and any(key[:2] == (config.name, args.split) for key in PUBLISHED_RESULTS)
@@ -354,12 +474,23 @@ def run(args):
         return cli.interruption_exit_code(stopped)
     if failure is not None:
         raise cli.CommandError(failure)
+    return outcome(tally, report, len(samples), args.data)
+
+
+def outcome(tally, report, images_expected, data_root):
+    """The exit code of a run that went through the set: CommandError where no image could be
+    evaluated, no pixel was labelled or an image was skipped."""
     if tally.images == 0:
         raise cli.CommandError("no image of the set could be evaluated")
     if report["labelled_pixels"] == 0:
         raise cli.CommandError(
             f"nothing to count: no pixel of the {tally.images} evaluated labels holds a class of the dataset "
-            f"(every value is unlabelled or undefined); check the labels under {args.data}"
+            f"(every value is unlabelled or undefined); check the labels under {data_root}"
+        )
+    if tally.skipped:
+        raise cli.CommandError(
+            f"{len(tally.skipped)} of {images_expected} images could not be evaluated (named above and "
+            "under \"skipped\" in the report); the metrics count the others"
         )
     return cli.EXIT_OK
 
@@ -377,9 +508,11 @@ def argument_parser():
             "Your own data (--dataset folders): ROOT/images/<split>/<name>.<ext> (any format Pillow reads), "
             "ROOT/labels/<split>/<name>.png (8-bit class ids, 255 = unlabelled), ROOT/classes.txt (one class "
             "name per line), optionally ROOT/palette.txt (one 'R G B' line per class). Long options are also "
-            "accepted with '-' for '_' and '_' for '-'. Exit status: 0 when the set was evaluated, 1 on an "
-            "error (nothing evaluated, nothing labelled, a wrong model, data or output path), 2 for a wrong "
-            "command line, 130 when interrupted and 143 when terminated (both after writing the partial report)."
+            "accepted with '-' for '_' and '_' for '-'. Exit status: 0 when every image of the set was "
+            "evaluated; 1 when an image or label could not be evaluated (skipped and named; after writing the "
+            "report of the others), when nothing was evaluated or labelled, and on a wrong model, data or "
+            "output path; 2 for a wrong command line; 130 when interrupted and 143 when terminated (both after "
+            "writing the partial report)."
         ),
     )
     cli.add_model_arguments(parser)
@@ -397,11 +530,16 @@ def argument_parser():
         help="add the mirrored pass (on by default; --no-flip turns it off)",
     )
     parser.add_argument("--limit", type=cli.positive_int, help="evaluate only the first N images")
-    parser.add_argument("--save-dir", type=Path, help="keep predictions as <image stem>.png; reuse them on rerun")
+    parser.add_argument(
+        "--save-dir", type=Path,
+        help="keep predictions as <image stem>.png, outside --data; a rerun reuses those made from the same "
+             "image with the same model, weights and protocol, and replaces the report kept there",
+    )
     parser.add_argument(
         "--report", type=Path,
         help=f"JSON report (default: {REPORT_NAME} in --save-dir or the current directory); its folder must exist",
     )
+    cli.add_overwrite_argument(parser, "the --report file")
     cli.add_ray_arguments(parser)
     return parser
 

@@ -18,20 +18,28 @@ Four layouts of a dataset root:
   line per class; without it the PASCAL VOC colormap). Hidden files are not
   samples.
 
+A VOC list naming an image twice counts it once (Dataset.samples says so through
+its `warn`). The text files of a root are read only up to a size fitting what they
+hold, and a label only when its pixels fit Pillow's limit and this machine's memory.
+
 `read_label` gives a label file as 0-based class ids with IGNORE_LABEL where
 unlabelled; values a layout does not define count as unlabelled and are returned
 so that the caller can say so.
 """
 
 import dataclasses
+import errno
 import os
 import re
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 import utils
+from pspnet_keras import runtime
 from pspnet_keras.models import MAX_CLASSES
 from pspnet_keras.palettes import ADE20K_CLASSES
 from pspnet_keras.palettes import CITYSCAPES_CLASSES
@@ -65,6 +73,13 @@ FOLDERS_PALETTE_NAME = "palette.txt"
 FOLDERS_LABEL_SUFFIX = ".png"
 PALETTE_LINE = re.compile(r"\s*([0-9]{1,3})\s+([0-9]{1,3})\s+([0-9]{1,3})\s*")
 LISTED_VALUES = 10
+# classes.txt and palette.txt hold at most MAX_CLASSES short lines; a larger file is not one.
+MAX_CLASS_FILE_BYTES = 1 << 20
+# A VOC image list: VOC 2012's train list is 18 KiB; 8 MiB names some 700,000 images.
+MAX_IMAGE_LIST_BYTES = 8 << 20
+# Bytes of memory per label pixel while a label is read and counted: the 8-bit values, their class
+# ids, numpy's 64-bit copies in bincount, and the labelled mask and 64-bit pairs of metrics.confusion_matrix.
+LABEL_BYTES_PER_PIXEL = 40
 
 
 class DataRootError(Exception):
@@ -154,15 +169,17 @@ class Dataset:
             return ()
         return (self.root / FOLDERS_CLASSES_NAME, self.root / FOLDERS_PALETTE_NAME)
 
-    def samples(self, split):
-        """The samples of `split` ('val', 'train', ...), sorted; DataRootError when there are none."""
-        samples = SAMPLE_FINDERS[self.name](self, split)
+    def samples(self, split, warn=None):
+        """The samples of `split` ('val', 'train', ...), sorted or in the order of the layout's list;
+        DataRootError when there are none. `warn(line)` is called with one line saying which images a
+        list names more than once (each counted once)."""
+        samples = SAMPLE_FINDERS[self.name](self, split, warn or (lambda line: None))
         if not samples:
             raise DataRootError(f"{self.root}: no images of {self.title} found for split '{split}'")
         return samples
 
 
-def ade20k_samples(dataset, split):
+def ade20k_samples(dataset, split, warn):
     """The samples of ADEChallengeData2016/images/<split folder> under the root, or under its parent."""
     folder = ADE20K_SPLIT_FOLDERS.get(split, split)
     bases = (dataset.root / "ADEChallengeData2016", dataset.root)
@@ -178,8 +195,9 @@ def ade20k_samples(dataset, split):
     raise DataRootError(f"{dataset.root} is not an ADE20K root: expected {expected}")
 
 
-def cityscapes_samples(dataset, split):
-    """The samples of leftImg8bit/<split>/<city>, labelled by gtFine labelTrainIds where present, else labelIds."""
+def cityscapes_samples(dataset, split, warn):
+    """The samples of leftImg8bit/<split>/<city>, labelled by gtFine labelTrainIds where that file exists
+    (whatever it is: read_label says why it cannot be read), else labelIds."""
     images = dataset.root / "leftImg8bit" / split
     labels = dataset.root / "gtFine" / split
     if not (images.is_dir() and labels.is_dir()):
@@ -189,21 +207,21 @@ def cityscapes_samples(dataset, split):
         prefix = image.name.removesuffix("_leftImg8bit.png")
         train_ids = labels / image.parent.name / f"{prefix}_gtFine_labelTrainIds.png"
         label_ids = labels / image.parent.name / f"{prefix}_gtFine_labelIds.png"
-        if label_ids.is_file() and not train_ids.is_file():
+        if os.path.lexists(label_ids) and not os.path.lexists(train_ids):
             samples.append(Sample(image, label_ids, CITYSCAPES_LABEL_ID_CODING))
         else:
             samples.append(Sample(image, train_ids, CITYSCAPES_TRAIN_ID_CODING))
     return samples
 
 
-def voc2012_samples(dataset, split):
+def voc2012_samples(dataset, split, warn):
     """The samples listed in ImageSets/Segmentation/<split>.txt of the VOC2012 folder at the root,
-    at root/VOC2012 or at root/VOCdevkit/VOC2012."""
+    at root/VOC2012 or at root/VOCdevkit/VOC2012, each once."""
     bases = (dataset.root, dataset.root / "VOC2012", dataset.root / "VOCdevkit" / "VOC2012")
     for base in bases:
         listing = base / "ImageSets" / "Segmentation" / f"{split}.txt"
         if os.path.lexists(listing):
-            names = read_text(listing, "the image list").split()
+            names = listed_names(listing, warn)
             return [
                 Sample(base / "JPEGImages" / f"{name}.jpg", base / "SegmentationClass" / f"{name}.png", VOC2012_CODING)
                 for name in names
@@ -212,13 +230,33 @@ def voc2012_samples(dataset, split):
     raise DataRootError(f"{dataset.root} is not a PASCAL VOC 2012 root: expected {expected}")
 
 
+def listed_names(listing, warn):
+    """The image names of a VOC list, one per line, each once in the order of its first line;
+    DataRootError naming a line whose name is no file name. Repeated names are said in one warn line."""
+    lines = {}
+    for number, line in enumerate(read_text(listing, "the image list", MAX_IMAGE_LIST_BYTES).splitlines(), start=1):
+        for name in line.split():
+            if name in (".", "..") or "/" in name or "\0" in name:
+                raise DataRootError(f"{listing}: line {number}: {name[:40]!r} is not an image name")
+            lines.setdefault(name, []).append(number)
+    repeated = [(name, numbers) for name, numbers in lines.items() if len(numbers) > 1]
+    if repeated:
+        shown = ", ".join(
+            f"{name} (lines {', '.join(map(str, numbers[:LISTED_VALUES]))})"
+            for name, numbers in repeated[:LISTED_VALUES]
+        )
+        more = f" and {len(repeated) - LISTED_VALUES} more" if len(repeated) > LISTED_VALUES else ""
+        warn(f"{listing}: {len(repeated)} images listed more than once, each counted once: {shown}{more}")
+    return list(lines)
+
+
 def readable_image_extensions():
     """The file extensions (lower case, with the dot) of the image formats Pillow opens."""
     registered = Image.registered_extensions()
     return {extension for extension, image_format in registered.items() if image_format in Image.OPEN}
 
 
-def folders_samples(dataset, split):
+def folders_samples(dataset, split, warn):
     """The samples of images/<split> in the folders layout, each labelled by labels/<split>/<stem>.png."""
     images = dataset.root / "images" / split
     labels = dataset.root / "labels" / split
@@ -251,13 +289,18 @@ SAMPLE_FINDERS = {
 }
 
 
-def read_text(path, what):
-    """The text of a small UTF-8 file of the dataset, without a byte-order mark; DataRootError naming it otherwise."""
+def read_text(path, what, max_bytes):
+    """The text of a UTF-8 file of the dataset of at most `max_bytes`, without a byte-order mark;
+    DataRootError naming it otherwise. Nothing beyond `max_bytes` is read."""
     problem = utils.file_problem(path)
     if problem:
         raise DataRootError(f"{path}: {problem}")
     try:
-        return Path(path).read_text(encoding="utf-8-sig")
+        with open(path, "rb") as file:
+            content = file.read(max_bytes + 1)
+        if len(content) > max_bytes:
+            raise DataRootError(f"{path}: larger than {max_bytes // 1024} KiB, too large for {what}")
+        return content.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
         raise DataRootError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error})") from None
 
@@ -272,7 +315,7 @@ def content_lines(text):
 
 def read_class_names(path):
     """The class names of a classes.txt: one per line, stripped; DataRootError naming the line otherwise."""
-    names = [line.strip() for line in content_lines(read_text(path, "the class names"))]
+    names = [line.strip() for line in content_lines(read_text(path, "the class names", MAX_CLASS_FILE_BYTES))]
     if not names:
         raise DataRootError(f"{path}: no class names (one per line is expected)")
     for number, name in enumerate(names, start=1):
@@ -289,7 +332,7 @@ def read_class_names(path):
 def read_palette(path, classes):
     """The colours of a palette.txt, one 'R G B' line (0-255 each) per class; DataRootError naming a wrong line."""
     colours = []
-    for number, line in enumerate(content_lines(read_text(path, "the palette")), start=1):
+    for number, line in enumerate(content_lines(read_text(path, "the palette", MAX_CLASS_FILE_BYTES)), start=1):
         match = PALETTE_LINE.fullmatch(line)
         if not match or any(int(value) > 255 for value in match.groups()):
             raise DataRootError(f"{path}: line {number} is not 'R G B' with values 0-255: {line.strip()[:40]!r}")
@@ -314,6 +357,19 @@ def folders_classes(root):
     return names, bit_interleaved_colormap(len(names))
 
 
+def folder_problem(path):
+    """Why `path` is no directory to read a dataset from, or None; a FIFO or link loop is never opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "dangling symbolic link" if os.path.islink(path) else "no such directory"
+        return f"cannot read ({error.strerror or error})"
+    return None if stat.S_ISDIR(mode) else "not a directory"
+
+
 def open_dataset(name, root):
     """The Dataset of layout `name` at `root`, with its class names and palette.
 
@@ -324,8 +380,9 @@ def open_dataset(name, root):
     root = Path(root)
     if name not in SAMPLE_FINDERS:
         raise DataRootError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
-    if not root.is_dir():
-        raise DataRootError(f"{root}: no such directory")
+    problem = folder_problem(root)
+    if problem:
+        raise DataRootError(f"{root}: {problem}")
     if name == "folders":
         class_names, palette = folders_classes(root)
     else:
@@ -360,21 +417,39 @@ def read_label(sample):
     Class ids are a uint8 (H, W) array, IGNORE_LABEL where unlabelled; undefined
     values are the sorted label values the layout does not define, counted as
     unlabelled. Raises SampleError for a missing, special (FIFO, directory, link
-    loop) or unreadable file and for one that is not an 8-bit class-index image.
+    loop) or unreadable file, for one that is not an 8-bit class-index image and
+    for one of more pixels than Pillow's decompression-bomb limit or this machine's
+    free memory allows, found from its header before anything is decoded.
     """
     problem = utils.file_problem(sample.label)
     if problem:
         raise SampleError(sample.label, "label file missing" if problem == "no such file" else problem)
     try:
-        with Image.open(sample.label) as label:
-            if label.mode not in ("L", "P"):
-                raise SampleError(sample.label, f"label is not an 8-bit class-index image (mode {label.mode})")
-            values = np.asarray(label)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(sample.label) as label:
+                if label.mode not in ("L", "P"):
+                    raise SampleError(sample.label, f"label is not an 8-bit class-index image (mode {label.mode})")
+                check_label_size(sample.label, *label.size)
+                values = np.asarray(label)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise SampleError(sample.label, f"cannot read label ({error})") from None
     present = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
     undefined = tuple(int(value) for value in present if not sample.coding.defined[value])
     return sample.coding.table[values], undefined
+
+
+def check_label_size(path, width, height):
+    """Raises SampleError for a label of `width` x `height` pixels above Pillow's decompression-bomb
+    limit (Image.MAX_IMAGE_PIXELS) or too large to count in the memory this machine has free."""
+    pixels = width * height
+    if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+        raise SampleError(
+            path, f"label is {width}x{height}, more than the {Image.MAX_IMAGE_PIXELS} pixels Pillow decodes safely"
+        )
+    problem = runtime.allocation_problem(pixels * LABEL_BYTES_PER_PIXEL, f"the {width}x{height} label")
+    if problem:
+        raise SampleError(path, problem)
 
 
 def undefined_values_problem(sample, values):

@@ -157,3 +157,77 @@ def test_voc_colormap():
     assert len(set(colours)) == 256
     # The colour VOC's SegmentationClass files give the 255 'void' border.
     assert colours[255] == (224, 224, 192)
+
+
+def make_voc_list(root, text):
+    """A VOC2012 root whose val list is `text`, with an image and a label for 'a' and 'b'."""
+    for name in ("a", "b"):
+        save_image(root / "JPEGImages" / f"{name}.jpg")
+        save_label(root / "SegmentationClass" / f"{name}.png", np.zeros((HEIGHT, WIDTH)))
+    listing = root / "ImageSets" / "Segmentation" / "val.txt"
+    listing.parent.mkdir(parents=True)
+    listing.write_text(text)
+    return listing
+
+
+def test_voc_names_listed_again_are_counted_once_with_one_warning(tmp_path):
+    listing = make_voc_list(tmp_path, "b\na\nb\nb a\n")
+    warnings = []
+    samples = datasets.open_dataset("voc2012", tmp_path).samples("val", warnings.append)
+    assert [sample.image.name for sample in samples] == ["b.jpg", "a.jpg"]
+    assert warnings == [
+        f"{listing}: 2 images listed more than once, each counted once: b (lines 1, 3, 4), a (lines 2, 4)"
+    ]
+    assert len(datasets.open_dataset("voc2012", tmp_path).samples("val")) == 2
+
+
+def test_voc_list_of_distinct_names_warns_nothing(tmp_path):
+    make_voc_list(tmp_path, "a\nb\n")
+    warnings = []
+    assert len(datasets.open_dataset("voc2012", tmp_path).samples("val", warnings.append)) == 2
+    assert warnings == []
+
+
+@pytest.mark.parametrize("name", ["sub/a", "..", ".", "/abs"])
+def test_voc_list_names_are_file_names(tmp_path, name):
+    listing = make_voc_list(tmp_path, f"a\n\n{name}\n")
+    with pytest.raises(datasets.DataRootError) as error:
+        datasets.open_dataset("voc2012", tmp_path).samples("val")
+    assert str(error.value) == f"{listing}: line 3: {name!r} is not an image name"
+
+
+def test_cityscapes_train_id_file_is_preferred_whatever_it_is(tmp_path):
+    image = tmp_path / "leftImg8bit" / "val" / "aachen" / "aachen_1_leftImg8bit.png"
+    save_image(image)
+    labels = tmp_path / "gtFine" / "val" / "aachen"
+    save_label(labels / "aachen_1_gtFine_labelIds.png", np.zeros((HEIGHT, WIDTH)))
+    os.mkfifo(labels / "aachen_1_gtFine_labelTrainIds.png")
+    (sample,) = datasets.open_dataset("cityscapes", tmp_path).samples("val")
+    assert sample.label == labels / "aachen_1_gtFine_labelTrainIds.png"
+    assert sample.coding is datasets.CITYSCAPES_TRAIN_ID_CODING
+    os.unlink(labels / "aachen_1_gtFine_labelTrainIds.png")
+    (sample,) = datasets.open_dataset("cityscapes", tmp_path).samples("val")
+    assert sample.label == labels / "aachen_1_gtFine_labelIds.png"
+
+
+def test_label_of_more_pixels_than_pillow_decodes_is_refused_from_its_header(tmp_path, monkeypatch):
+    path = tmp_path / "label.png"
+    save_label(path, np.zeros((HEIGHT, WIDTH)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", HEIGHT * WIDTH - 1)
+    with pytest.raises(datasets.SampleError) as error:
+        datasets.read_label(datasets.Sample(tmp_path / "x.jpg", path, datasets.VOC2012_CODING))
+    assert error.value.problem == f"label is {WIDTH}x{HEIGHT}, more than the 23 pixels Pillow decodes safely"
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("missing", "no such directory"), ("file", "not a directory"), ("fifo", "not a directory"),
+    ("loop", "symbolic link loop"), ("dangling", "dangling symbolic link"),
+])
+def test_a_root_that_is_no_directory_is_named(tmp_path, kind, problem):
+    root = tmp_path / "root"
+    {"missing": lambda path: None, "file": lambda path: path.write_text("x"), "fifo": os.mkfifo,
+     "loop": lambda path: os.symlink(path, path),
+     "dangling": lambda path: os.symlink(tmp_path / "absent", path)}[kind](root)
+    with pytest.raises(datasets.DataRootError) as error:
+        datasets.open_dataset("ade20k", root)
+    assert str(error.value) == f"{root}: {problem}"

@@ -1,7 +1,8 @@
 """Tests of evaluate.py on tiny synthetic datasets in the ADE20K, Cityscapes, VOC 2012 and folders layouts.
 
 A stand-in for segmenter.PSPNet (pspnet_keras/segmenter.py; evaluate.py builds it through
-load_network) predicts the class whose colour code each pixel carries (class = R // 64 + 4 * (G // 64) + 16 * (B // 64)); the tests paint
+load_network) predicts the class whose colour code each pixel carries (class = R // 64 +
+4 * (G // 64) + 16 * (B // 64)); the tests paint
 images in those colours, on 8-pixel-aligned rectangles so that even JPEG keeps
 them, and paint labels by hand. Every confusion count and metric expected below
 is worked out by hand from those rectangles.
@@ -163,6 +164,21 @@ def run_cli(*argv, cwd):
     )
 
 
+def model_sha256(config):
+    """The SHA-256 of the canonical JSON of the description fields that change a model's predictions."""
+    fields = {"depth": config.depth, "classes": config.classes, "crop_size": config.crop_size,
+              "base_size": config.base_size, "mean_rgb": list(config.mean_rgb)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def skipped_line(skipped, expected):
+    """The last line of a run that skipped `skipped` of `expected` images."""
+    return (
+        f"evaluate.py: {skipped} of {expected} images could not be evaluated (named above and under "
+        '"skipped" in the report); the metrics count the others'
+    )
+
+
 def by_class(report, key):
     """{class id: value} of `key` in the report's per-class rows where it is defined."""
     return {row["id"]: row[key] for row in report["per_class"] if row[key] is not None}
@@ -237,6 +253,7 @@ def test_voc_metrics_by_hand(tmp_path, network, weights, nesting):
     assert report["published"] is None
     assert report["settings"] == {
         "model": "pspnet101_voc2012",
+        "model_sha256": model_sha256(models.RELEASED_MODELS["pspnet101_voc2012"]),
         "weights": str(weights[0]),
         "weights_sha256": weights[1],
         "sliding": True,
@@ -437,7 +454,7 @@ def test_corrupt_image_and_missing_label_are_skipped(tmp_path, network, weights,
     save_colour_image(base / "JPEGImages" / "2007_000004.jpg", np.zeros((HEIGHT, WIDTH), np.int64))
     code = run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data",
                "--report", tmp_path / "r.json")
-    assert code == 0
+    assert code == 1
     report = read_report(tmp_path / "r.json")
     assert report["images"] == 2 and report["partial"] is False
     assert_voc_metrics(report)
@@ -448,6 +465,7 @@ def test_corrupt_image_and_missing_label_are_skipped(tmp_path, network, weights,
     error_lines = capsys.readouterr().err.splitlines()
     assert len([line for line in error_lines if "2007_000003.jpg" in line]) == 1
     assert len([line for line in error_lines if "2007_000004.png" in line and "missing" in line]) == 1
+    assert error_lines[-1] == skipped_line(2, 4)
     assert len(network.calls) == 2
 
 
@@ -748,7 +766,7 @@ def report_targets(tmp_path, weights, root, save_dir):
 REPORT_TARGET_CASES = {
     "weights": "the weights file", "description": "the model description", "image": "an image of the set",
     "label": "a label of the set", "classes": "a class file of the dataset",
-    "record": "the prediction record of --save-dir", "prediction": "a saved prediction",
+    "record": "the prediction record of --save-dir", "prediction": "a saved prediction of --save-dir",
     "symlink": "a label of the set", "hard link": "an image of the set",
 }
 
@@ -763,10 +781,10 @@ def test_report_on_an_input_is_refused_before_any_work(tmp_path, network, case, 
     contents = {path: path.read_bytes() for path in (*root.rglob("*.*"), *save_dir.iterdir(), weights)}
     network.constructions.clear()
     capsys.readouterr()
-    assert run("-w", weights, "--data", root, "--save-dir", save_dir, "--report", target) == 1
+    assert run("-w", weights, "--data", root, "--save-dir", save_dir, "--report", target, "--overwrite") == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"evaluate.py: {target}: the report would replace {REPORT_TARGET_CASES[case]} ")
-    assert line.endswith("; choose another --report")
+    assert line.startswith(f"evaluate.py: {target}: is {REPORT_TARGET_CASES[case]} ")
+    assert line.endswith(", which this command reads; it is never replaced; choose another --report")
     assert network.constructions == []
     assert {path: path.read_bytes() for path in contents} == contents
 
@@ -792,7 +810,7 @@ def test_report_folder_must_exist_before_the_run(tmp_path, network, capsys):
     weights = write_user_model(tmp_path / "model")
     target = tmp_path / "absent" / "r.json"
     assert run("-w", weights, "--data", root, "--report", target) == 1
-    assert capsys.readouterr().err == f"evaluate.py: {target}: folder {target.parent} does not exist\n"
+    assert capsys.readouterr().err == f"evaluate.py: {target}: folder {target.parent}: no such directory\n"
     assert network.constructions == [] and not target.parent.exists()
 
 
@@ -803,8 +821,8 @@ def test_save_dir_on_the_labels_is_refused(tmp_path, network, capsys):
     before = {path: path.read_bytes() for path in labels.iterdir()}
     assert run("-w", weights, "--data", root, "--save-dir", labels, "--report", tmp_path / "r.json") == 1
     assert capsys.readouterr().err == (
-        f"evaluate.py: {labels}: the prediction of a.png would replace the label {labels / 'a.png'}; "
-        "choose another --save-dir\n"
+        f"evaluate.py: {labels}: lies in --data {root}, whose files this command never replaces; "
+        "choose a --save-dir outside it\n"
     )
     assert network.constructions == []
     assert {path: path.read_bytes() for path in labels.iterdir()} == before
@@ -899,7 +917,7 @@ def test_special_images_and_labels_are_skipped_one_line_each(tmp_path, network, 
     save_colour_image(images / "i.png", np.zeros((HEIGHT, WIDTH), np.int64))
     os.symlink(labels / "i.png", labels / "i.png")
     weights = write_user_model(tmp_path / "model")
-    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 0
+    assert run("-w", weights, "--data", root, "--report", tmp_path / "r.json") == 1
     expected = {
         images / "d_fifo.png": "is a FIFO, not a regular file",
         images / "e_dir.png": "is a directory, not a file",
@@ -908,8 +926,12 @@ def test_special_images_and_labels_are_skipped_one_line_each(tmp_path, network, 
         labels / "h.png": "is a directory, not a file",
         labels / "i.png": "symbolic link loop",
     }
-    skipped_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py: skipped")]
-    assert sorted(skipped_lines) == sorted(f"evaluate.py: skipped {path}: {problem}" for path, problem in expected.items())
+    error_lines = capsys.readouterr().err.splitlines()
+    skipped_lines = [line for line in error_lines if line.startswith("evaluate.py: skipped")]
+    assert sorted(skipped_lines) == sorted(
+        f"evaluate.py: skipped {path}: {problem}" for path, problem in expected.items()
+    )
+    assert error_lines[-1] == skipped_line(6, 9)
     report = read_report(tmp_path / "r.json")
     assert {entry["file"]: entry["problem"] for entry in report["skipped"]} == {
         str(path): problem for path, problem in expected.items()
@@ -967,10 +989,10 @@ def test_an_image_that_runs_out_of_memory_is_skipped_with_one_line(tmp_path, mon
 
     monkeypatch.setattr(network, "class_map", first_runs_out_of_memory)
     report_path = tmp_path / "out.json"
-    assert run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--report", report_path) == 0
+    assert run("-m", "pspnet101_voc2012", "-w", weights[0], "--data", tmp_path / "data", "--report", report_path) == 1
     image = tmp_path / "data" / "VOCdevkit" / "VOC2012" / "JPEGImages" / "2007_000001.jpg"
     assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate.py:")] == [
-        f"evaluate.py: skipped {image}: {problem}"
+        f"evaluate.py: skipped {image}: {problem}", skipped_line(1, 2)
     ]
     report = read_report(report_path)
     assert report["images"] == 1 and report["skipped"] == [{"file": str(image), "problem": problem}]
