@@ -41,6 +41,9 @@ INTER_OP_THREADS = 1
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 ONEDNN_OPTS = "0"
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
+# Keras 3 reads its backend from this variable when it is imported (keras.io, "Configuring your backend").
+KERAS_BACKEND_VARIABLE = "KERAS_BACKEND"
+KERAS_BACKEND = "tensorflow"
 # TensorFlow's default CPU allocator maps fresh pages for every large tensor and pays a page
 # fault per 4 KiB at each use; its BFC allocator keeps them (bench/README.md).
 CPU_ALLOCATOR_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
@@ -146,7 +149,9 @@ def thread_pool_sizes():
 
 def import_tensorflow():
     """The tensorflow module, imported as `configure` set (its defaults when it was not called):
-    without TensorFlow's C++ start-up lines unless wanted.
+    without TensorFlow's C++ start-up lines unless wanted, and Keras on its TensorFlow backend
+    whatever KERAS_BACKEND or ~/.keras/keras.json say (the project's network and protocol use
+    TensorFlow's own functions).
 
     TensorFlow reads its log level once, during the import; the quiet level is then
     taken out of the environment again, so that child processes see the user's.
@@ -154,6 +159,8 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     configure(_settings["verbose"])
+    if "keras" not in sys.modules:
+        os.environ[KERAS_BACKEND_VARIABLE] = KERAS_BACKEND
     if wants_start_up_logs():
         import tensorflow
 

@@ -3,6 +3,7 @@ checks of its output files; and, from bench/synthetic_caffe.py (shared with the 
 synthetic models converted by weight_converter.py."""
 
 import io
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr
@@ -70,11 +71,13 @@ def run_main(*args):
     return SimpleNamespace(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
-def run_cli(*args, cwd=None):
-    """Runs `python pspnet.py *args` as a user would; returns the CompletedProcess."""
+def run_cli(*args, cwd=None, unset=()):
+    """Runs `python pspnet.py *args` as a user would, without the environment variables named in `unset`;
+    returns the CompletedProcess."""
+    environment = {name: value for name, value in os.environ.items() if name not in unset}
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "pspnet.py"), *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True, text=True, cwd=cwd, timeout=300, env=environment,
     )
 
 

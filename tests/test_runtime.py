@@ -47,3 +47,19 @@ def test_intra_op_threads_follow_the_cores_this_process_may_use():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["TF_NUM_INTRAOP_THREADS"] == "1"
+
+
+def test_keras_runs_on_tensorflow_whatever_keras_backend_says(tmp_path):
+    """A backend named by the user's KERAS_BACKEND or ~/.keras/keras.json (here one that is not even
+    installed) does not reach the commands, whose network and protocol use TensorFlow's functions."""
+    home = tmp_path / "home"
+    (home / ".keras").mkdir(parents=True)
+    (home / ".keras" / "keras.json").write_text(json.dumps({"backend": "no_such_backend"}))
+    for variables in ({"KERAS_BACKEND": "no_such_backend"}, {"HOME": str(home)}):
+        environment = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}
+        result = subprocess.run(
+            [sys.executable, "-c", "from pspnet_keras import runtime; runtime.import_tensorflow(); import keras; "
+             "print(keras.backend.backend())"],
+            capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT, env=environment | variables,
+        )
+        assert (result.returncode, result.stdout) == (0, "tensorflow\n"), result.stderr
