@@ -326,17 +326,16 @@ def new_attempts(ray):
 
 def attempt_problems(ray, attempts, key, what):
     """(lines to print, failure or "") of a worker starting on the image `key` (`what` names it): a line
-    saying that the worker before it died on the image, and, after MAX_ATTEMPTS such deaths, the
-    failure to report instead of running it again."""
+    for each worker that died on the image before (a worker that dies returns nothing, so the one that
+    returns says it), and, after MAX_ATTEMPTS such deaths, the failure to report instead of running it."""
     died = ray.get(attempts.start.remote(key, f"{socket.gethostname()} pid {os.getpid()}"))
-    if not died:
-        return [], ""
-    line = (
-        f"warning: a worker ({died[-1]}) died while on {what}, attempt {len(died)} of {MAX_ATTEMPTS}: killed by a "
+    lines = [
+        f"warning: a worker ({worker}) died while on {what}, attempt {number} of {MAX_ATTEMPTS}: killed by a "
         "signal, out of memory (the kernel's or Ray's memory monitor) or a crash of its process"
-    )
+        for number, worker in enumerate(died, start=1)
+    ]
     failure = f"{what}: left out, its worker died on each of {MAX_ATTEMPTS} attempts" if len(died) >= MAX_ATTEMPTS else ""
-    return [line], failure
+    return lines, failure
 
 
 def map_with_pool(ray, rows, worker, arguments, pool):
