@@ -87,22 +87,22 @@ def output_plan(args, inputs):
     return plan
 
 
-def check_plan(plan):
-    """Refuses a run that would overwrite an input image, replace a special file or write one file twice."""
-    inputs = {os.path.realpath(path): path for path in plan}
+def check_plan(plan, weights):
+    """Refuses a run that would replace an input (an image, the -w weights or the description beside
+    them) or a special file, or write one file twice. Outputs of an earlier run are replaced."""
+    inputs = cli.Inputs({path: "the input image" for path in plan})
+    if weights is not None:
+        inputs.add(weights, "the weights file")
+        inputs.add(models.description_path(weights), "the model description")
     writers = {}
     for source, outputs in plan.items():
         for output in outputs.values():
             resolved = os.path.realpath(output)
-            if resolved in inputs:
-                raise cli.CommandError(
-                    f"{output}: output would overwrite the input image {inputs[resolved]}; choose another -o"
-                )
             if resolved in writers and writers[resolved] != source:
                 raise cli.CommandError(f"{output}: would be written for both {writers[resolved]} and {source}")
-            problem = utils.file_problem(output, replace=True)
+            problem = cli.output_problem(output, inputs, overwrite=True)
             if problem:
-                raise cli.CommandError(f"{output}: {problem}")
+                raise cli.CommandError(f"{output}: {problem}; choose another -o")
             writers[resolved] = source
 
 
@@ -160,7 +160,7 @@ def run(args):
     except models.ModelDescriptionError as error:
         raise cli.CommandError(str(error)) from None
     plan = output_plan(args, input_paths(args))
-    check_plan(plan)
+    check_plan(plan, args.weights)
     check_output_directories(plan)
     if args.skip_existing:
         plan = unfinished(plan, args.quiet)

@@ -377,7 +377,7 @@ def test_unwritable_output_is_one_clear_error(tmp_path, stand_in):
     result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "-q")
     assert result.code == 1
     (line,) = result.stderr.splitlines()
-    assert line == f"pspnet.py: error: {tmp_path / 'out' / 'b_seg.png'}: is a directory"
+    assert line == f"pspnet.py: error: {tmp_path / 'out' / 'b_seg.png'}: is a directory; choose another -o"
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["b_seg.png"]
     assert stand_in.predictions == []
 
@@ -469,17 +469,35 @@ def test_run_that_would_overwrite_its_input_is_refused(tmp_path, glob_mode):
     else:
         result = run_cli("-i", source, "-o", tmp_path / "a.png")
     assert result.returncode == 1
-    (line,) = result.stderr.splitlines()
-    assert "overwrite" in line and str(source) in line
+    assert result.stderr == (
+        f"pspnet.py: error: {source}: is the input image {source}, which this command reads; it is never replaced; "
+        "choose another -o\n"
+    )
     assert source.read_bytes() == content
     assert sorted(path.name for path in tmp_path.iterdir()) == (["a.png", "a_seg.png"] if glob_mode else ["a_seg.png"])
+
+
+@pytest.mark.parametrize("named", ["a_seg_read.png", "a_probs.npy"])
+def test_outputs_never_replace_the_weights_or_their_description(tmp_path, named):
+    """Weights (read by content, whatever their name) and their description named like an output."""
+    source = save_image(tmp_path / "a.png", smooth_image(30, 40, 8))
+    weights = tmp_path / named
+    weights.write_bytes(b"the user's weights")
+    result = run_cli("-w", weights, "-i", source, "--save-probs")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"pspnet.py: error: {weights}: is the weights file {weights}, which this command reads; it is never "
+        "replaced; choose another -o\n"
+    )
+    assert weights.read_bytes() == b"the user's weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["a.png", named])
 
 
 def test_overwrite_refusal_sees_through_relative_paths(tmp_path):
     source = save_image(tmp_path / "a_seg.png", smooth_image(30, 40, 8))
     (tmp_path / "sub").mkdir()
     result = run_cli("-i", "a_seg.png", "-o", "sub/../a.png", cwd=tmp_path)
-    assert result.returncode == 1 and "overwrite" in result.stderr
+    assert result.returncode == 1 and "is the input image a_seg.png, which this command reads" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a_seg.png", "sub"]
     assert decoded(source).shape == (30, 40, 3)
 
@@ -616,7 +634,8 @@ def test_special_file_as_output_is_refused(tmp_path, stand_in):
     result = run_main("-i", source, "-o", tmp_path / "b.png", "-q")
     assert result.code == 1
     assert error_lines(result.stderr) == [
-        f"pspnet.py: error: {tmp_path / 'b_seg.png'}: exists and is not a regular file; refusing to replace it"
+        f"pspnet.py: error: {tmp_path / 'b_seg.png'}: exists and is not a regular file; refusing to replace it; "
+        "choose another -o"
     ]
     assert stand_in.predictions == []
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b_seg.png"]
