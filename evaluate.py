@@ -367,8 +367,9 @@ def check_report_path(report_path, save_dir, inputs, overwrite):
     problem = datasets.folder_problem(folder)
     if problem:
         raise cli.CommandError(f"{report_path}: folder {folder}: {problem}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise cli.CommandError(f"{report_path}: cannot write in {folder} (permission denied)")
+    problem = cli.directory_problem(folder)
+    if problem:
+        raise cli.CommandError(f"{report_path}: {problem}")
 
 
 def error_line(error):

@@ -254,8 +254,16 @@ def directory_problem(directory, what="the output directory"):
     if not existing.is_dir():
         return f"cannot create {what} ({existing} is not a directory)"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing} (permission denied)"
+        return f"cannot write in {existing} ({'read-only file system' if is_read_only(existing) else 'permission denied'})"
     return None
+
+
+def is_read_only(path):
+    """Whether `path` lies on a file system mounted read-only (statvfs(3) ST_RDONLY)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def file_identity(path):

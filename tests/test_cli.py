@@ -3,6 +3,7 @@ exit codes, and the checks of the paths a command writes to."""
 
 import argparse
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -179,6 +180,16 @@ def test_directory_problem_read_only(tmp_path, monkeypatch):
     locked.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(locked))
     assert cli.directory_problem(locked / "new" / "out") == f"cannot write in {locked} (permission denied)"
+
+
+def test_directory_problem_names_a_read_only_file_system(tmp_path, monkeypatch):
+    """A folder on a file system mounted read-only (statvfs says ST_RDONLY; os.access says no)."""
+    mounted = tmp_path / "mnt"
+    mounted.mkdir()
+    status = os.statvfs(mounted)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != os.fspath(mounted))
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_flag=status.f_flag | os.ST_RDONLY))
+    assert cli.directory_problem(mounted / "out") == f"cannot write in {mounted} (read-only file system)"
 
 
 def test_replaced_file_by_path_symbolic_and_hard_link(tmp_path):
