@@ -62,12 +62,16 @@ def interruption_exit_code(error):
 def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
     """The exit status of a command line whose work is run(args).
 
-    SIGTERM stops the work as Ctrl-C does; the handlers of both signals are put back afterwards. A CommandError prints one line
+    SIGTERM stops the work as Ctrl-C does, a file-size limit is an error of the write that meets it
+    (SIGXFSZ ignored); the handlers of the three signals are put back afterwards. A CommandError prints one line
     `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
     `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
     """
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ)}
     stop_on_termination()
+    # A write beyond the file-size limit (ulimit -f) then fails with EFBIG, which the command reports as one
+    # line and cleans up after, instead of SIGXFSZ killing the process (setrlimit(2), RLIMIT_FSIZE).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return run(args)
     except CommandError as error:
@@ -323,9 +327,18 @@ class Inputs:
             if os.path.lexists(path) and is_within(path, directory):
                 return path, what
         for folder, what in self.folders:
-            if is_within(folder, directory) and any(os.scandir(folder)):
+            if is_within(folder, directory) and not is_empty_folder(folder):
                 return folder, what
         return None
+
+
+def is_empty_folder(folder):
+    """Whether `folder` is a folder holding nothing (False where it cannot be read)."""
+    try:
+        with os.scandir(folder) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def output_problem(target, inputs=None, overwrite=False):
@@ -356,7 +369,7 @@ def folder_output_problem(folder, own_entries, inputs=None, overwrite=False):
     if not os.path.lexists(folder):
         return None
     if not os.path.isdir(folder) or os.path.islink(folder):
-        return output_problem(folder, inputs, overwrite) or "exists and is not a folder; refusing to replace it"
+        return output_problem(folder, inputs, overwrite=True) or "exists and is not a folder; refusing to replace it"
     found = inputs.inside(folder) if inputs is not None else None
     if found is not None:
         return f"holds {found[1]} {found[0]}, which this command reads; it is never replaced"

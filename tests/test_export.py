@@ -458,7 +458,7 @@ def test_file_failing_the_check_is_not_left_behind(tmp_path, monkeypatch, user_h
     assert result.code == 1
     line = only_error_line(result.stderr)
     assert line.startswith(f"export.py: error: {path}: {problem}") and line.endswith("; nothing was written")
-    assert listing(tmp_path) == ["out"]
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "tf2onnx", "ai_edge_litert"])
@@ -474,16 +474,24 @@ def test_missing_dependency_names_the_pip_command(tmp_path, monkeypatch, user_h5
     assert listing(tmp_path) == []
 
 
-def test_saved_model_directory_is_swapped_for_the_new_one(tmp_path):
-    target = tmp_path / "served"
-    target.mkdir()
-    (target / "saved_model.pb").write_text("old")
-    staged = tmp_path / ".served.tmp" / "served"
-    staged.mkdir(parents=True)
-    (staged / "saved_model.pb").write_text("new")
-    transaction.move_into_place(staged, target)
-    assert (target / "saved_model.pb").read_text() == "new"
-    assert listing(tmp_path) == [".served.tmp", "served", "served/saved_model.pb"]
+def test_swap_puts_the_new_folder_and_file_in_place_and_the_old_ones_aside(tmp_path):
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "saved_model.pb").write_text("old")
+    (tmp_path / "served.json").write_text("old description")
+    staging = tmp_path / ".served.tmp"
+    (staging / "served").mkdir(parents=True)
+    (staging / "served" / "saved_model.pb").write_text("new")
+    (staging / "served.json").write_text("new description")
+    staged_targets = [(staging / "served", tmp_path / "served"), (staging / "served.json", tmp_path / "served.json")]
+    transaction.swap_in(staged_targets, staging / "previous")
+    assert (tmp_path / "served" / "saved_model.pb").read_text() == "new"
+    assert (tmp_path / "served.json").read_text() == "new description"
+    assert (staging / "previous" / "0" / "saved_model.pb").read_text() == "old"
+    assert (staging / "previous" / "1").read_text() == "old description"
+    assert listing(tmp_path) == [
+        ".served.tmp", ".served.tmp/previous", ".served.tmp/previous/0", ".served.tmp/previous/0/saved_model.pb",
+        ".served.tmp/previous/1", "served", "served.json", "served/saved_model.pb",
+    ]
 
 
 def test_missing_weights_are_named(tmp_path):
@@ -498,8 +506,8 @@ def test_missing_weights_are_named(tmp_path):
     [
         ("onnx", "blocker/model.onnx", "cannot create the output directory ({}/blocker is not a directory)"),
         ("onnx", "folder", "is a directory"),
-        ("saved_model", "folder", "is a directory that is not a SavedModel; refusing to replace it"),
-        ("saved_model", "blocker", "exists and is not a SavedModel directory; refusing to replace it"),
+        ("saved_model", "folder", "holds files that it would lose (keep.txt); refusing to replace it"),
+        ("onnx", "blocker", "exists; pass --overwrite to replace it, or choose another path"),
         ("keras", "model.h5", "a Keras archive's name must end in .keras (keras.saving.load_model goes by it)"),
     ],
 )
@@ -548,5 +556,7 @@ def test_wrong_command_line_is_a_usage_error(args, message, capsys):
 
 def test_help_names_every_option():
     text = export.argument_parser().format_help()
-    for option in ("--model", "--weights", "--format", "--output-path", "--opset", "--quiet", "segment", "logits"):
+    for option in (
+        "--model", "--weights", "--format", "--output-path", "--overwrite", "--opset", "--quiet", "segment", "logits"
+    ):
         assert option in text

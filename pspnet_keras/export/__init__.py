@@ -12,8 +12,9 @@ of any size.
 - writers.py: one writer per format (Keras, SavedModel, tf2onnx, the LiteRT converter);
 - runtimes.py: each file opened in its runtime (Keras, TensorFlow, ONNX Runtime, the
   LiteRT interpreter), its logits on a random crop compared with the Keras network's;
-- transaction.py: `export`, which writes a file beside its target, checks it and
-  renames it into place, or leaves nothing.
+- transaction.py: `export`, which writes the file (and the model's description) in a
+  staging folder beside the target, checks it and swaps it in for what was there, or
+  leaves everything as it was.
 
 formats.py and runtimes.py import nothing heavy, so that export.py parses its
 command line and checks its files before TensorFlow loads.

@@ -16,6 +16,18 @@ CLASS_IDS = "class_ids"
 MAX_PROBABILITY = "max_probability"
 # The file that makes a directory a SavedModel.
 SAVED_MODEL_FILE = "saved_model.pb"
+# What a SavedModel folder is made of, the names a folder replaced by an export may hold: what
+# tf.saved_model.save writes (tensorflow/python/saved_model/constants.py: saved_model.pb or .pbtxt,
+# variables/, assets/, debug/ with save_debug_info; fingerprint.pb), and tf.keras' keras_metadata.pb.
+SAVED_MODEL_ENTRIES = (
+    SAVED_MODEL_FILE, "saved_model.pbtxt", "variables", "assets", "debug", "fingerprint.pb", "keras_metadata.pb"
+)
+# What its subfolders hold, as regular expressions of the names: the variables' checkpoint (an index and
+# its data shards) and the debug information. assets/ holds the files the model's graph reads, any names.
+SAVED_MODEL_SUBFOLDER_NAMES = {
+    "variables": r"variables\.(index|data-\d{5}-of-\d{5})",
+    "debug": r"saved_model_debug_info\.pb",
+}
 
 
 class ExportError(ValueError):

@@ -5,6 +5,7 @@ network at the model's crop size, `config` its models.ModelConfig, `opset` the O
 opset (used by write_onnx only).
 """
 
+import errno
 import logging
 import os
 import tempfile
@@ -31,6 +32,9 @@ ONNX_SKIPPED_OPTIMIZERS = ("einsum_optimizer",)
 # tf2onnx/convert.py: with this variable set, tf2onnx's optimizers change the graph in
 # place instead of each working on a deep copy of it, weights included.
 ONNX_CATCH_ERRORS_VARIABLE = "TF2ONNX_CATCH_ERRORS"
+# The errnos of a disk that refuses a write: full, over quota, over the file-size limit (RLIMIT_FSIZE),
+# read-only, not permitted, failing.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 
 
 def crop_spec(network, batch):
@@ -118,11 +122,27 @@ def write_litert(network, config, path, opset):
 WRITERS = {"keras": write_keras, "saved_model": write_saved_model, "onnx": write_onnx, "litert": write_litert}
 
 
+def disk_error(error):
+    """The OSError that `error`, or an error it was raised from, stands for when the disk refused a write; None
+    otherwise. TensorFlow's file systems end such a message with the C library's text of the errno
+    (xla/tsl/platform/errors.cc, IOError: "<context>; <strerror>"), followed by the operation's name."""
+    while error is not None:
+        message = str(error)
+        for code in DISK_ERRNOS:
+            if f"; {os.strerror(code)}" in message:
+                return OSError(code, os.strerror(code))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def write_file(network, config, file_format, path, opset):
-    """Writes the file of `file_format` at `path`; a converter's failure becomes ExportError, the disk's stays OSError."""
+    """Writes the file of `file_format` at `path`; a converter's failure becomes ExportError, the disk's OSError."""
     try:
         WRITERS[file_format](network, config, os.fspath(path), opset)
     except OSError:
         raise
     except Exception as error:  # TensorFlow's, tf2onnx's and the LiteRT converter's errors have no common type
+        disk = disk_error(error)
+        if disk is not None:
+            raise disk from None
         raise ExportError(f"cannot write it as {file_format} ({first_line(error)})") from None
