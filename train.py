@@ -12,11 +12,19 @@ holds run.json (the run's settings), checkpoint.h5, log.csv and tensorboard/.
 TensorFlow is imported after the command line is parsed, quietly (runtime.configure,
 runtime.import_tensorflow), and TF_CONFIG's MultiWorkerMirroredStrategy is made
 before TensorFlow runs anything, as it must be.
+
+Before TensorFlow starts, everything that can be is checked, each problem one line:
+TF_CONFIG, OUT and the files of a run in it (a new run replaces none that exists
+unless --overwrite, and never one it reads: the --init weights and their description,
+a file of the dataset), run.json field by field when resuming, --data, --init, and
+the memory the batch of crops needs. Nothing is written in OUT before the first
+iteration is done, so a run that fails before leaves OUT as it was.
 """
 
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +39,7 @@ from pspnet_keras.training import run_files
 from pspnet_keras.training.distribute import cluster_spec
 from pspnet_keras.training.distribute import distribution_strategy
 from pspnet_keras.training.distribute import is_chief
+from pspnet_keras.training.distribute import worker_count
 from pspnet_keras.training.errors import TrainingError
 
 PROG = "train.py"
@@ -38,6 +47,12 @@ DEFAULT_OUT = "runs/train"
 DEFAULT_SEED = 0
 DEFAULT_VAL_EVERY = 0
 DEFAULT_CHECKPOINT_EVERY = 1000
+# keras.utils.set_random_seed seeds NumPy's global generator too, which takes seeds 0..2^32 - 1.
+MAX_SEED = 2**32 - 1
+# The data order counts the samples a run takes (iterations x batch) in int64 (tf.data).
+MAX_POSITIONS = 2**63 - 1
+# A run.json train.py writes is well under 1 KiB; a larger one is no such record.
+MAX_RECORD_BYTES = 1 << 20
 # Flags that fix what a run computes: a resumed run keeps the values it was started with.
 RECIPE_FLAGS = {
     "dataset": "--dataset", "init": "--init", "crop": "--crop", "base_size": "--base-size", "batch": "--batch",
@@ -45,37 +60,220 @@ RECIPE_FLAGS = {
     "power": "--power", "aux_weight": "--aux-weight", "head_lr_mult": "--head-lr-mult", "train_bn": "--train-bn",
     "seed": "--seed", "precision": "--precision",
 }
+# The choices of the recipe flags that take one, and the fields of run.json besides the recipe's.
+RECIPE_CHOICES = {"dataset": datasets.DATASET_NAMES, "precision": runtime.PRECISIONS}
+RECORD_FIELDS = (*RECIPE_FLAGS, "classes")
+# A flag of another command (pspnet.py and evaluate.py take the weights with -w), as library messages name it.
+WEIGHTS_FLAG = re.compile(r"(?<![\w-])-w(?![\w-])")
+
+
+def crop_size(text):
+    """argparse type: a crop size the network supports (48k - 7)."""
+    value = cli.positive_int(text)
+    problem = models.crop_size_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def seed_value(text):
+    """argparse type: a seed 0..MAX_SEED, what keras.utils.set_random_seed takes."""
+    value = cli.integer(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SEED} (2^32 - 1, the largest seed keras.utils.set_random_seed takes), got {value}"
+        )
+    return value
+
+
+# The argparse type of each recipe flag that takes a number; run.json's values go through the same.
+RECIPE_TYPES = {
+    "crop": crop_size, "base_size": cli.positive_int, "batch": cli.positive_int, "iterations": cli.positive_int,
+    "seed": seed_value, "lr": cli.number(0, strictly=True), "momentum": cli.number(0, below=1),
+    "weight_decay": cli.number(0), "power": cli.number(0), "aux_weight": cli.number(0),
+    "head_lr_mult": cli.number(0, strictly=True),
+}
+INTEGER_FIELDS = ("crop", "base_size", "batch", "iterations", "seed")
+
+
+def shown(value):
+    """A JSON value as a message shows it, cut to 40 characters."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def in_train_terms(message):
+    """A library's message with the weights flag of the other commands (-w) named as train.py's (--init)."""
+    return WEIGHTS_FLAG.sub("--init", message)
+
+
+def record_field_problem(field, value):
+    """Why the value of a run.json field is not one the command line could have given, or None."""
+    if field in RECIPE_CHOICES:
+        if not isinstance(value, str) or value not in RECIPE_CHOICES[field]:
+            return f"must be one of {', '.join(RECIPE_CHOICES[field])}, not {shown(value)}"
+    elif field == "init":
+        if not isinstance(value, str) or not value:
+            return f"must be a released model's name or a weights file's path, not {shown(value)}"
+    elif field == "train_bn":
+        if not isinstance(value, bool):
+            return f"must be true or false, not {shown(value)}"
+    elif field == "classes":
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= models.MAX_CLASSES:
+            return f"must be an integer 1..{models.MAX_CLASSES}, not {shown(value)}"
+    elif isinstance(value, bool) or not isinstance(value, int if field in INTEGER_FIELDS else (int, float)):
+        return f"must be {'an integer' if field in INTEGER_FIELDS else 'a number'}, not {shown(value)}"
+    else:
+        try:
+            RECIPE_TYPES[field](str(value))
+        except argparse.ArgumentTypeError as error:
+            return str(error)
+    return None
+
+
+def recorded_init(path, out, init):
+    """The --init that run.json records: a released model's name, or a weights file, a relative path taken
+    from OUT (the folder of run.json); CommandError when that file cannot be read."""
+    if init in models.RELEASED_MODELS:
+        return init
+    resolved = out / init
+    problem = utils.file_problem(resolved, what="weights file")
+    if problem:
+        relative = "" if os.path.isabs(init) else f" (a relative path in run.json is taken from {out})"
+        raise cli.CommandError(f"{path}: field 'init' names {resolved}{relative}: {problem}")
+    return str(resolved)
 
 
 def read_run_record(out):
-    """The settings recorded in OUT/run.json (run_files.RUN_RECORD_NAME) by the run being resumed."""
+    """The settings recorded in OUT/run.json (run_files.RUN_RECORD_NAME) by the run being resumed, every
+    field checked as the command line checks its flag; CommandError naming the file and the field."""
     path = out / run_files.RUN_RECORD_NAME
     problem = utils.file_problem(path)
     if problem:
         raise cli.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
     try:
+        size = os.stat(path).st_size
+        if size > MAX_RECORD_BYTES:
+            raise cli.CommandError(f"{path}: {size} bytes; not the record of a train.py run (one takes under 1 KiB)")
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise cli.CommandError(f"{path}: unreadable ({getattr(error, 'strerror', None) or error})") from None
-    if not isinstance(record, dict) or not all(key in record for key in RECIPE_FLAGS):
-        raise cli.CommandError(f"{path}: not the record of a train.py run")
-    return record
+    except OSError as error:
+        raise cli.CommandError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (ValueError, RecursionError) as error:
+        raise cli.CommandError(f"{path}: not valid JSON ({str(error)[:80]})") from None
+    if not isinstance(record, dict):
+        raise cli.CommandError(f"{path}: not the record of a train.py run (a JSON object is expected)")
+    for field in RECORD_FIELDS:
+        if field not in record:
+            raise cli.CommandError(f"{path}: field '{field}' is missing; not the record of a train.py run")
+        problem = record_field_problem(field, record[field])
+        if problem:
+            raise cli.CommandError(f"{path}: field '{field}' {problem}")
+    return {**record, "init": recorded_init(path, out, record["init"])}
 
 
-def check_out(out, resume):
-    """Refuses an OUT that is not a directory, or that holds a run when not resuming."""
+def out_problem(out):
+    """Why the run cannot write in OUT, or None: not a directory, on a read-only file system, not writable."""
     if os.path.lexists(out) and not out.is_dir():
-        raise cli.CommandError(f"{out}: not a directory; choose another --out")
-    if resume:
-        return
-    names = (run_files.RUN_RECORD_NAME, run_files.CHECKPOINT_NAME, run_files.FINAL_WEIGHTS_NAME)
-    held = [name for name in names if (out / name).exists()]
-    if held:
-        raise cli.CommandError(f"{out}: holds a run ({held[0]}); pass --resume to continue it, or choose another --out")
+        return "not a directory; choose another --out"
+    existing = cli.existing_ancestor(out)
+    if existing.is_dir() and os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"cannot write in {existing} (read-only file system); choose another --out"
+    return cli.directory_problem(out)
+
+
+def check_out(out):
+    """Refuses an OUT the run cannot write in (out_problem)."""
+    problem = out_problem(out)
+    if problem:
+        raise cli.CommandError(f"{out}: {problem}")
+
+
+class TensorBoardEntries:
+    """The names OUT/tensorboard/ holds when train.py alone wrote in it: TensorFlow's event files
+    (`name in TensorBoardEntries()`, for cli.folder_output_problem)."""
+
+    def __contains__(self, name):
+        return name.startswith(run_files.EVENT_FILE_PREFIX)
+
+
+def resumed_output_problem(target):
+    """Why a file of the run being resumed cannot be read and replaced, or None."""
+    if not os.path.lexists(target):
+        return None
+    return utils.file_problem(target) or utils.file_problem(target, replace=True)
+
+
+def board_problem(board, inputs, resume, overwrite):
+    """Why the run may not write its TensorBoard logs in `board` (OUT/tensorboard/), or None: a new run
+    writes in no folder holding what another program wrote, and in an earlier run's only with
+    `overwrite`; a resumed run adds to its own, which must be a folder."""
+    if not resume:
+        return cli.folder_output_problem(board, TensorBoardEntries(), inputs, overwrite)
+    if os.path.lexists(board) and not os.path.isdir(board):
+        return "is not a folder; the run's TensorBoard logs go there"
+    return None
+
+
+def run_output_problems(out, inputs, resume, overwrite):
+    """(path, problem) of each file of a run (run_files.RUN_FILE_NAMES, tensorboard/) that it may not write.
+
+    None is ever an input of the run (`inputs`, cli.Inputs). A new run writes none that
+    exists, unless `overwrite`; a resumed run owns them, which must be regular files it
+    can read (a folder, tensorboard/).
+    """
+    problems = []
+    for name in run_files.RUN_FILE_NAMES:
+        target = out / name
+        if inputs.find(target) is not None:
+            problem = cli.output_problem(target, inputs, overwrite=True)
+        else:
+            problem = resumed_output_problem(target) if resume else cli.output_problem(target, inputs, overwrite)
+        if problem:
+            problems.append((target, problem))
+    board = out / run_files.TENSORBOARD_DIR
+    problem = board_problem(board, inputs, resume, overwrite)
+    if problem:
+        problems.append((board, problem))
+    return problems
+
+
+def check_outputs(out, inputs, resume, overwrite):
+    """Refuses a run whose files in OUT it may not write (run_output_problems): one line, the first."""
+    held = [name for name in (run_files.RUN_RECORD_NAME, run_files.CHECKPOINT_NAME) if (out / name).is_file()]
+    if held and not resume and not overwrite:
+        raise cli.CommandError(
+            f"{out}: holds a run ({held[0]}); pass --resume to continue it, {cli.OVERWRITE_FLAG} to replace it, "
+            "or choose another --out"
+        )
+    problems = run_output_problems(out, inputs, resume, overwrite)
+    if problems:
+        target, problem = problems[0]
+        raise cli.CommandError(f"{target}: {problem}")
+
+
+def run_inputs(data_root, init_config, init_path):
+    """The files the run reads (cli.Inputs), which none of its outputs may replace: the dataset, the --init
+    weights (a released model's: where pspnet.py keeps them) and the description beside them."""
+    weights = init_path if init_path is not None else download.default_weights_path(init_config.name)
+    inputs = cli.Inputs({weights: "the --init weights", models.description_path(weights): "the --init description"})
+    inputs.add_folder(data_root, "a file of the dataset")
+    return inputs
+
+
+def data_root_problem(root):
+    """Why --data `root` is not a folder to read a dataset from, or None."""
+    if os.path.isdir(root):
+        return None
+    if not os.path.lexists(root):
+        return "no such folder"
+    return utils.file_problem(root) if os.path.islink(root) and not os.path.exists(root) else "not a folder"
 
 
 def dataset_layout(requested, root):
     """The layout of --data: --dataset, else the one found there."""
+    problem = data_root_problem(root)
+    if problem:
+        raise cli.CommandError(f"{root}: {problem}; --data takes a dataset's root folder")
     if requested:
         return requested
     found = datasets.datasets_laid_out_at(root)
@@ -89,6 +287,13 @@ def dataset_layout(requested, root):
     )
 
 
+def same_init(given, recorded):
+    """Whether --init `given` names what a run.json's init `recorded` (read_run_record's) does."""
+    if given in models.RELEASED_MODELS or recorded in models.RELEASED_MODELS:
+        return given == recorded
+    return os.path.realpath(given) == os.path.realpath(recorded)
+
+
 def recipe_values(args, record):
     """{flag dest: value} of the recipe flags: the command line's, or the resumed run's.
 
@@ -100,7 +305,8 @@ def recipe_values(args, record):
         if record is None:
             values[dest] = given
             continue
-        if given is not None and given != record[dest]:
+        same = same_init(given, record[dest]) if dest == "init" and given is not None else given == record[dest]
+        if given is not None and not same:
             raise cli.CommandError(
                 f"{flag} {given}: the run in {args.out} was started with {record[dest]}; a resumed run keeps "
                 "its settings (start a new run with another --out to change them)"
@@ -109,20 +315,30 @@ def recipe_values(args, record):
     return values
 
 
+def check_record_classes(record, dataset, out):
+    """Refuses to resume a run of another number of classes than --data's."""
+    if record["classes"] != dataset.classes:
+        raise cli.CommandError(
+            f"{out / run_files.RUN_RECORD_NAME}: field 'classes' is {record['classes']}, but --data {dataset.root} "
+            f"has {dataset.classes} classes; resume with the data the run was started on"
+        )
+
+
 def problem_lines(problems):
     """The problem lines of check_samples' result, in sample order."""
     return [line for lines in problems.values() for line in lines]
 
 
-def checked_samples(samples, split, skip_bad, quiet):
+def checked_samples(samples, split, skip_bad, quiet, root):
     """The samples of a split that can be used, after checking every one.
 
     Each problem is one line on stderr; any problem stops the run unless skip_bad,
-    which leaves those samples out and says how many.
+    which leaves those samples out and says how many. A split whose usable labels
+    hold no class (every value unlabelled) is refused, as evaluate.py refuses it.
     """
     from pspnet_keras.training.data import check_samples
 
-    problems = check_samples(samples, description=f"checking {split}", quiet=quiet)
+    problems, labelled = check_samples(samples, description=f"checking {split}", quiet=quiet)
     for line in problem_lines(problems):
         print(f"{PROG}: {'skipped' if skip_bad else 'error'}: {line}", file=sys.stderr)
     if problems and not skip_bad:
@@ -135,6 +351,11 @@ def checked_samples(samples, split, skip_bad, quiet):
         print(f"{PROG}: skipping {len(problems)} of the {len(samples)} samples of the {split} split", file=sys.stderr)
     if not good:
         raise cli.CommandError(f"no usable sample in the {split} split")
+    if not labelled:
+        raise cli.CommandError(
+            f"nothing to learn from the {split} split: no pixel of its {len(good)} labels holds a class of the "
+            f"dataset (every value is unlabelled, {datasets.IGNORE_LABEL}); check the labels under {root}"
+        )
     return good
 
 
@@ -145,13 +366,13 @@ def init_weights_path(config, path, quiet):
     from layers_builder import build_pspnet
 
     path = download.default_weights_path(config.name)
-    if not path.exists():
+    if not os.path.lexists(path):
         try:
             download.download_weights(
                 build_pspnet(config, models.SMALLEST_CROP_SIZE), config, path, show_progress=not quiet
             )
         except download.WeightsNotFound as error:
-            raise cli.CommandError(str(error)) from None
+            raise cli.CommandError(in_train_terms(str(error))) from None
     return path
 
 
@@ -169,10 +390,8 @@ def recipe_with_defaults(values, dataset_name, init_config):
 
 
 def settings_of(values, args):
-    """loop.Settings of the recipe values (recipe_with_defaults) and the bookkeeping flags."""
-    from pspnet_keras.training.loop import Settings
-
-    return Settings(
+    """recipe.Settings of the recipe values (recipe_with_defaults) and the bookkeeping flags."""
+    return recipe.Settings(
         iterations=values["iterations"], batch=values["batch"], crop_size=values["crop"], lr=values["lr"],
         momentum=values["momentum"], weight_decay=values["weight_decay"], power=values["power"],
         aux_weight=values["aux_weight"], head_lr_mult=values["head_lr_mult"], train_bn=values["train_bn"],
@@ -199,7 +418,36 @@ def starting_model(values):
     try:
         return init_model(values["init"])
     except TrainingError as error:
-        raise cli.CommandError(str(error)) from None
+        raise cli.CommandError(in_train_terms(str(error))) from None
+
+
+def step_bytes(batch, crop, classes):
+    """A lower bound of the memory one training step takes for a batch of `batch` crops of `crop` px:
+    the input batch alone (float32 images B x S x S x 3, uint8 labels B x S x S) and the two logit maps
+    the loss reads in float32 (B x S x S x classes each, the main and the auxiliary head's). The
+    network's activations, kept for the gradients, take many times more."""
+    return batch * crop * crop * (3 * 4 + 1 + 2 * classes * 4)
+
+
+def check_sizes(settings, classes, workers):
+    """Refuses, before TensorFlow starts, a run whose data order overflows (iterations x batch samples
+    beyond int64) or whose batch of crops cannot fit in this machine's memory (step_bytes, this
+    process's share of the global batch)."""
+    positions = settings.iterations * settings.batch
+    if positions > MAX_POSITIONS:
+        raise cli.CommandError(
+            f"--iterations {settings.iterations} x --batch {settings.batch} = {positions} samples, more than the "
+            f"data order counts ({MAX_POSITIONS}); use fewer iterations"
+        )
+    share = -(-settings.batch // workers)
+    crops = f"{share} crop" + ("s" if share > 1 else "")
+    problem = runtime.allocation_problem(
+        step_bytes(share, settings.crop_size, classes),
+        f"a training step on {crops} of {settings.crop_size} px (--batch {settings.batch}, --crop "
+        f"{settings.crop_size}, {classes} classes)",
+    )
+    if problem:
+        raise cli.CommandError(f"{problem}; use a smaller --batch or --crop")
 
 
 def check_settings(settings, strategy):
@@ -214,13 +462,37 @@ def check_settings(settings, strategy):
         raise cli.CommandError(problem)
 
 
-def start_out(out, values, classes):
-    """Creates OUT and records the run's settings in OUT/run.json."""
+def recorded_values(values, classes):
+    """What OUT/run.json records of a new run: the recipe values, --init a released model's name or its
+    absolute path (so that --resume works from any folder), and the classes."""
+    init = values["init"]
+    return {**values, "init": init if init in models.RELEASED_MODELS else os.path.abspath(init), "classes": classes}
+
+
+def remove_earlier_run(out):
+    """Removes what an earlier run left in OUT that this run replaces (--overwrite; check_outputs allowed
+    them): its checkpoint, its final model and its TensorBoard event files."""
+    for name in (run_files.CHECKPOINT_NAME, run_files.FINAL_WEIGHTS_NAME, run_files.FINAL_DESCRIPTION_NAME):
+        (out / name).unlink(missing_ok=True)
+    board = out / run_files.TENSORBOARD_DIR
+    if board.is_dir():
+        for entry in board.iterdir():
+            if entry.name in TensorBoardEntries():
+                entry.unlink()
+
+
+def start_out(out, record, overwrite):
+    """Records a new run in OUT/run.json, once its first iteration is done (so that a run that fails
+    before leaves OUT as it was); with `overwrite`, removes the earlier run's files first."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        utils.write_json_atomic(out / run_files.RUN_RECORD_NAME, {**values, "classes": classes})
-    except (OSError, utils.OutputError) as error:
-        raise cli.CommandError(f"{out}: cannot write ({getattr(error, 'strerror', None) or error})") from None
+        if overwrite:
+            remove_earlier_run(out)
+        utils.write_json_atomic(out / run_files.RUN_RECORD_NAME, record)
+    except utils.OutputError as error:
+        raise TrainingError(str(error)) from None
+    except OSError as error:
+        raise TrainingError(f"{out}: cannot write ({error.strerror or error})") from None
 
 
 def build(strategy, config, settings):
@@ -245,23 +517,52 @@ def build(strategy, config, settings):
     return model, network, optimizer
 
 
+def stop_message(trainer, out, resume):
+    """What an interrupted run left in OUT to resume from, in one line."""
+    checkpoint = out / run_files.CHECKPOINT_NAME
+    at, done = trainer.checkpointed, trainer.iteration
+    if at:
+        which = "" if at == done else f" of iteration {at}"
+        return f"stopped at iteration {done}; checkpoint{which} in {checkpoint} (--resume continues)"
+    if resume and at is None and os.path.lexists(checkpoint):
+        return f"stopped before the first iteration; {checkpoint} is as it was (--resume continues)"
+    if resume or done:
+        return (
+            f"stopped at iteration {done}, before any checkpoint: there is none in {out} "
+            "(--resume starts the run again from its first iteration)"
+        )
+    return f"stopped before the first iteration; this run wrote nothing in {out}"
+
+
 def run(args):
-    """Trains as the command line asks; returns the exit code."""
+    """Trains as the command line asks; returns the exit code.
+
+    Everything that can be checked without TensorFlow is, first: TF_CONFIG, OUT and
+    the files of the run in it, run.json when resuming, --data, --init, and the sizes
+    the flags ask for (check_sizes). Nothing is written in OUT before the first
+    iteration is done.
+    """
     out = Path(args.out)
-    chief = is_chief(cluster_spec())
+    cluster = cluster_spec()
+    chief = is_chief(cluster)
     if chief:
-        check_out(out, args.resume)
+        check_out(out)
     record = read_run_record(out) if args.resume else None
     values = recipe_values(args, record)
-    strategy = distribution_strategy()
+    dataset, samples, val_samples = open_data(values, args)
+    if record is not None:
+        check_record_classes(record, dataset, out)
+    init_config, init_path = starting_model(values)
+    values = recipe_with_defaults(values, dataset.name, init_config)
+    settings = settings_of(values, args)
+    if chief:
+        check_outputs(out, run_inputs(args.data, init_config, init_path), args.resume, args.overwrite)
+    check_sizes(settings, dataset.classes, max(1, worker_count(cluster)))
+    strategy = distribution_strategy(cluster)
     from pspnet_keras.training.data import samples_fingerprint
     from pspnet_keras.training.init_weights import load_init_weights
     from pspnet_keras.training.loop import Trainer
 
-    dataset, samples, val_samples = open_data(values, args)
-    init_config, init_path = starting_model(values)
-    values = recipe_with_defaults(values, dataset.name, init_config)
-    settings = settings_of(values, args)
     check_settings(settings, strategy)
     config = models.ModelConfig(
         name=run_files.FINAL_STEM, depth=init_config.depth, classes=dataset.classes, crop_size=settings.crop_size,
@@ -269,15 +570,15 @@ def run(args):
         mean_rgb=init_config.mean_rgb,
     )
     quiet = args.quiet or not chief
-    samples = checked_samples(samples, "train", args.skip_bad, quiet)
+    samples = checked_samples(samples, "train", args.skip_bad, quiet, dataset.root)
     if val_samples:
-        val_samples = checked_samples(val_samples, "val", args.skip_bad, quiet)
-    if chief and record is None:
-        start_out(out, values, dataset.classes)
+        val_samples = checked_samples(val_samples, "val", args.skip_bad, quiet, dataset.root)
     model, network, optimizer = build(strategy, config, settings)
+    new_record = recorded_values(values, dataset.classes)
     trainer = Trainer(
         strategy, model, network, optimizer, settings, config, out, samples, val_samples,
         fingerprint=samples_fingerprint(samples, dataset.root), chief=chief, quiet=args.quiet,
+        on_first_iteration=(lambda: start_out(out, new_record, args.overwrite)) if chief and record is None else None,
     )
     try:
         start = trainer.resume() if args.resume else 0
@@ -287,27 +588,14 @@ def run(args):
                 print(f"{PROG}: {', '.join(fresh)} starts fresh ({dataset.classes} classes)", file=sys.stderr)
         final = trainer.run(start)
     except TrainingError as error:
-        raise cli.CommandError(str(error)) from None
+        raise cli.CommandError(in_train_terms(str(error))) from None
     except KeyboardInterrupt:
         if chief:
-            print(
-                f"{PROG}: stopped at iteration {trainer.iteration}; checkpoint in {out / run_files.CHECKPOINT_NAME} "
-                "(--resume continues)",
-                file=sys.stderr,
-            )
+            print(f"{PROG}: {stop_message(trainer, out, args.resume)}", file=sys.stderr)
         raise
     if final is not None and not args.quiet:
         print(f"wrote {final} and {models.description_path(final)} ({settings.iterations} iterations)")
     return cli.EXIT_OK
-
-
-def crop_size(text):
-    """argparse type: a crop size the network supports (48k - 7)."""
-    value = cli.positive_int(text)
-    problem = models.crop_size_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
 
 
 def argument_parser():
@@ -331,7 +619,8 @@ def argument_parser():
             "together (MirroredStrategy); with TF_CONFIG, several machines (MultiWorkerMirroredStrategy), "
             "--batch being the global batch. Long options are also accepted with '_' for '-'. Exit status: 0 "
             "when trained, 1 on an error (data, files, a non-finite loss), 2 for a wrong command line, 130 "
-            "when interrupted (Ctrl-C) and 143 when terminated (SIGTERM), both after writing a checkpoint."
+            "when interrupted (Ctrl-C) and 143 when terminated (SIGTERM), both after writing a checkpoint of "
+            "the iterations done. Nothing is written in OUT before the first iteration is done."
         ),
     )
     data = parser.add_argument_group("Data")
@@ -356,12 +645,12 @@ def argument_parser():
              + ", ".join(f"{name}: {released}" for name, released in recipe.INIT_MODELS.items()) + ")",
     )
     model.add_argument(
-        "--crop", type=crop_size, metavar="S",
+        "--crop", type=RECIPE_TYPES["crop"], metavar="S",
         help="side of the square training crops, 48k - 7 (default: 473, Cityscapes 713; folders: the --init "
              "model's)",
     )
     model.add_argument(
-        "--base-size", type=cli.positive_int, metavar="N",
+        "--base-size", type=RECIPE_TYPES["base_size"], metavar="N",
         help="longer side the final model's sliding-window protocol (-s) scales images to (default: the "
              "dataset's released model's, folders: the --init model's)",
     )
@@ -372,27 +661,29 @@ def argument_parser():
 
     recipe_group = parser.add_argument_group("Recipe")
     recipe_group.add_argument(
-        "--batch", type=cli.positive_int, metavar="B",
+        "--batch", type=RECIPE_TYPES["batch"], metavar="B",
         help=f"global batch, split over the replicas (default: {recipe.BATCH_SIZE})",
     )
     recipe_group.add_argument(
-        "--lr", type=cli.number(0, strictly=True), help=f"base learning rate (default: {recipe.BASE_LR})",
+        "--lr", type=RECIPE_TYPES["lr"], help=f"base learning rate (default: {recipe.BASE_LR})",
     )
     recipe_group.add_argument(
-        "--momentum", type=cli.number(0, below=1), help=f"SGD momentum (default: {recipe.MOMENTUM})",
+        "--momentum", type=RECIPE_TYPES["momentum"], help=f"SGD momentum (default: {recipe.MOMENTUM})",
     )
     recipe_group.add_argument(
-        "--weight-decay", type=cli.number(0),
+        "--weight-decay", type=RECIPE_TYPES["weight_decay"],
         help=f"L2 weight decay added to the gradient, as Caffe does (default: {recipe.WEIGHT_DECAY})",
     )
     recipe_group.add_argument(
-        "--power", type=cli.number(0), help=f"power of the poly learning rate policy (default: {recipe.POLY_POWER})",
+        "--power", type=RECIPE_TYPES["power"],
+        help=f"power of the poly learning rate policy (default: {recipe.POLY_POWER})",
     )
     recipe_group.add_argument(
-        "--aux-weight", type=cli.number(0), help=f"weight of the auxiliary loss (default: {recipe.AUX_WEIGHT})",
+        "--aux-weight", type=RECIPE_TYPES["aux_weight"],
+        help=f"weight of the auxiliary loss (default: {recipe.AUX_WEIGHT})",
     )
     recipe_group.add_argument(
-        "--head-lr-mult", type=cli.number(0, strictly=True),
+        "--head-lr-mult", type=RECIPE_TYPES["head_lr_mult"],
         help="learning rate multiplier of the pyramid module, conv5_4, conv6 and the auxiliary head "
              f"(default: {recipe.HEAD_LR_MULTIPLIER:g})",
     )
@@ -402,13 +693,13 @@ def argument_parser():
              "gamma and beta trained (default: frozen, with the stored statistics, gamma and beta fixed)",
     )
     recipe_group.add_argument(
-        "--seed", type=cli.integer(0), metavar="N",
-        help=f"seed of the data order, augmentation, dropout and fresh layers (default: {DEFAULT_SEED})",
+        "--seed", type=RECIPE_TYPES["seed"], metavar="N",
+        help=f"seed of the data order, augmentation, dropout and fresh layers, 0..{MAX_SEED} (default: {DEFAULT_SEED})",
     )
 
     schedule = parser.add_argument_group("Schedule")
     schedule.add_argument(
-        "--iterations", type=cli.positive_int, metavar="N",
+        "--iterations", type=RECIPE_TYPES["iterations"], metavar="N",
         help="training iterations (default: "
              + ", ".join(f"{name} {count}" for name, count in recipe.ITERATIONS.items()) + ")",
     )
@@ -428,6 +719,11 @@ def argument_parser():
         "--resume", action="store_true",
         help="continue the run in OUT from its checkpoint, with the settings it was started with",
     )
+    cli.add_overwrite_argument(
+        output,
+        f"an earlier run's files in OUT ({', '.join(run_files.RUN_FILE_NAMES)} and the event files of "
+        f"{run_files.TENSORBOARD_DIR}/; taken away once the new run's first iteration is done)",
+    )
     output.add_argument("-q", "--quiet", action="store_true", help="print errors and warnings only: no progress bars")
     return parser
 
@@ -436,6 +732,8 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error(f"--resume continues the run in OUT, {cli.OVERWRITE_FLAG} starts a new one over it: not both")
     runtime.configure(verbose=False)
     return cli.run_command(PROG, run, args)
 

@@ -4,7 +4,7 @@ Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, and hszhao/semseg (the
 authors' re-implementation: config/*/*_pspnet*.yaml, util/transform.py,
 model/pspnet.py, tool/train.py). One module per concern:
 
-- recipe.py: the paper's numbers (no TensorFlow; train.py's --help shows them);
+- recipe.py: the paper's numbers and a run's Settings (no TensorFlow; train.py's --help shows them);
 - loss.py: softmax cross-entropy plus 0.4 x the auxiliary classifier's, unlabelled
   pixels (255) left out (paper §3.4 and §5.1);
 - network.py: PSPNet with the auxiliary classifier on stage 4, per-sample dropout,

@@ -12,6 +12,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from pspnet_keras import runtime
 
 tf = runtime.import_tensorflow()
@@ -123,8 +125,9 @@ def distributed_dataset(strategy, samples, mean_rgb, crop_size, global_batch, se
 
 
 def sample_problems(sample):
-    """The problems of one sample, one line each (file: problem): unreadable image, missing or
-    unreadable label, label of another size, label values neither a class nor unlabelled."""
+    """(problems, labelled pixels) of one sample: its problems one line each (file: problem), an
+    unreadable image, a missing or unreadable label, a label of another size, label values neither a
+    class nor unlabelled; and the number of its label's pixels that hold a class (0 when unreadable)."""
     problems = []
     image = None
     try:
@@ -135,7 +138,7 @@ def sample_problems(sample):
         label, undefined = datasets.read_label(sample)
     except datasets.SampleError as error:
         problem = "missing label" if error.problem == "label file missing" else error.problem
-        return problems + [f"{error.path}: {problem}"]
+        return problems + [f"{error.path}: {problem}"], 0
     if image is not None and label.shape != image.shape[:2]:
         problems.append(f"{sample.label}: {size_problem(label.shape, image.shape, sample.image)}")
     if undefined:
@@ -145,23 +148,28 @@ def sample_problems(sample):
             f"{sample.label}: label values {shown}{more} are neither a class nor unlabelled "
             f"(this layout defines {sample.coding.defined_values()})"
         )
-    return problems
+    return problems, int(np.count_nonzero(label != datasets.IGNORE_LABEL))
 
 
 def check_samples(samples, description="checking", quiet=False):
-    """{sample: [problem lines]} of the samples that cannot be trained on, after reading every one.
+    """({sample: [problem lines]} of the samples that cannot be trained on, the number of labelled
+    pixels of the others), after reading every one.
 
     The files are read in CHECK_THREADS threads with a progress bar (none if `quiet`).
+    A set whose labelled pixels are 0 (every label value unlabelled) has nothing to learn.
     """
     problems = {}
+    labelled = 0
     with ThreadPoolExecutor(CHECK_THREADS) as pool, tqdm(
         total=len(samples), desc=description, unit="img", disable=quiet, leave=False, dynamic_ncols=True
     ) as bar:
-        for sample, found in zip(samples, pool.map(sample_problems, samples)):
+        for sample, (found, pixels) in zip(samples, pool.map(sample_problems, samples)):
             if found:
                 problems[sample] = found
+            else:
+                labelled += pixels
             bar.update()
-    return problems
+    return problems, labelled
 
 
 def samples_fingerprint(samples, root):

@@ -1,9 +1,13 @@
 """Where training starts (train.py --init): the model of a released name or a weights file, and
-its weights loaded into the network to train, conv6 fresh when the classes differ."""
+its weights loaded into the network to train, conv6 fresh when the classes differ.
 
+init_model imports neither TensorFlow nor Keras, so that train.py checks --init before
+TensorFlow starts; load_init_weights imports them.
+"""
+
+import os
 from pathlib import Path
 
-import layers_builder
 import utils
 from pspnet_keras import keras2_weights
 from pspnet_keras import models
@@ -31,9 +35,13 @@ def init_model(init):
     if init in models.RELEASED_MODELS:
         return models.RELEASED_MODELS[init], None
     path = Path(init)
-    problem = utils.file_problem(path)
+    problem = utils.file_problem(path, what="weights file")
     if problem:
         raise TrainingError(f"{path}: {problem}")
+    description = models.description_path(path)
+    problem = utils.file_problem(description, what="model description") if os.path.lexists(description) else None
+    if problem:
+        raise TrainingError(f"{description}: {problem} (the description beside the --init weights)")
     try:
         config = models.model_of_weights(path)
         if config is None:
@@ -53,6 +61,8 @@ def load_init_weights(network, path, init_config):
     classifier is not in the inference network: it always starts fresh.) TrainingError names the file
     and the layer of a weights file that does not fit.
     """
+    import layers_builder
+
     fresh = [] if init_config.classes == network.get_layer("conv6").filters else ["conv6"]
     try:
         layers_builder.load_weights(network, path, fresh=fresh)

@@ -1,7 +1,7 @@
 """The training loop of train.py: steps, checkpoints, logs, validation, interruption, final model."""
 
-import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -21,6 +21,7 @@ from pspnet_keras import cli
 from pspnet_keras import metrics
 from pspnet_keras import models
 from pspnet_keras.inference import Predictor
+from pspnet_keras.training.checkpoint import check_state
 from pspnet_keras.training.checkpoint import restore_checkpoint
 from pspnet_keras.training.checkpoint import variable_arrays
 from pspnet_keras.training.checkpoint import write_checkpoint
@@ -79,24 +80,31 @@ def validation_miou(predictor, samples, classes, quiet=True):
     return metrics.summary(confusion)["miou"]
 
 
-@dataclasses.dataclass
-class Settings:
-    """What a run trains: the recipe's hyper-parameters and the run's bookkeeping intervals."""
+# The recipe's values that decide how far a step moves the weights: (flag, Settings field, the paper's value).
+STEP_SIZE_VALUES = (
+    ("--lr", "lr", BASE_LR),
+    ("--head-lr-mult", "head_lr_mult", HEAD_LR_MULTIPLIER),
+    ("--aux-weight", "aux_weight", AUX_WEIGHT),
+    ("--momentum", "momentum", MOMENTUM),
+    ("--weight-decay", "weight_decay", WEIGHT_DECAY),
+    ("--power", "power", POLY_POWER),
+)
 
-    iterations: int
-    batch: int
-    crop_size: int
-    lr: float = BASE_LR
-    momentum: float = MOMENTUM
-    weight_decay: float = WEIGHT_DECAY
-    power: float = POLY_POWER
-    aux_weight: float = AUX_WEIGHT
-    head_lr_mult: float = HEAD_LR_MULTIPLIER
-    train_bn: bool = False
-    seed: int = 0
-    precision: str = "float32"
-    val_every: int = 0
-    checkpoint_every: int = 1000
+
+def divergence_advice(settings):
+    """What to try after the loss or the weights went non-finite: a lower --lr, and the recipe's other
+    values that differ from the paper's (STEP_SIZE_VALUES), each with the paper's value."""
+    advice = f"try a lower --lr than {settings.lr:g}"
+    if settings.lr != BASE_LR:
+        advice += f" (the recipe's is {BASE_LR:g})"
+    departures = [
+        f"{flag} {getattr(settings, field):g} (the recipe's is {value:g})"
+        for flag, field, value in STEP_SIZE_VALUES[1:]
+        if getattr(settings, field) != value
+    ]
+    if departures:
+        advice += ", or values nearer the recipe's for " + ", ".join(departures)
+    return advice
 
 
 class Trainer:
@@ -109,10 +117,14 @@ class Trainer:
     SIGINT or SIGTERM finishes the step, writes a checkpoint and raises
     KeyboardInterrupt (or cli.Terminated). A non-finite loss or weights raise
     TrainingError naming the iteration; nothing with non-finite weights is written.
+    An output that cannot be written (a full disk, a read-only file system, the
+    file-size limit) raises TrainingError naming the file, the system's reason and
+    the last checkpoint, no temporary file left. `on_first_iteration()` is called
+    once this process's first iteration is done, before anything of it is written.
     """
 
     def __init__(self, strategy, model, network, optimizer, settings, config, out, samples, val_samples=(),
-                 fingerprint=None, chief=True, quiet=False):
+                 fingerprint=None, chief=True, quiet=False, on_first_iteration=None):
         self.strategy = strategy
         self.model = model
         self.network = network
@@ -125,6 +137,7 @@ class Trainer:
         self.fingerprint = fingerprint
         self.chief = chief
         self.quiet = quiet or not chief
+        self.on_first_iteration = on_first_iteration
         self.predictor = None
         self.checkpointed = None
 
@@ -138,25 +151,50 @@ class Trainer:
         return float(PolyDecay(self.settings.lr, self.settings.iterations, self.settings.power)(iteration))
 
     def resume(self):
-        """Restores OUT/checkpoint.h5 when there is one; returns the iteration training goes on from."""
+        """Restores OUT/checkpoint.h5 when there is one; returns the iteration training goes on from.
+
+        The checkpoint must be a regular file of this run: its state's fields fit the settings
+        (checkpoint.check_state), its samples are this run's, its optimiser counts the iterations
+        its state says. TrainingError naming the file otherwise.
+        """
         path = self.out / CHECKPOINT_NAME
-        if not path.exists():
+        if not os.path.lexists(path):
             return 0
-        state = restore_checkpoint(path, self.model, self.optimizer)
-        if state.get("fingerprint") != self.fingerprint:
+        settings = self.settings
+        state = restore_checkpoint(
+            path, self.model, self.optimizer,
+            check=lambda state: check_state(path, state, settings.iterations, settings.batch, settings.seed),
+        )
+        if state["fingerprint"] != self.fingerprint:
             raise TrainingError(
                 f"{path}: the training samples are not those of the run being resumed (files added, removed "
                 "or renamed, or other samples skipped); resume with the same data, or start a new run"
             )
+        if self.iteration != state["iteration"]:
+            raise TrainingError(
+                f"{path}: the optimiser has taken {self.iteration} iterations but the state field 'iteration' "
+                f"says {state['iteration']}; not a checkpoint train.py wrote"
+            )
+        self.checkpointed = state["iteration"]
         return state["iteration"]
+
+    def kept(self):
+        """What OUT holds to resume from, in words."""
+        if self.checkpointed:
+            return f"the last checkpoint is at iteration {self.checkpointed}"
+        return "no checkpoint"
 
     def failure(self, what, iteration):
         """TrainingError: `what` went wrong at `iteration`, what is kept, and what to try."""
-        kept = f"the last checkpoint is at iteration {self.checkpointed}" if self.checkpointed else "no checkpoint"
         return TrainingError(
-            f"{what} at iteration {iteration}; nothing more was written ({kept}); "
-            f"try a lower --lr than {self.settings.lr:g}"
+            f"{what} at iteration {iteration}; nothing more was written ({self.kept()}); "
+            f"{divergence_advice(self.settings)}"
         )
+
+    def write_failure(self, error):
+        """TrainingError: the output named in `error` (utils.OutputError, TrainingError) could not be
+        written, and what OUT keeps."""
+        return TrainingError(f"{error}; training stopped at iteration {self.iteration} ({self.kept()})")
 
     def checkpoint(self):
         """Writes OUT/checkpoint.h5 (chief only); TrainingError when the weights are not finite."""
@@ -168,6 +206,8 @@ class Trainer:
                 write_checkpoint(self.out / CHECKPOINT_NAME, self.model, self.optimizer, state)
             except NonFiniteWeights as error:
                 raise self.failure(f"the weights are not finite ({error.path})", iteration) from None
+            except utils.OutputError as error:
+                raise self.write_failure(error) from None
         self.checkpointed = iteration
 
     def step_function(self):
@@ -187,10 +227,7 @@ class Trainer:
             results = {name: float(value) for name, value in step(iterator).items()}
         except tf.errors.OpError as error:
             message = error.message.strip().splitlines()[0] if error.message else type(error).__name__
-            raise TrainingError(
-                f"training stopped at iteration {iteration}: {message} (the last checkpoint is at iteration "
-                f"{self.checkpointed})"
-            ) from None
+            raise TrainingError(f"training stopped at iteration {iteration}: {message} ({self.kept()})") from None
         if not math.isfinite(results["loss"]):
             raise self.failure(f"the loss is not finite ({results['loss']})", iteration)
         return results
@@ -207,16 +244,27 @@ class Trainer:
         return validation_miou(self.predictor, self.val_samples, self.config.classes, quiet=self.quiet)
 
     def write_final(self):
-        """Writes OUT/final.h5 (the inference network, Keras-2 layout) and OUT/final.json, together."""
+        """Writes OUT/final.h5 (the inference network, Keras-2 layout) and OUT/final.json, together: both
+        or neither (TrainingError naming the file that could not be written)."""
         try:
             variable_arrays(self.network.weights)
         except NonFiniteWeights as error:
             raise self.failure(f"the weights are not finite ({error.path})", self.iteration) from None
         weights = self.out / FINAL_WEIGHTS_NAME
-        with utils.AtomicFiles() as files:
-            files.write(weights, lambda temporary: layers_builder.save_weights(self.network, temporary))
-            files.write(models.description_path(weights), utils.json_writer(self.config.description()))
-            files.commit()
+
+        def save_weights(temporary):
+            try:
+                layers_builder.save_weights(self.network, temporary)
+            except utils.OutputError as error:
+                raise utils.OutputError(f"{weights}: {str(error).removeprefix(f'{temporary}: ')}") from None
+
+        try:
+            with utils.AtomicFiles() as files:
+                files.write(weights, save_weights)
+                files.write(models.description_path(weights), utils.json_writer(self.config.description()))
+                files.commit()
+        except utils.OutputError as error:
+            raise self.write_failure(error) from None
         return weights
 
     def run(self, start):
@@ -237,13 +285,18 @@ class Trainer:
             while self.iteration < settings.iterations and interruptions.received is None:
                 results = self.take_step(step, iterator)
                 iteration = self.iteration
+                if iteration == start + 1 and self.on_first_iteration is not None:
+                    self.on_first_iteration()
                 now = time.perf_counter()
                 row = {**results, "iteration": iteration, "lr": self.learning_rate(iteration - 1),
                        "images_per_s": settings.batch / (now - clock), "val_miou": None}
                 last = iteration == settings.iterations
                 if settings.val_every and (iteration % settings.val_every == 0 or last):
                     row["val_miou"] = self.validate()
-                log.write(row)
+                try:
+                    log.write(row)
+                except TrainingError as error:
+                    raise self.write_failure(error) from None
                 if iteration % settings.checkpoint_every == 0 or last:
                     self.checkpoint()
                 bar.set_postfix(loss=f"{results['loss']:.4f}", refresh=False)

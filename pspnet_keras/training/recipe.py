@@ -1,9 +1,12 @@
-"""The numbers of PSPNet's training recipe, without TensorFlow (train.py's --help shows them).
+"""The numbers of PSPNet's training recipe and the Settings of a run, without TensorFlow (train.py's --help
+shows them).
 
 Zhao et al., "Pyramid Scene Parsing Network", CVPR 2017, §4 and §5.1, and the
 authors' re-implementation hszhao/semseg (config/*/*_pspnet*.yaml,
 util/transform.py, model/pspnet.py, tool/train.py).
 """
+
+import dataclasses
 
 from pspnet_keras import models
 
@@ -37,3 +40,23 @@ MIRROR_PROBABILITY = 0.5
 # RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0), whose kernel for 5
 # taps and sigma 0 is OpenCV's fixed binomial one (getGaussianKernel), in rows and columns.
 BLUR_KERNEL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+
+
+@dataclasses.dataclass
+class Settings:
+    """What a run trains: the recipe's hyper-parameters and the run's bookkeeping intervals."""
+
+    iterations: int
+    batch: int
+    crop_size: int
+    lr: float = BASE_LR
+    momentum: float = MOMENTUM
+    weight_decay: float = WEIGHT_DECAY
+    power: float = POLY_POWER
+    aux_weight: float = AUX_WEIGHT
+    head_lr_mult: float = HEAD_LR_MULTIPLIER
+    train_bn: bool = False
+    seed: int = 0
+    precision: str = "float32"
+    val_every: int = 0
+    checkpoint_every: int = 1000

@@ -13,3 +13,8 @@ TENSORBOARD_DIR = "tensorboard"
 # The trained model's name, and the stem of its weights file and description.
 FINAL_STEM = "final"
 FINAL_WEIGHTS_NAME = f"{FINAL_STEM}.h5"
+FINAL_DESCRIPTION_NAME = f"{FINAL_STEM}.json"
+# Every file a run writes in OUT, and the names of the files it writes in OUT/tensorboard/: TensorFlow's
+# event files (tf.summary.create_file_writer, "events.out.tfevents.<time>.<host>...").
+RUN_FILE_NAMES = (RUN_RECORD_NAME, CHECKPOINT_NAME, LOG_NAME, FINAL_WEIGHTS_NAME, FINAL_DESCRIPTION_NAME)
+EVENT_FILE_PREFIX = "events.out.tfevents."
