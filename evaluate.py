@@ -25,6 +25,8 @@ the save dir's record and predictions); an existing report is replaced only with
 Every file is written atomically.
 """
 
+import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
+
 import argparse
 import json
 import os

@@ -21,6 +21,8 @@ the memory the batch of crops needs. Nothing is written in OUT before the first
 iteration is done, so a run that fails before leaves OUT as it was.
 """
 
+import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
+
 import argparse
 import json
 import os
@@ -175,10 +177,8 @@ def out_problem(out):
     """Why the run cannot write in OUT, or None: not a directory, on a read-only file system, not writable."""
     if os.path.lexists(out) and not out.is_dir():
         return "not a directory; choose another --out"
-    existing = cli.existing_ancestor(out)
-    if existing.is_dir() and os.statvfs(existing).f_flag & os.ST_RDONLY:
-        return f"cannot write in {existing} (read-only file system); choose another --out"
-    return cli.directory_problem(out)
+    problem = cli.directory_problem(out)
+    return f"{problem}; choose another --out" if problem else None
 
 
 def check_out(out):
