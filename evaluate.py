@@ -139,17 +139,11 @@ def json_kind(value):
     return "null" if value is None else JSON_KINDS.get(type(value), "an object")
 
 
-def read_small_json(path, max_bytes):
-    """The JSON value of the regular file at `path`, read only when it has at most `max_bytes`;
-    ValueError saying why not otherwise (OSError where it cannot be read)."""
-    problem = utils.file_problem(path)
-    if problem:
-        raise ValueError(problem)
-    with open(path, "rb") as file:
-        content = file.read(max_bytes + 1)
-    if len(content) > max_bytes:
-        raise ValueError(f"larger than {max_bytes // 1024} KiB")
-    return json.loads(content.decode("utf-8"))
+def read_small_json(path, max_bytes, what):
+    """The JSON value of the regular file at `path`, read only when it holds at most `max_bytes`
+    (utils.read_small_file; `what` it should be); utils.FileError where it cannot be read,
+    ValueError or RecursionError where it is not JSON."""
+    return json.loads(utils.read_small_file(path, max_bytes, what).decode("utf-8"))
 
 
 def read_prediction_record(save_dir):
@@ -159,14 +153,12 @@ def read_prediction_record(save_dir):
     if not os.path.lexists(record):
         return None
     advice = "delete it or choose another --save-dir"
-    problem = utils.file_problem(record)
-    if problem:
-        raise cli.CommandError(f"{record}: {problem}; {advice}")
     try:
-        recorded = read_small_json(record, MAX_RECORD_BYTES)
-    except (OSError, ValueError, RecursionError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise cli.CommandError(f"{record}: unreadable ({reason}); {advice}") from None
+        recorded = read_small_json(record, MAX_RECORD_BYTES, "a prediction record")
+    except utils.FileError as error:
+        raise cli.CommandError(f"{error}; {advice}") from None
+    except (ValueError, RecursionError) as error:
+        raise cli.CommandError(f"{record}: unreadable ({error}); {advice}") from None
     if not isinstance(recorded, dict):
         raise cli.CommandError(
             f"{record}: holds {json_kind(recorded)}, not the JSON object of prediction settings this "
@@ -339,8 +331,8 @@ def is_own_report(path):
     """Whether `path` holds a report of this program: a regular file of at most MAX_REPORT_BYTES
     holding a JSON object of the report's fields."""
     try:
-        report = read_small_json(path, MAX_REPORT_BYTES)
-    except (OSError, ValueError, RecursionError):
+        report = read_small_json(path, MAX_REPORT_BYTES, "a report")
+    except (ValueError, RecursionError):
         return False
     return isinstance(report, dict) and set(report) == REPORT_FIELDS and isinstance(report["settings"], dict)
 

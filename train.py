@@ -154,12 +154,9 @@ def read_run_record(out):
     if problem:
         raise cli.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
     try:
-        size = os.stat(path).st_size
-        if size > MAX_RECORD_BYTES:
-            raise cli.CommandError(f"{path}: {size} bytes; not the record of a train.py run (one takes under 1 KiB)")
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise cli.CommandError(f"{path}: cannot read ({error.strerror or error})") from None
+        record = json.loads(utils.read_small_file(path, MAX_RECORD_BYTES, "the record of a train.py run"))
+    except utils.FileError as error:
+        raise cli.CommandError(str(error)) from None
     except (ValueError, RecursionError) as error:
         raise cli.CommandError(f"{path}: not valid JSON ({str(error)[:80]})") from None
     if not isinstance(record, dict):

@@ -29,7 +29,11 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 SAVE_OPTIONS = {"JPEG": {"quality": 95, "subsampling": 0}, "PNG": {"compress_level": 1}}
 
 
-class ImageError(ValueError):
+class FileError(ValueError):
+    """A file that cannot be read or written; the message is one line naming the file and the problem."""
+
+
+class ImageError(FileError):
     """An image file that cannot be read or written.
 
     The message is one line naming the file and the problem.
@@ -72,6 +76,27 @@ def file_problem(path, replace=False, what="file"):
     if not replace and not os.access(name, os.R_OK):
         return "cannot read (permission denied)"
     return None
+
+
+def read_small_file(path, max_bytes, what):
+    """The bytes of the readable regular file at `path`, which may hold at most `max_bytes` (nothing
+    beyond them is read): a description, a record or a list, which no real one makes larger.
+
+    Raises FileError naming the file and what stops it being read: file_problem's reason (a
+    FIFO is never opened), "larger than N KiB, too large for `what`", or the read's error.
+    """
+    name = os.fspath(path)
+    problem = file_problem(name)
+    if problem:
+        raise FileError(f"{name}: {problem}")
+    try:
+        with open(name, "rb") as file:
+            content = file.read(max_bytes + 1)
+    except OSError as error:
+        raise FileError(f"{name}: cannot read ({error.strerror or error})") from None
+    if len(content) > max_bytes:
+        raise FileError(f"{name}: larger than {max_bytes // 1024} KiB, too large for {what}")
+    return content
 
 
 def read_image(path):

@@ -292,17 +292,14 @@ SAMPLE_FINDERS = {
 def read_text(path, what, max_bytes):
     """The text of a UTF-8 file of the dataset of at most `max_bytes`, without a byte-order mark;
     DataRootError naming it otherwise. Nothing beyond `max_bytes` is read."""
-    problem = utils.file_problem(path)
-    if problem:
-        raise DataRootError(f"{path}: {problem}")
     try:
-        with open(path, "rb") as file:
-            content = file.read(max_bytes + 1)
-        if len(content) > max_bytes:
-            raise DataRootError(f"{path}: larger than {max_bytes // 1024} KiB, too large for {what}")
+        content = utils.read_small_file(path, max_bytes, what)
+    except utils.FileError as error:
+        raise DataRootError(str(error)) from None
+    try:
         return content.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataRootError(f"{path}: cannot read {what} ({getattr(error, 'strerror', None) or error})") from None
+    except UnicodeDecodeError as error:
+        raise DataRootError(f"{path}: cannot read {what} ({error})") from None
 
 
 def content_lines(text):

@@ -335,18 +335,10 @@ def config_from_description(data, path, name):
 def description_text(path):
     """The text of the description file at `path`: a readable regular file of at most
     MAX_DESCRIPTION_BYTES, in UTF-8; ModelDescriptionError naming the file otherwise."""
-    problem = utils.file_problem(path)
-    if problem:
-        raise ModelDescriptionError(f"{path}: {problem}")
     try:
-        with open(path, "rb") as file:
-            content = file.read(MAX_DESCRIPTION_BYTES + 1)
-    except OSError as error:
-        raise ModelDescriptionError(f"{path}: cannot read ({error.strerror or error})") from None
-    if len(content) > MAX_DESCRIPTION_BYTES:
-        raise ModelDescriptionError(
-            f"{path}: larger than {MAX_DESCRIPTION_BYTES // 1024} KiB, too large for a model description"
-        )
+        content = utils.read_small_file(path, MAX_DESCRIPTION_BYTES, "a model description")
+    except utils.FileError as error:
+        raise ModelDescriptionError(str(error)) from None
     try:
         return content.decode("utf-8")
     except UnicodeDecodeError as error:

@@ -341,7 +341,7 @@ def test_a_special_file_among_the_predictions_is_never_opened(tmp_path, network,
      "field 'note' is none of the prediction settings (model, model_sha256, weights_sha256, sliding, flip, "
      "multi_scale)"),
     (json.dumps({"model": "m" * 300}), "field 'model' is longer than 255 characters"),
-    (" " * 70000 + "{}", "unreadable (larger than 64 KiB)"),
+    (" " * 70000 + "{}", "larger than 64 KiB, too large for a prediction record"),
     ('{"model": ', "unreadable (Expecting value: line 1 column 11 (char 10))"),
 ])
 def test_a_malformed_prediction_record_is_one_line(tmp_path, network, capsys, content, problem):

@@ -32,7 +32,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -428,18 +427,16 @@ def test_a_missing_field_of_run_json_is_named(dataset_root, tmp_path):
         ("", "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
         ("[" * 100_000 + "]" * 100_000, "not valid JSON (maximum recursion depth exceeded"),
         (b'{"dataset": "\xff"}', "not valid JSON ('utf-8' codec can't decode byte 0xff in position 13"),
-        (" " * (2 << 20), f"{2 << 20} bytes; not the record of a train.py run (one takes under 1 KiB)"),
+        (" " * (2 << 20), "larger than 1024 KiB, too large for the record of a train.py run"),
     ],
 )
-def test_a_run_json_that_is_no_record_is_one_line(text, problem, dataset_root, tmp_path):
+def test_a_run_json_that_is_no_record_is_one_line(text, problem, dataset_root, tmp_path, no_tensorflow_work):
     out = tmp_path / "out"
     out.mkdir()
     path = out / "run.json"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    started = time.monotonic()
     code, line = refusal("--data", dataset_root, "--out", out, "--resume")
     assert code == 1 and line.startswith(f"train.py: error: {path}: {problem}"), line
-    assert time.monotonic() - started < 1.0
 
 
 def test_a_relative_init_in_run_json_is_taken_from_the_runs_folder(dataset_root, tmp_path, monkeypatch):
@@ -706,13 +703,10 @@ def test_a_tf_config_cluster_tells_the_chief(monkeypatch):
     ],
 )
 def test_a_batch_beyond_the_memory_is_refused_at_once(flags, share, crop, dataset_root, tmp_path, no_tensorflow_work):
-    started = time.monotonic()
     code, line = refusal("--data", dataset_root, "--init", "pspnet50_ade20k", *flags, "--out", tmp_path / "out")
-    elapsed = time.monotonic() - started
     found = MEMORY_LINE.fullmatch(line)
     assert code == 1 and found, line
     assert found.groups() == (str(share), str(crop), str(share), str(crop))
-    assert elapsed < 1.0
     assert not (tmp_path / "out").exists()
 
 

@@ -681,3 +681,19 @@ def test_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda name, mode: os.fspath(name) != os.fspath(path))
     assert utils.file_problem(path) == "cannot read (permission denied)"
     assert utils.file_problem(path, replace=True) is None
+
+
+def test_read_small_file_reads_what_fits_and_never_opens_a_fifo(tmp_path):
+    small = tmp_path / "small.json"
+    small.write_bytes(b"{}")
+    assert utils.read_small_file(small, 2, "a record") == b"{}"
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as file:
+        file.truncate(1 << 30)  # a sparse gigabyte: only the first bytes are read
+    with pytest.raises(utils.FileError) as refused:
+        utils.read_small_file(huge, 1024, "a record")
+    assert str(refused.value) == f"{huge}: larger than 1 KiB, too large for a record"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(utils.FileError) as refused:
+        utils.read_small_file(tmp_path / "fifo", 1024, "a record")
+    assert str(refused.value) == f"{tmp_path / 'fifo'}: is a FIFO, not a regular file"
