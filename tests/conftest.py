@@ -4,6 +4,8 @@ TensorFlow in the test process starts as the commands start it (thread pools, on
 quiet start-up), before any test module imports Keras.
 """
 
+import signal
+
 import pytest
 
 from pspnet_keras import runtime
@@ -12,6 +14,9 @@ runtime.import_tensorflow()
 
 from helpers import SyntheticModel  # noqa: E402
 from helpers import converter_process  # noqa: E402
+
+# Seconds after which a test that blocks (a FIFO opened, say) fails instead of hanging the suite.
+HANG_LIMIT_S = 60
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +36,17 @@ def synthetic_model(tmp_path_factory):
 def run_converter():
     """run_converter(*args, cwd=None) -> CompletedProcess of `python weight_converter.py *args`."""
     return converter_process
+
+
+@pytest.fixture
+def hang_guard():
+    """Fails the test, instead of letting it hang, when it runs longer than HANG_LIMIT_S (SIGALRM)."""
+
+    def hung(signum, frame):
+        raise TimeoutError(f"the test blocked for {HANG_LIMIT_S} s: something opened a path that is no regular file")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(HANG_LIMIT_S)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

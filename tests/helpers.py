@@ -120,3 +120,22 @@ def output_files(stem, ext, probs=True):
     if probs:
         files["probs_npy"] = f"{stem}_probs.npy"
     return {kind: Path(name) for kind, name in files.items()}
+
+
+def folder_snapshot(folder):
+    """What `folder` holds, to compare before and after: {relative path: a file's bytes, a link's target,
+    or the kind of anything else ("folder", "not a regular file")}, hidden files included."""
+    found = {}
+    for directory, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(directory) / name
+            key = str(path.relative_to(folder))
+            if path.is_symlink():
+                found[key] = ("link", os.readlink(path))
+            elif path.is_dir():
+                found[key] = "folder"
+            elif path.is_file():
+                found[key] = path.read_bytes()
+            else:
+                found[key] = "not a regular file"
+    return found

@@ -29,7 +29,6 @@ from pspnet_keras import segmenter
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 30, 40
 # Seconds a test may take before a hang (a FIFO opened for reading) is reported as a failure.
-HANG_LIMIT_S = 60
 
 # cityscapesScripts labels.py, (labelId: name, trainId), typed in from the official table.
 OFFICIAL_CITYSCAPES_TRAIN_IDS = {
@@ -110,20 +109,6 @@ def restore_sigterm():
     previous = signal.getsignal(signal.SIGTERM)
     yield
     signal.signal(signal.SIGTERM, previous)
-
-
-@pytest.fixture
-def hang_guard():
-    """Fails the test, instead of hanging, when it runs longer than HANG_LIMIT_S."""
-
-    def hung(signum, frame):
-        raise TimeoutError(f"the test hung for {HANG_LIMIT_S} s")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(HANG_LIMIT_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 def save_colour_image(path, class_ids):

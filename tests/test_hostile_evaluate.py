@@ -44,11 +44,10 @@ from test_evaluate import save_label
 from test_evaluate import skipped_line
 from test_evaluate import write_user_model
 
-# The fixtures of tests/test_evaluate.py: the stand-in network, dummy weights, SIGTERM restored, hangs caught.
+# The fixtures of tests/test_evaluate.py: the stand-in network, dummy weights, SIGTERM restored.
 network = test_evaluate.network
 weights = test_evaluate.weights
 restore_sigterm = test_evaluate.restore_sigterm
-hang_guard = test_evaluate.hang_guard
 
 IMAGE_STAMP = "pspnet-keras image sha256"
 SETTINGS_STAMP = "pspnet-keras settings sha256"

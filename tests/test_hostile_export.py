@@ -40,6 +40,7 @@ import pytest
 import tensorflow as tf
 
 import export
+from helpers import folder_snapshot
 from pspnet_keras import download
 from pspnet_keras import models
 from pspnet_keras.export import transaction
@@ -80,25 +81,6 @@ RESULT_LINE = (
 
 # ---------------------------------------------------------------------------------------
 # Helpers and fixtures
-
-
-def snapshot(folder):
-    """What `folder` holds, to compare before and after: {relative path: a file's bytes, a link's target,
-    or the kind of anything else}, hidden files included."""
-    found = {}
-    for directory, folders, files in os.walk(folder):
-        for name in folders + files:
-            path = Path(directory) / name
-            key = str(path.relative_to(folder))
-            if path.is_symlink():
-                found[key] = ("link", os.readlink(path))
-            elif path.is_dir():
-                found[key] = "folder"
-            elif path.is_file():
-                found[key] = path.read_bytes()
-            else:
-                found[key] = "not a regular file"
-    return found
 
 
 def write_files(folder, files):
@@ -245,23 +227,23 @@ def stopped(args, staging_glob, signum):
 def test_saved_model_folder_holding_the_weights_is_never_replaced(tmp_path, weights, output, problem, overwrite):
     stand_in_model(tmp_path, weights)
     write_files(tmp_path / output, {"README": b"the user's notes", "saved_model.pb": b"old graph"})
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", tmp_path / weights, "--format", "saved_model", "-o", tmp_path / output, *overwrite)
     assert result.code == 1
     assert only_error_line(result.stderr) == f"export.py: error: {tmp_path / output}: {problem.format(tmp_path)}"
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_saved_model_folder_around_the_working_directory_weights_is_never_replaced(tmp_path, monkeypatch):
     stand_in_model(tmp_path / "sm")
     monkeypatch.chdir(tmp_path / "sm")
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", "final.h5", "--format", "saved_model", "-o", "../sm", OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         "export.py: error: ../sm: holds the weights file final.h5, which this command reads; it is never replaced"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -278,13 +260,13 @@ def test_saved_model_folder_around_the_working_directory_weights_is_never_replac
 def test_folder_holding_what_a_saved_model_is_not_made_of_is_never_replaced(tmp_path, files, shown):
     weights = stand_in_model(tmp_path)
     write_files(tmp_path / "sm", {**OLD_SAVED_MODEL, **files})
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "saved_model", "-o", tmp_path / "sm", OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {tmp_path / 'sm'}: holds files that it would lose ({shown}); refusing to replace it"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -297,13 +279,13 @@ def test_existing_export_is_replaced_only_with_overwrite(tmp_path, fake_export, 
     (tmp_path / "empty").mkdir()
     write_files(tmp_path, {"m.onnx": OLD_FILE, "m.keras": OLD_FILE})
     (tmp_path / "dangling").symlink_to("nowhere")
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", file_format, "-o", tmp_path / old)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {tmp_path / old}: exists; pass --overwrite to replace it, or choose another path"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
     replaced = run_main("-w", weights, "--format", file_format, "-o", tmp_path / old, OVERWRITE)
     assert replaced.code == 0, replaced.stderr
     if file_format == "saved_model":
@@ -312,7 +294,7 @@ def test_existing_export_is_replaced_only_with_overwrite(tmp_path, fake_export, 
     else:
         written = {old: NEW_EXPORT}
     kept = {name: value for name, value in before.items() if name != old and not name.startswith(old + "/")}
-    assert snapshot(tmp_path) == {**kept, **written, f"{Path(old).stem}.json": WRITTEN_DESCRIPTION}
+    assert folder_snapshot(tmp_path) == {**kept, **written, f"{Path(old).stem}.json": WRITTEN_DESCRIPTION}
 
 
 WEIGHTS_AS_OUTPUT = ["final{}", "./final{}", "{tmp}/final{}", "symbolic{}", "hard{}", "sub/../final{}"]
@@ -336,21 +318,21 @@ def test_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, monkey
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path)
     output = output.format(suffix, tmp=tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights.name, "--format", file_format, "-o", output, OVERWRITE)
     assert result.code == 1
     read = weights.name if what == "the weights file" else "final.json"
     assert only_error_line(result.stderr) == (
         f"export.py: error: {Path(output)}: is {what} {read}, which this command reads; it is never replaced"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("file_format, output", [("onnx", "weights/pspnet50_ade20k.h5"), ("saved_model", "weights")])
 def test_released_models_default_weights_are_never_replaced(tmp_path, monkeypatch, file_format, output):
     monkeypatch.setattr(download, "WEIGHTS_DIR", tmp_path / "weights")
     write_files(tmp_path, {"weights/pspnet50_ade20k.h5": b"the released weights"})
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-m", "pspnet50_ade20k", "--format", file_format, "-o", tmp_path / output, OVERWRITE)
     assert result.code == 1
     weights = tmp_path / "weights" / "pspnet50_ade20k.h5"
@@ -359,7 +341,7 @@ def test_released_models_default_weights_are_never_replaced(tmp_path, monkeypatc
         f"export.py: error: {tmp_path / output}: {problem} the weights file {weights}, which this command reads; "
         "it is never replaced"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,14 +353,14 @@ def test_another_models_description_beside_the_export_needs_overwrite(tmp_path, 
     weights = stand_in_model(tmp_path / "a")
     path = tmp_path / "b" / OUTPUTS[file_format]
     write_files(tmp_path / "b", {models.description_path(path).name: OTHER_DESCRIPTION})
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", file_format, "-o", path)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {models.description_path(path)} (the model's description, written beside the export): "
         "exists; pass --overwrite to replace it, or choose another path"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind, problem", [("fifo", "exists and is not a regular file; refusing to replace it"),
@@ -391,13 +373,13 @@ def test_description_place_that_is_not_a_file_is_never_replaced(tmp_path, kind, 
         os.mkfifo(json_path)
     else:
         json_path.mkdir()
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "onnx", "-o", tmp_path / "b" / "m.onnx", OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {json_path} (the model's description, written beside the export): {problem}"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_another_models_description_is_replaced_with_overwrite(tmp_path, fake_export):
@@ -422,12 +404,12 @@ def test_models_own_description_beside_the_export_is_left_as_it_is(tmp_path, fak
         else:
             os.link(tmp_path / "final.json", path.with_suffix(".json"))
     identity = os.stat(tmp_path / "final.json").st_ino
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "onnx", "-o", path, OVERWRITE)
     assert result.code == 0, result.stderr
     assert result.stdout == RESULT_LINE.format(path, "onnx opset 17", "ONNX Runtime")
     assert path.read_bytes() == NEW_EXPORT
-    assert snapshot(tmp_path) == {**before, str(path.relative_to(tmp_path)): NEW_EXPORT}
+    assert folder_snapshot(tmp_path) == {**before, str(path.relative_to(tmp_path)): NEW_EXPORT}
     assert os.stat(tmp_path / "final.json").st_ino == identity
 
 
@@ -462,11 +444,11 @@ def test_output_that_cannot_be_an_export_is_refused(tmp_path, monkeypatch, file_
     (tmp_path / "link").symlink_to("file")
     (tmp_path / "device").symlink_to(os.devnull)
     monkeypatch.chdir(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", file_format, "-o", output, OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == f"export.py: error: {problem.format(tmp_path)}"
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -485,12 +467,12 @@ def test_weights_that_are_not_a_regular_file_are_named(tmp_path, monkeypatch, we
     (tmp_path / "dangling.h5").symlink_to("absent.h5")
     (tmp_path / "folder.h5").mkdir()
     monkeypatch.chdir(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "onnx", "-o", "m.onnx")
     assert result.code == 1
     expected = f"{weights}: {problem}" if problem else "-w: the weights path is empty"
     assert only_error_line(result.stderr) == f"export.py: error: {expected}"
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_weights_that_are_a_fifo_are_named_without_blocking(tmp_path):
@@ -517,14 +499,14 @@ def test_name_longer_than_the_file_system_takes_is_refused_before_any_work(tmp_p
                                                                            output, named):
     weights = stand_in_model(tmp_path)
     monkeypatch.chdir(tmp_path)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", file_format, "-o", output)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {named.format(Path(output).stem if '.json' in named else output)}cannot write (File "
         "name too long)"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_longest_name_the_file_system_takes_is_written(tmp_path, monkeypatch, fake_export):
@@ -546,7 +528,7 @@ def test_rename_failing_at_any_step_of_the_swap_leaves_the_old_export(
 ):
     weights = stand_in_model(tmp_path)
     path = old_exports(tmp_path, "saved_model")
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     failing_renames(monkeypatch, {failing_call})
     result = run_main("-w", weights, "--format", "saved_model", "-o", path, OVERWRITE)
     assert result.code == 1
@@ -554,7 +536,7 @@ def test_rename_failing_at_any_step_of_the_swap_leaves_the_old_export(
         f"export.py: error: {path.parent / failing_target}: cannot write (No space left on device); "
         "nothing was written"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_swap_that_cannot_be_undone_keeps_the_old_export_and_names_where(tmp_path, monkeypatch, fake_export):
@@ -580,21 +562,21 @@ def test_signal_during_the_write_leaves_the_old_export(tmp_path, monkeypatch, fa
     weights = stand_in_model(tmp_path)
     path = old_exports(tmp_path, file_format)
     monkeypatch.setitem(writers.WRITERS, file_format, interrupting(signum, stand_in_writer(file_format)))
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", file_format, "-o", path, OVERWRITE)
     assert (result.code, result.stderr, result.stdout) == (code, f"export.py: {reason}\n", "")
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_the_swap_waits_for_it_and_undoes_it(tmp_path, monkeypatch, fake_export, signum, code):
     weights = stand_in_model(tmp_path)
     path = old_exports(tmp_path, "saved_model")
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     monkeypatch.setattr(os, "rename", interrupting(signum, os.rename))
     result = run_main("-w", weights, "--format", "saved_model", "-o", path, OVERWRITE)
     assert result.code == code
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("output", ["old", "new/deeper/sm"])
@@ -608,10 +590,10 @@ def test_signal_during_the_clean_up_of_a_failed_export_waits_for_it(tmp_path, mo
     monkeypatch.setattr(transaction, "check_export", failing_check)
     rmtree = interrupting(signal.SIGINT, transaction.shutil.rmtree, first=True)
     monkeypatch.setattr(transaction.shutil, "rmtree", rmtree)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "saved_model", "-o", path, OVERWRITE)
     assert (result.code, result.stderr) == (130, "export.py: interrupted\n")
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_signal_once_the_new_export_is_in_place_leaves_it_whole(tmp_path, monkeypatch, fake_export):
@@ -621,7 +603,7 @@ def test_signal_once_the_new_export_is_in_place_leaves_it_whole(tmp_path, monkey
     monkeypatch.setattr(transaction.shutil, "rmtree", rmtree)
     result = run_main("-w", weights, "--format", "saved_model", "-o", path, OVERWRITE)
     assert (result.code, result.stderr) == (143, "export.py: terminated\n")
-    assert snapshot(tmp_path / "out") == {
+    assert folder_snapshot(tmp_path / "out") == {
         "sm": "folder", "sm.json": WRITTEN_DESCRIPTION,
         "sm/saved_model.pb": NEW_EXPORT, "sm/variables": "folder", "sm/variables/variables.index": NEW_EXPORT,
     }
@@ -669,13 +651,13 @@ def test_write_failure_is_one_line_and_leaves_the_old_export(tmp_path, monkeypat
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setitem(writers.WRITERS, "saved_model", failing_writer)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "saved_model", "-o", path, OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {path}: cannot write ({os.strerror(code)}); nothing was written"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("output", ["new/deeper/m.onnx", "kept/new/m.onnx"])
@@ -688,13 +670,13 @@ def test_folders_made_for_a_failed_export_are_removed(tmp_path, monkeypatch, fak
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
     monkeypatch.setitem(writers.WRITERS, "onnx", failing_writer)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "onnx", "-o", tmp_path / output)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {tmp_path / output}: cannot write (File too large); nothing was written"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 def test_description_write_failure_names_the_description(tmp_path, monkeypatch, fake_export):
@@ -708,13 +690,13 @@ def test_description_write_failure_names_the_description(tmp_path, monkeypatch, 
         return write
 
     monkeypatch.setattr(transaction.utils, "json_writer", full_disk)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = run_main("-w", weights, "--format", "keras", "-o", path, OVERWRITE)
     assert result.code == 1
     assert only_error_line(result.stderr) == (
         f"export.py: error: {path.with_suffix('.json')}: cannot write (No space left on device); nothing was written"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -743,7 +725,7 @@ def test_tensorflows_disk_errors_are_told_by_their_errno(error, found):
 @pytest.mark.parametrize("file_format", ["saved_model", "keras", "litert"])
 def test_file_size_limit_in_every_format_leaves_the_old_export(tmp_path, user_h5, file_format):  # noqa: F811
     path = old_exports(tmp_path, file_format)
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = subprocess.run(
         [sys.executable, str(EXPORT), "-w", str(user_h5), "--format", file_format, "-o", str(path), OVERWRITE],
         capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size,
@@ -752,7 +734,7 @@ def test_file_size_limit_in_every_format_leaves_the_old_export(tmp_path, user_h5
     assert only_error_line(result.stderr) == (
         f"export.py: error: {path}: cannot write (File too large); nothing was written"
     )
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.mark.slow
@@ -810,12 +792,12 @@ def test_folder_without_write_permission_is_named(tmp_path, monkeypatch):
                                                   (signal.SIGTERM, 143, "terminated")])
 def test_signal_during_a_real_export_leaves_the_old_export(tmp_path, user_h5, signum, code, reason):  # noqa: F811
     path = old_exports(tmp_path, "saved_model")
-    before = snapshot(tmp_path)
+    before = folder_snapshot(tmp_path)
     result = stopped(
         ["-w", user_h5, "--format", "saved_model", "-o", path, OVERWRITE], str(path.parent / ".sm.*.tmp"), signum
     )
     assert (result.returncode, result.stderr, result.stdout) == (code, f"export.py: {reason}\n", "")
-    assert snapshot(tmp_path) == before
+    assert folder_snapshot(tmp_path) == before
 
 
 @pytest.fixture(scope="module")
@@ -843,10 +825,10 @@ def test_real_export_replaces_the_whole_older_saved_model_and_description(replac
 def test_real_export_is_not_replaced_without_overwrite(replaced_saved_model, user_h5):  # noqa: F811
     result, path = replaced_saved_model
     assert result.returncode == 0, result.stderr
-    before = snapshot(path.parent)
+    before = folder_snapshot(path.parent)
     again = run_main("-w", user_h5, "--format", "saved_model", "-o", path)
     assert again.code == 1
     assert only_error_line(again.stderr) == (
         f"export.py: error: {path}: exists; pass --overwrite to replace it, or choose another path"
     )
-    assert snapshot(path.parent) == before
+    assert folder_snapshot(path.parent) == before

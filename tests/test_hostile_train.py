@@ -44,6 +44,7 @@ from PIL import Image
 
 import train
 import utils
+from helpers import folder_snapshot
 from pspnet_keras import download
 from pspnet_keras import models
 from pspnet_keras import runtime
@@ -63,7 +64,6 @@ from test_train import write_folders_dataset
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # A test that something would block on (a FIFO opened for reading) fails after this many seconds.
-HANG_SECONDS = 20
 CROP = "41"
 # The record of a run train.py writes in OUT/run.json (recorded_values), for the --resume cases.
 RECORD = {
@@ -85,20 +85,6 @@ def dataset_root(tmp_path_factory):
 
 
 @pytest.fixture
-def no_hang():
-    """Fails the test instead of letting it block (SIGALRM after HANG_SECONDS)."""
-
-    def blocked(signum, frame):
-        raise TimeoutError(f"blocked for {HANG_SECONDS} s: something opened a path that is not a regular file")
-
-    previous = signal.signal(signal.SIGALRM, blocked)
-    signal.alarm(HANG_SECONDS)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture
 def no_tensorflow_work(monkeypatch):
     """Fails the test if train.py gets as far as making its distribution strategy (TensorFlow's first work)."""
 
@@ -114,22 +100,6 @@ def refusal(*args):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and not stdout, (code, stdout, stderr)
     return code, lines[0]
-
-
-def contents(folder):
-    """{name: bytes, or a marker for what is not a regular file} of everything under `folder`, recursively."""
-    found = {}
-    for path in sorted(Path(folder).rglob("*")):
-        name = str(path.relative_to(folder))
-        if path.is_symlink():
-            found[name] = ("link", os.readlink(path))
-        elif path.is_fifo():
-            found[name] = "fifo"
-        elif path.is_dir():
-            found[name] = "dir"
-        else:
-            found[name] = path.read_bytes()
-    return found
 
 
 def make_special(path, kind):
@@ -180,11 +150,11 @@ def test_a_new_run_refuses_each_file_it_would_write_and_leaves_it(name, dataset_
         (out / name / "events.out.tfevents.1.host.1.v2").write_bytes(b"an earlier run's events")
     else:
         (out / name).write_bytes(b"the user's own " + name.encode())
-    before = contents(out)
+    before = folder_snapshot(out)
     code, line = refusal("--data", dataset_root, "--init", "pspnet50_ade20k", "--crop", CROP, "--out", out)
     assert (code, line) == (1, f"train.py: error: {out / name}: exists; pass --overwrite to replace it, or choose "
                                "another path")
-    assert contents(out) == before
+    assert folder_snapshot(out) == before
 
 
 @pytest.mark.parametrize("name", ["run.json", "checkpoint.h5"])
@@ -206,12 +176,12 @@ def test_overwrite_accepts_an_earlier_runs_files_and_changes_nothing_before_the_
     (out / "tensorboard" / "events.out.tfevents.1.host.1.v2").write_bytes(b"events")
     for name in ("run.json", "checkpoint.h5", "log.csv", "final.h5", "final.json"):
         (out / name).write_bytes(b"earlier " + name.encode())
-    before = contents(out)
+    before = folder_snapshot(out)
     # The outputs pass; the next check (the batch's memory) stops the run, before any write.
     code, line = refusal("--data", dataset_root, "--init", "pspnet50_ade20k", "--crop", CROP, "--batch", 10**9,
                          "--out", out, "--overwrite")
     assert code == 1 and MEMORY_LINE.fullmatch(line), line
-    assert contents(out) == before
+    assert folder_snapshot(out) == before
 
 
 @pytest.mark.parametrize(
@@ -226,15 +196,15 @@ def test_overwrite_accepts_an_earlier_runs_files_and_changes_nothing_before_the_
          "tensorboard: exists and is not a folder; refusing to replace it"),
     ],
 )
-def test_overwrite_never_replaces_what_is_not_an_earlier_runs_file(make, problem, dataset_root, tmp_path, no_hang):
+def test_overwrite_never_replaces_what_is_not_an_earlier_runs_file(make, problem, dataset_root, tmp_path, hang_guard):
     out = tmp_path / "out"
     out.mkdir()
     make(out)
-    before = contents(out)
+    before = folder_snapshot(out)
     code, line = refusal("--data", dataset_root, "--init", "pspnet50_ade20k", "--crop", CROP, "--out", out,
                          "--overwrite")
     assert (code, line) == (1, f"train.py: error: {out}/{problem}")
-    assert contents(out) == before
+    assert folder_snapshot(out) == before
 
 
 def test_no_output_replaces_the_init_weights_or_their_description_even_with_overwrite(dataset_root, tmp_path):
@@ -243,12 +213,12 @@ def test_no_output_replaces_the_init_weights_or_their_description_even_with_over
     weights = out / "final.h5"
     weights.write_bytes(b"an earlier run's weights")
     write_description(weights)
-    before = contents(out)
+    before = folder_snapshot(out)
     for flags in ([], ["--overwrite"]):
         code, line = refusal("--data", dataset_root, "--init", weights, "--out", out, *flags)
         assert (code, line) == (1, f"train.py: error: {weights}: is the --init weights {weights}, which this command "
                                    "reads; it is never replaced"), flags
-        assert contents(out) == before
+        assert folder_snapshot(out) == before
     other = tmp_path / "elsewhere.h5"
     other.write_bytes(b"weights")
     write_description(other)
@@ -266,11 +236,11 @@ def test_no_output_replaces_the_init_weights_or_their_description_even_with_over
 def test_no_output_replaces_a_file_of_the_dataset_even_with_overwrite(tmp_path):
     root = write_folders_dataset(tmp_path / "data", {"train": 2}, seed=1, size=48)
     (root / "log.csv").write_text("the dataset's own log\n")
-    before = contents(root)
+    before = folder_snapshot(root)
     code, line = refusal("--data", root, "--init", "pspnet50_ade20k", "--crop", CROP, "--out", root, "--overwrite")
     assert (code, line) == (1, f"train.py: error: {root / 'log.csv'}: is a file of the dataset {root / 'log.csv'}, "
                                "which this command reads; it is never replaced")
-    assert contents(root) == before
+    assert folder_snapshot(root) == before
 
 
 @pytest.mark.parametrize(
@@ -282,7 +252,7 @@ def test_no_output_replaces_a_file_of_the_dataset_even_with_overwrite(tmp_path):
         (lambda path: path.symlink_to(path.name), "symbolic link loop"),
     ],
 )
-def test_data_must_be_a_folder(make, problem, tmp_path, no_hang, no_tensorflow_work):
+def test_data_must_be_a_folder(make, problem, tmp_path, hang_guard, no_tensorflow_work):
     root = tmp_path / "data"
     make(root)
     code, line = refusal("--data", root, "--init", "pspnet50_ade20k", "--out", tmp_path / "out")
@@ -319,7 +289,7 @@ def test_an_out_on_a_read_only_file_system_is_named_so(dataset_root, tmp_path, m
 
 @pytest.mark.parametrize("kind", list(SPECIAL_PROBLEMS))
 @pytest.mark.parametrize("name", ["checkpoint.h5", "log.csv", "final.h5"])
-def test_resume_refuses_a_run_file_that_is_not_a_regular_file(name, kind, dataset_root, tmp_path, no_hang):
+def test_resume_refuses_a_run_file_that_is_not_a_regular_file(name, kind, dataset_root, tmp_path, hang_guard):
     out = tmp_path / "out"
     write_record(out)
     make_special(out / name, kind)
@@ -328,7 +298,7 @@ def test_resume_refuses_a_run_file_that_is_not_a_regular_file(name, kind, datase
 
 
 @pytest.mark.parametrize("kind", list(SPECIAL_PROBLEMS))
-def test_resume_refuses_a_run_json_that_is_not_a_regular_file(kind, dataset_root, tmp_path, no_hang):
+def test_resume_refuses_a_run_json_that_is_not_a_regular_file(kind, dataset_root, tmp_path, hang_guard):
     out = tmp_path / "out"
     out.mkdir()
     make_special(out / "run.json", kind)
@@ -347,7 +317,7 @@ def test_resume_refuses_a_tensorboard_that_is_not_a_folder(dataset_root, tmp_pat
 
 
 @pytest.mark.parametrize("kind", list(SPECIAL_PROBLEMS))
-def test_init_weights_and_their_description_must_be_regular_files(kind, dataset_root, tmp_path, no_hang):
+def test_init_weights_and_their_description_must_be_regular_files(kind, dataset_root, tmp_path, hang_guard):
     weights = tmp_path / "weights.h5"
     make_special(weights, kind)
     code, line = refusal("--data", dataset_root, "--init", weights, "--out", tmp_path / "out")
@@ -571,7 +541,7 @@ def test_a_checkpoint_is_checked_before_anything_is_assigned(change, problem, ti
 
 
 @pytest.mark.parametrize("kind", list(SPECIAL_PROBLEMS))
-def test_restoring_a_checkpoint_that_is_not_a_regular_file_is_one_line(kind, tiny_run, tmp_path, no_hang):
+def test_restoring_a_checkpoint_that_is_not_a_regular_file_is_one_line(kind, tiny_run, tmp_path, hang_guard):
     path = tmp_path / "checkpoint.h5"
     make_special(path, kind)
     with pytest.raises(TrainingError) as raised:
