@@ -23,8 +23,6 @@ iteration is done, so a run that fails before leaves OUT as it was.
 
 import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
 
-import argparse
-import json
 import os
 import re
 import sys
@@ -38,6 +36,7 @@ from pspnet_keras import models
 from pspnet_keras import runtime
 from pspnet_keras.training import recipe
 from pspnet_keras.training import run_files
+from pspnet_keras.training import run_record
 from pspnet_keras.training.distribute import cluster_spec
 from pspnet_keras.training.distribute import distribution_strategy
 from pspnet_keras.training.distribute import is_chief
@@ -49,125 +48,15 @@ DEFAULT_OUT = "runs/train"
 DEFAULT_SEED = 0
 DEFAULT_VAL_EVERY = 0
 DEFAULT_CHECKPOINT_EVERY = 1000
-# keras.utils.set_random_seed seeds NumPy's global generator too, which takes seeds 0..2^32 - 1.
-MAX_SEED = 2**32 - 1
 # The data order counts the samples a run takes (iterations x batch) in int64 (tf.data).
 MAX_POSITIONS = 2**63 - 1
-# A run.json train.py writes is well under 1 KiB; a larger one is no such record.
-MAX_RECORD_BYTES = 1 << 20
-# Flags that fix what a run computes: a resumed run keeps the values it was started with.
-RECIPE_FLAGS = {
-    "dataset": "--dataset", "init": "--init", "crop": "--crop", "base_size": "--base-size", "batch": "--batch",
-    "iterations": "--iterations", "lr": "--lr", "momentum": "--momentum", "weight_decay": "--weight-decay",
-    "power": "--power", "aux_weight": "--aux-weight", "head_lr_mult": "--head-lr-mult", "train_bn": "--train-bn",
-    "seed": "--seed", "precision": "--precision",
-}
-# The choices of the recipe flags that take one, and the fields of run.json besides the recipe's.
-RECIPE_CHOICES = {"dataset": datasets.DATASET_NAMES, "precision": runtime.PRECISIONS}
-RECORD_FIELDS = (*RECIPE_FLAGS, "classes")
 # A flag of another command (pspnet.py and evaluate.py take the weights with -w), as library messages name it.
 WEIGHTS_FLAG = re.compile(r"(?<![\w-])-w(?![\w-])")
-
-
-def crop_size(text):
-    """argparse type: a crop size the network supports (48k - 7)."""
-    value = cli.positive_int(text)
-    problem = models.crop_size_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
-
-
-def seed_value(text):
-    """argparse type: a seed 0..MAX_SEED, what keras.utils.set_random_seed takes."""
-    value = cli.integer(0)(text)
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(
-            f"must be at most {MAX_SEED} (2^32 - 1, the largest seed keras.utils.set_random_seed takes), got {value}"
-        )
-    return value
-
-
-# The argparse type of each recipe flag that takes a number; run.json's values go through the same.
-RECIPE_TYPES = {
-    "crop": crop_size, "base_size": cli.positive_int, "batch": cli.positive_int, "iterations": cli.positive_int,
-    "seed": seed_value, "lr": cli.number(0, strictly=True), "momentum": cli.number(0, below=1),
-    "weight_decay": cli.number(0), "power": cli.number(0), "aux_weight": cli.number(0),
-    "head_lr_mult": cli.number(0, strictly=True),
-}
-INTEGER_FIELDS = ("crop", "base_size", "batch", "iterations", "seed")
-
-
-def shown(value):
-    """A JSON value as a message shows it, cut to 40 characters."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def in_train_terms(message):
     """A library's message with the weights flag of the other commands (-w) named as train.py's (--init)."""
     return WEIGHTS_FLAG.sub("--init", message)
-
-
-def record_field_problem(field, value):
-    """Why the value of a run.json field is not one the command line could have given, or None."""
-    if field in RECIPE_CHOICES:
-        if not isinstance(value, str) or value not in RECIPE_CHOICES[field]:
-            return f"must be one of {', '.join(RECIPE_CHOICES[field])}, not {shown(value)}"
-    elif field == "init":
-        if not isinstance(value, str) or not value:
-            return f"must be a released model's name or a weights file's path, not {shown(value)}"
-    elif field == "train_bn":
-        if not isinstance(value, bool):
-            return f"must be true or false, not {shown(value)}"
-    elif field == "classes":
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= models.MAX_CLASSES:
-            return f"must be an integer 1..{models.MAX_CLASSES}, not {shown(value)}"
-    elif isinstance(value, bool) or not isinstance(value, int if field in INTEGER_FIELDS else (int, float)):
-        return f"must be {'an integer' if field in INTEGER_FIELDS else 'a number'}, not {shown(value)}"
-    else:
-        try:
-            RECIPE_TYPES[field](str(value))
-        except argparse.ArgumentTypeError as error:
-            return str(error)
-    return None
-
-
-def recorded_init(path, out, init):
-    """The --init that run.json records: a released model's name, or a weights file, a relative path taken
-    from OUT (the folder of run.json); CommandError when that file cannot be read."""
-    if init in models.RELEASED_MODELS:
-        return init
-    resolved = out / init
-    problem = utils.file_problem(resolved, what="weights file")
-    if problem:
-        relative = "" if os.path.isabs(init) else f" (a relative path in run.json is taken from {out})"
-        raise cli.CommandError(f"{path}: field 'init' names {resolved}{relative}: {problem}")
-    return str(resolved)
-
-
-def read_run_record(out):
-    """The settings recorded in OUT/run.json (run_files.RUN_RECORD_NAME) by the run being resumed, every
-    field checked as the command line checks its flag; CommandError naming the file and the field."""
-    path = out / run_files.RUN_RECORD_NAME
-    problem = utils.file_problem(path)
-    if problem:
-        raise cli.CommandError(f"{path}: {problem}; there is no run to resume in {out} (start one without --resume)")
-    try:
-        record = json.loads(utils.read_small_file(path, MAX_RECORD_BYTES, "the record of a train.py run"))
-    except utils.FileError as error:
-        raise cli.CommandError(str(error)) from None
-    except (ValueError, RecursionError) as error:
-        raise cli.CommandError(f"{path}: not valid JSON ({str(error)[:80]})") from None
-    if not isinstance(record, dict):
-        raise cli.CommandError(f"{path}: not the record of a train.py run (a JSON object is expected)")
-    for field in RECORD_FIELDS:
-        if field not in record:
-            raise cli.CommandError(f"{path}: field '{field}' is missing; not the record of a train.py run")
-        problem = record_field_problem(field, record[field])
-        if problem:
-            raise cli.CommandError(f"{path}: field '{field}' {problem}")
-    return {**record, "init": recorded_init(path, out, record["init"])}
 
 
 def out_problem(out):
@@ -297,7 +186,7 @@ def recipe_values(args, record):
     A resumed run keeps its settings; a flag given with another value is refused.
     """
     values = {}
-    for dest, flag in RECIPE_FLAGS.items():
+    for dest, flag in run_record.RECIPE_FLAGS.items():
         given = getattr(args, dest)
         if record is None:
             values[dest] = given
@@ -459,13 +348,6 @@ def check_settings(settings, strategy):
         raise cli.CommandError(problem)
 
 
-def recorded_values(values, classes):
-    """What OUT/run.json records of a new run: the recipe values, --init a released model's name or its
-    absolute path (so that --resume works from any folder), and the classes."""
-    init = values["init"]
-    return {**values, "init": init if init in models.RELEASED_MODELS else os.path.abspath(init), "classes": classes}
-
-
 def remove_earlier_run(out):
     """Removes what an earlier run left in OUT that this run replaces (--overwrite; check_outputs allowed
     them): its checkpoint, its final model and its TensorBoard event files."""
@@ -544,7 +426,7 @@ def run(args):
     chief = is_chief(cluster)
     if chief:
         check_out(out)
-    record = read_run_record(out) if args.resume else None
+    record = run_record.read_run_record(out) if args.resume else None
     values = recipe_values(args, record)
     dataset, samples, val_samples = open_data(values, args)
     if record is not None:
@@ -571,7 +453,7 @@ def run(args):
     if val_samples:
         val_samples = checked_samples(val_samples, "val", args.skip_bad, quiet, dataset.root)
     model, network, optimizer = build(strategy, config, settings)
-    new_record = recorded_values(values, dataset.classes)
+    new_record = run_record.recorded_values(values, dataset.classes)
     trainer = Trainer(
         strategy, model, network, optimizer, settings, config, out, samples, val_samples,
         fingerprint=samples_fingerprint(samples, dataset.root), chief=chief, quiet=args.quiet,
@@ -642,12 +524,12 @@ def argument_parser():
              + ", ".join(f"{name}: {released}" for name, released in recipe.INIT_MODELS.items()) + ")",
     )
     model.add_argument(
-        "--crop", type=RECIPE_TYPES["crop"], metavar="S",
+        "--crop", type=run_record.RECIPE_TYPES["crop"], metavar="S",
         help="side of the square training crops, 48k - 7 (default: 473, Cityscapes 713; folders: the --init "
              "model's)",
     )
     model.add_argument(
-        "--base-size", type=RECIPE_TYPES["base_size"], metavar="N",
+        "--base-size", type=run_record.RECIPE_TYPES["base_size"], metavar="N",
         help="longer side the final model's sliding-window protocol (-s) scales images to (default: the "
              "dataset's released model's, folders: the --init model's)",
     )
@@ -658,29 +540,29 @@ def argument_parser():
 
     recipe_group = parser.add_argument_group("Recipe")
     recipe_group.add_argument(
-        "--batch", type=RECIPE_TYPES["batch"], metavar="B",
+        "--batch", type=run_record.RECIPE_TYPES["batch"], metavar="B",
         help=f"global batch, split over the replicas (default: {recipe.BATCH_SIZE})",
     )
     recipe_group.add_argument(
-        "--lr", type=RECIPE_TYPES["lr"], help=f"base learning rate (default: {recipe.BASE_LR})",
+        "--lr", type=run_record.RECIPE_TYPES["lr"], help=f"base learning rate (default: {recipe.BASE_LR})",
     )
     recipe_group.add_argument(
-        "--momentum", type=RECIPE_TYPES["momentum"], help=f"SGD momentum (default: {recipe.MOMENTUM})",
+        "--momentum", type=run_record.RECIPE_TYPES["momentum"], help=f"SGD momentum (default: {recipe.MOMENTUM})",
     )
     recipe_group.add_argument(
-        "--weight-decay", type=RECIPE_TYPES["weight_decay"],
+        "--weight-decay", type=run_record.RECIPE_TYPES["weight_decay"],
         help=f"L2 weight decay added to the gradient, as Caffe does (default: {recipe.WEIGHT_DECAY})",
     )
     recipe_group.add_argument(
-        "--power", type=RECIPE_TYPES["power"],
+        "--power", type=run_record.RECIPE_TYPES["power"],
         help=f"power of the poly learning rate policy (default: {recipe.POLY_POWER})",
     )
     recipe_group.add_argument(
-        "--aux-weight", type=RECIPE_TYPES["aux_weight"],
+        "--aux-weight", type=run_record.RECIPE_TYPES["aux_weight"],
         help=f"weight of the auxiliary loss (default: {recipe.AUX_WEIGHT})",
     )
     recipe_group.add_argument(
-        "--head-lr-mult", type=RECIPE_TYPES["head_lr_mult"],
+        "--head-lr-mult", type=run_record.RECIPE_TYPES["head_lr_mult"],
         help="learning rate multiplier of the pyramid module, conv5_4, conv6 and the auxiliary head "
              f"(default: {recipe.HEAD_LR_MULTIPLIER:g})",
     )
@@ -690,13 +572,14 @@ def argument_parser():
              "gamma and beta trained (default: frozen, with the stored statistics, gamma and beta fixed)",
     )
     recipe_group.add_argument(
-        "--seed", type=RECIPE_TYPES["seed"], metavar="N",
-        help=f"seed of the data order, augmentation, dropout and fresh layers, 0..{MAX_SEED} (default: {DEFAULT_SEED})",
+        "--seed", type=run_record.RECIPE_TYPES["seed"], metavar="N",
+        help=f"seed of the data order, augmentation, dropout and fresh layers, 0..{run_record.MAX_SEED} "
+             f"(default: {DEFAULT_SEED})",
     )
 
     schedule = parser.add_argument_group("Schedule")
     schedule.add_argument(
-        "--iterations", type=RECIPE_TYPES["iterations"], metavar="N",
+        "--iterations", type=run_record.RECIPE_TYPES["iterations"], metavar="N",
         help="training iterations (default: "
              + ", ".join(f"{name} {count}" for name, count in recipe.ITERATIONS.items()) + ")",
     )

@@ -48,6 +48,7 @@ from helpers import folder_snapshot
 from pspnet_keras import download
 from pspnet_keras import models
 from pspnet_keras import runtime
+from pspnet_keras.training import run_record
 from pspnet_keras.training.checkpoint import check_state
 from pspnet_keras.training.checkpoint import restore_checkpoint
 from pspnet_keras.training.checkpoint import write_checkpoint
@@ -437,8 +438,8 @@ def test_resume_refuses_data_of_other_classes(dataset_root, tmp_path):
 def test_a_new_run_records_init_as_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     values = {**RECORD, "init": "start/model.h5"}
-    assert train.recorded_values(values, 4)["init"] == str(tmp_path / "start" / "model.h5")
-    assert train.recorded_values(RECORD, 4)["init"] == "pspnet50_ade20k"
+    assert run_record.recorded_values(values, 4)["init"] == str(tmp_path / "start" / "model.h5")
+    assert run_record.recorded_values(RECORD, 4)["init"] == "pspnet50_ade20k"
 
 
 # ---------------------------------------------------------------------------------------
@@ -703,7 +704,7 @@ def test_a_seed_beyond_what_keras_takes_is_a_usage_error(seed, dataset_root, cap
     assert stopped.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line == f"train.py: error: argument --seed: {SEED_LIMIT}, got {seed}"
-    assert train.seed_value(str(2**32 - 1)) == 2**32 - 1
+    assert run_record.seed_value(str(2**32 - 1)) == 2**32 - 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ model/pspnet.py, tool/train.py). One module per concern:
 - data.py: the samples' check, their order and the tf.data pipeline (`training_dataset`);
 - init_weights.py: the model and the weights training starts from (train.py --init);
 - checkpoint.py: the run's state in one HDF5 file, resumable;
+- run_record.py: OUT/run.json, the settings a run started with, checked field by field on --resume;
 - run_log.py: OUT/log.csv and the TensorBoard scalars;
 - distribute.py: the replicas of a run (TF_CONFIG's workers, the GPUs), the chief;
 - loop.py: `Trainer`, the loop of train.py (checkpoints, logs, validation, interruption);
