@@ -272,13 +272,11 @@ def keras_weights(layer_type, arrays):
 
 
 def check_output(path, inputs):
-    """Refuses an output path that is not a regular file when it exists, or is one of `inputs`."""
-    problem = utils.file_problem(path, replace=True)
+    """Refuses an output path that is one of `inputs`, or not a regular file when it exists (an earlier
+    conversion's file is replaced)."""
+    problem = cli.output_problem(path, cli.Inputs({input_path: "the input" for input_path in inputs}), overwrite=True)
     if problem:
         raise ConversionError(path, problem)
-    replaced = cli.Inputs({input_path: "the input" for input_path in inputs}).find(path)
-    if replaced:
-        raise ConversionError(path, f"is {replaced[1]} {replaced[0]}; refusing to overwrite it")
 
 
 def check_inputs(paths):

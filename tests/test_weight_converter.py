@@ -739,7 +739,7 @@ def test_refuses_to_overwrite_an_input(synthetic_model, command, tmp_path):
     ]
     for inputs, output, same in cases:
         result = command(*inputs, "-o", output)
-        assert result == Result(1, "", f"{ERROR_PREFIX}{output}: is the input {same}; refusing to overwrite it\n")
+        assert result == Result(1, "", f"{ERROR_PREFIX}{output}: is the input {same}, which this command reads; it is never replaced\n")
     assert caffemodel.read_bytes() == data
     assert prototxt.read_bytes() == model.prototxt.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["deploy.prototxt", "model.caffemodel"]
