@@ -56,6 +56,8 @@ CORES_PER_CPU_WORKER = 4
 # Images sent to an actor ahead of the one it runs, so that it never waits for the driver
 # (ActorPoolStrategy's max_tasks_in_flight_per_actor).
 TASKS_IN_FLIGHT_PER_WORKER = 2
+# The scheme of a Ray Client address (ray://HOST:PORT, Ray's "Ray Client" docs).
+RAY_CLIENT_SCHEME = "ray://"
 # Seconds to wait for the head of a cluster to answer at HOST:PORT.
 CONNECT_TIMEOUT_S = 10
 # Attempts at an image whose worker died each time before it is reported as failed.
@@ -165,16 +167,19 @@ def root_cause(error):
 
 
 def check_reachable(address):
-    """RunError unless something listens at a HOST:PORT address (ray.init retries a silent one for
-    minutes); 'auto' and ray:// addresses are left to Ray."""
-    if address == "auto" or "://" in address:
+    """RunError unless something listens at a HOST:PORT or ray://HOST:PORT address (ray.init retries a
+    silent one for minutes, a Ray Client one for 30 s); 'auto' is left to Ray."""
+    if address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix(RAY_CLIENT_SCHEME).rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    advice = "give HOST:PORT of its head (ray start --head) or 'auto' on one of its machines"
+    if not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise RunError(f"cannot join the Ray cluster at {address}: not HOST:PORT with a port 1-65535; {advice}")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except (OSError, ValueError) as error:
-        raise RunError(f"cannot join the Ray cluster at {address}: {error}; give HOST:PORT of its head "
-                       "(ray start --head) or 'auto' on one of its machines") from None
+    except OSError as error:
+        raise RunError(f"cannot join the Ray cluster at {address}: {error}; {advice}") from None
 
 
 def ray_processes_below(pid):

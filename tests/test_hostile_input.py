@@ -183,3 +183,23 @@ def test_an_image_that_kills_every_worker_is_tried_three_times_then_reported(tmp
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
         "good_probs.png", "good_seg.png", "good_seg_blended.png", "good_seg_read.png",
     ]
+
+
+@pytest.mark.parametrize(
+    "address, problem",
+    [
+        ("127.0.0.1:1", "[Errno 111] Connection refused"),
+        ("ray://127.0.0.1:1", "[Errno 111] Connection refused"),  # Ray Client would retry for 30 s
+        ("127.0.0.1:99999", "not HOST:PORT with a port 1-65535"),
+        ("headnode", "not HOST:PORT with a port 1-65535"),
+    ],
+)
+def test_a_ray_address_where_nothing_listens_is_one_line(tmp_path, address, problem):
+    weights = write_classifier_only_weights(tmp_path / "mine.h5", 2)
+    weights.with_suffix(".json").write_text(json.dumps(DESCRIPTION))
+    image = save_image(tmp_path / "photo.png", smooth_image(30, 40, 3))
+    code, stdout, stderr = finished(start("pspnet.py", "-w", weights, "-i", image, "-o", tmp_path / "out" / "a.png",
+                                          "--ray", address, cwd=tmp_path))
+    assert (code, stderr) == (1, f"pspnet.py: error: cannot join the Ray cluster at {address}: {problem}; give "
+                                 "HOST:PORT of its head (ray start --head) or 'auto' on one of its machines\n")
+    assert not (tmp_path / "out").exists()
