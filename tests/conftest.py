@@ -2,14 +2,20 @@
 
 TensorFlow in the test process starts as the commands start it (thread pools, oneDNN,
 quiet start-up), before any test module imports Keras.
+
+The tests check what the commands print, which a user's TF_CPP_MIN_LOG_LEVEL changes on
+purpose (runtime.py: TensorFlow's start-up lines are kept for a user who set it): the
+suite takes it out of its environment, and so out of every command it starts.
 """
 
+import os
 import signal
 
 import pytest
 
 from pspnet_keras import runtime
 
+os.environ.pop(runtime.LOG_LEVEL_VARIABLE, None)
 runtime.import_tensorflow()
 
 from helpers import SyntheticModel  # noqa: E402

@@ -2,8 +2,11 @@
 checks of its output files; and, from bench/synthetic_caffe.py (shared with the benchmarks),
 synthetic models converted by weight_converter.py."""
 
+import contextlib
 import io
 import os
+import resource
+import signal
 import subprocess
 import sys
 from contextlib import redirect_stderr
@@ -139,3 +142,18 @@ def folder_snapshot(folder):
             else:
                 found[key] = "not a regular file"
     return found
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    """Caps the size of the files this process writes at `size` bytes inside the `with` block only
+    (RLIMIT_FSIZE; SIGXFSZ ignored, so that a write beyond fails with EFBIG). Only inside it: pytest's
+    own output, to a log file larger than `size`, comes after the test's body."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)

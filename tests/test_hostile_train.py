@@ -44,6 +44,7 @@ from PIL import Image
 
 import train
 import utils
+from helpers import file_size_limit
 from helpers import folder_snapshot
 from pspnet_keras import download
 from pspnet_keras import models
@@ -818,22 +819,7 @@ def test_a_read_only_or_full_file_system_when_writing_a_checkpoint_is_named_so(e
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture
-def file_size_limit():
-    """limit(bytes): caps the size of the files this process writes (RLIMIT_FSIZE, writes beyond fail with
-    EFBIG instead of SIGXFSZ) until the test ends."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    def limit(size):
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
-
-
-def test_the_file_size_limit_when_writing_the_log_is_one_line(tmp_path, file_size_limit):
+def test_the_file_size_limit_when_writing_the_log_is_one_line(tmp_path):
     from pspnet_keras.training.run_log import RunLog
 
     row = {"iteration": 1, "loss": 1.0, "main_loss": 1.0, "aux_loss": 1.0, "lr": 0.01, "images_per_s": 2.0,
@@ -841,8 +827,8 @@ def test_the_file_size_limit_when_writing_the_log_is_one_line(tmp_path, file_siz
     with pytest.raises(TrainingError) as raised, RunLog(tmp_path, 0) as log:
         log.write(row)
         written = (tmp_path / "log.csv").read_bytes()
-        file_size_limit(len(written))
-        log.write({**row, "iteration": 2, "loss": 0.5})
+        with file_size_limit(len(written)):
+            log.write({**row, "iteration": 2, "loss": 0.5})
     assert str(raised.value) == f"{tmp_path / 'log.csv'}: cannot write (File too large)"
     assert (tmp_path / "log.csv").read_bytes() == written
     assert sorted(path.name for path in tmp_path.iterdir()) == ["log.csv", "tensorboard"]
@@ -858,13 +844,12 @@ def wide_run():
 
 
 def test_the_file_size_limit_when_writing_a_checkpoint_is_one_line_and_leaves_no_temporary_file(
-    wide_run, tmp_path, file_size_limit
+    wide_run, tmp_path
 ):
     model, optimizer = wide_run
     trainer = tiny_trainer(model, optimizer, tmp_path)
     trainer.checkpointed = 0
-    file_size_limit(64 * 1024)
-    with pytest.raises(TrainingError) as raised:
+    with pytest.raises(TrainingError) as raised, file_size_limit(64 * 1024):
         trainer.checkpoint()
     assert str(raised.value) == (
         f"{tmp_path / 'checkpoint.h5'}: cannot write (File too large); training stopped at iteration 1 (no checkpoint)"
@@ -873,13 +858,12 @@ def test_the_file_size_limit_when_writing_a_checkpoint_is_one_line_and_leaves_no
 
 
 def test_the_file_size_limit_when_writing_the_final_model_is_one_line_and_writes_neither_file(
-    wide_run, tmp_path, file_size_limit
+    wide_run, tmp_path
 ):
     model, optimizer = wide_run
     trainer = tiny_trainer(model, optimizer, tmp_path)
     trainer.checkpointed = 1
-    file_size_limit(64 * 1024)
-    with pytest.raises(TrainingError) as raised:
+    with pytest.raises(TrainingError) as raised, file_size_limit(64 * 1024):
         trainer.write_final()
     assert str(raised.value) == (
         f"{tmp_path / 'final.h5'}: cannot write (File too large); training stopped at iteration 1 (the last "

@@ -31,6 +31,7 @@ from helpers import PROJECT_ROOT
 from helpers import check_outputs
 from helpers import decoded
 from helpers import error_lines
+from helpers import file_size_limit
 from helpers import output_files
 from helpers import run_cli
 from helpers import run_main
@@ -670,28 +671,10 @@ def test_failure_on_a_later_output_leaves_no_output_of_the_image(tmp_path, stand
     assert list((tmp_path / "out").iterdir()) == []
 
 
-@pytest.fixture
-def file_size_limit():
-    """file_size_limit(bytes): a file-size limit on this process (RLIMIT_FSIZE, writes past it fail with
-    EFBIG instead of SIGXFSZ) until the end of the test."""
-    import resource
-    import signal
-
-    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-
-    def limit(size):
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, previous_limit[1]))
-
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
-    signal.signal(signal.SIGXFSZ, previous_handler)
-
-
-def test_probabilities_past_a_file_size_limit_are_one_line_and_leave_nothing(tmp_path, stand_in, file_size_limit):
+def test_probabilities_past_a_file_size_limit_are_one_line_and_leave_nothing(tmp_path, stand_in):
     source = save_image(tmp_path / "a.png", sky_and_person(height=80, width=90))
-    file_size_limit(1 << 20)  # the .npy is 80 x 90 x 150 x 4 bytes = 4.3 MB
-    result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
+    with file_size_limit(1 << 20):  # the .npy is 80 x 90 x 150 x 4 bytes = 4.3 MB
+        result = run_main("-i", source, "-o", tmp_path / "out" / "b.png", "--save-probs", "-q")
     assert result.code == 1
     assert result.stderr == f"pspnet.py: error: {tmp_path / 'out' / 'b_probs.npy'}: cannot write (File too large)\n"
     assert list((tmp_path / "out").iterdir()) == []

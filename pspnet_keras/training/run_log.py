@@ -1,6 +1,8 @@
 """The log of a training run: OUT/log.csv, a row per iteration, and the same as TensorBoard scalars."""
 
+import contextlib
 import csv
+import io
 import os
 from pathlib import Path
 
@@ -40,7 +42,7 @@ class RunLog:
         self.start = start
         self.enabled = enabled
         self.kept_rows = []
-        self.file = self.writer = self.board = None
+        self.file = self.board = None
 
     def __enter__(self):
         if self.enabled:
@@ -48,16 +50,10 @@ class RunLog:
         return self
 
     def __exit__(self, error_type, error, traceback):
-        try:
-            if self.file is not None:
-                self.file.close()
-        except OSError as close_error:
-            # Closing flushes again what a failed write left buffered: that failure is the one reported.
-            if error_type is None:
-                raise TrainingError(f"{self.out / LOG_NAME}: cannot write ({close_error.strerror})") from None
-        finally:
-            if self.board is not None:
-                self.board.close()
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
         return False
 
     def open(self):
@@ -65,17 +61,29 @@ class RunLog:
         path = self.out / LOG_NAME
         try:
             utils.write_atomic(path, lambda temporary: write_log_rows(temporary, self.kept_rows))
-            self.file = open(path, "a", newline="", encoding="utf-8")
+            self.file = open(path, "ab", buffering=0)
         except utils.OutputError as error:
             raise TrainingError(str(error)) from None
         except OSError as error:
             raise TrainingError(f"{path}: cannot write ({error.strerror or error})") from None
-        self.writer = csv.DictWriter(self.file, LOG_COLUMNS)
         board = self.out / TENSORBOARD_DIR
         try:
             self.board = tf.summary.create_file_writer(str(board))
         except tf.errors.OpError as error:
             raise TrainingError(f"{board}: cannot write ({first_line(error.message)})") from None
+
+    def append(self, data):
+        """Appends `data` to log.csv unbuffered, all of it or, where the disk refuses part of it, none:
+        the file is cut back to where it ended, and TrainingError says why."""
+        end = self.file.seek(0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += self.file.write(data[written:])
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                self.file.truncate(end)
+            raise TrainingError(f"{self.out / LOG_NAME}: cannot write ({error.strerror or error})") from None
 
     def write(self, row):
         """Appends one iteration's row (LOG_COLUMNS; val_miou None when not measured)."""
@@ -83,11 +91,11 @@ class RunLog:
             return
         if self.file is None:
             self.open()
-        try:
-            self.writer.writerow({column: "" if row[column] is None else row[column] for column in LOG_COLUMNS})
-            self.file.flush()
-        except OSError as error:
-            raise TrainingError(f"{self.out / LOG_NAME}: cannot write ({error.strerror or error})") from None
+        line = io.StringIO(newline="")
+        csv.DictWriter(line, LOG_COLUMNS).writerow(
+            {column: "" if row[column] is None else row[column] for column in LOG_COLUMNS}
+        )
+        self.append(line.getvalue().encode("utf-8"))
         try:
             with self.board.as_default(step=row["iteration"]):
                 for column in LOG_COLUMNS[1:]:
