@@ -74,13 +74,11 @@ def run_main(*args):
     return SimpleNamespace(code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
-def run_cli(*args, cwd=None, unset=()):
-    """Runs `python pspnet.py *args` as a user would, without the environment variables named in `unset`;
-    returns the CompletedProcess."""
-    environment = {name: value for name, value in os.environ.items() if name not in unset}
+def run_cli(*args, cwd=None):
+    """Runs `python pspnet.py *args` as a user would; returns the CompletedProcess."""
     return subprocess.run(
         [sys.executable, str(PROJECT_ROOT / "pspnet.py"), *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=300, env=environment,
+        capture_output=True, text=True, cwd=cwd, timeout=300,
     )
 
 

@@ -744,15 +744,14 @@ def test_help_shows_one_spelling_of_each_flag():
 @pytest.mark.slow
 def test_a_default_run_prints_no_tensorflow_start_up_line(tmp_path, weights_h5):
     source = save_image(tmp_path / "a.png", smooth_image(40, 50, 3))
-    result = run_cli("-w", weights_h5, "-i", source, "-o", tmp_path / "out" / "a.png", "--no-flip", "-q",
-                     unset=[runtime.LOG_LEVEL_VARIABLE])
+    result = run_cli("-w", weights_h5, "-i", source, "-o", tmp_path / "out" / "a.png", "--no-flip", "-q")
     assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
-    assert run_cli("--help", unset=[runtime.LOG_LEVEL_VARIABLE]).stderr == ""
+    assert run_cli("--help").stderr == ""
 
 
 @pytest.mark.slow
 def test_verbose_keeps_tensorflow_start_up_lines(tmp_path):
-    result = run_cli("-i", tmp_path / "absent.png", "--id", "0", "-v", unset=[runtime.LOG_LEVEL_VARIABLE])
+    result = run_cli("-i", tmp_path / "absent.png", "--id", "0", "-v")
     assert result.returncode == 1
     assert any(runtime.START_UP_LINE.match(line) for line in result.stderr.splitlines())
 
