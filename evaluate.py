@@ -36,6 +36,7 @@ from pathlib import Path
 import utils
 from pspnet_keras import cli
 from pspnet_keras import datasets
+from pspnet_keras import download
 from pspnet_keras import metrics
 from pspnet_keras import models
 from pspnet_keras import runtime
@@ -83,11 +84,12 @@ def evaluate_on_ray(args, config, samples, protocol, tally):
         raise cli.CommandError(str(error)) from None
 
 
-def weights_for_workers(config, weights, weights_path):
+def weights_for_workers(config, weights):
     """The weights file Ray workers load, downloaded here first where a released model's is missing."""
-    if not weights_path.exists():
-        load_network(config, weights)
-    return weights_path
+    try:
+        return download.weights_to_load(config, weights)
+    except download.WeightsNotFound as error:
+        raise cli.CommandError(str(error)) from None
 
 
 def build_report(tally, class_names, partial, images_expected, settings, published):
@@ -423,7 +425,7 @@ def run(args):
         network = load_network(config, args.weights)
         weights_path = network.weights_path
     else:
-        weights_path = weights_for_workers(config, args.weights, weights_path)
+        weights_path = weights_for_workers(config, args.weights)
     try:
         prediction_settings = scoring.prediction_settings(config, weights_path, protocol)
         if args.save_dir is not None:

@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 import utils
 from pspnet_keras import cli
+from pspnet_keras import download
 from pspnet_keras import models
 from pspnet_keras import runtime
 from pspnet_keras.download import WEIGHTS_DIR
 from pspnet_keras.download import WEIGHTS_URL_BASE_VARIABLE
-from pspnet_keras.download import default_weights_path
 from pspnet_keras.segment import SUMMARY_TOP_CLASSES
 from pspnet_keras.segment import output_paths
 from pspnet_keras.segment import picture_extension_problem
@@ -144,9 +144,10 @@ def run_on_ray(args, config, plan):
     """Segments the images of `plan` on Ray (pspnet_keras/ray_pool.py); returns the exit code."""
     from pspnet_keras import ray_pool
 
-    weights = Path(args.weights) if args.weights is not None else default_weights_path(config.name)
-    if not weights.exists():
-        network(args, config)
+    try:
+        download.weights_to_load(config, args.weights, show_progress=not args.quiet)
+    except download.WeightsNotFound as error:
+        raise cli.CommandError(str(error)) from None
     try:
         return ray_pool.segment_images(PROG, args, config, plan)
     except ray_pool.RunError as error:

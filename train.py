@@ -247,19 +247,10 @@ def checked_samples(samples, split, skip_bad, quiet, root):
 
 def init_weights_path(config, path, quiet):
     """The weights file to start from: `path`, or the released model's, downloaded when missing."""
-    if path is not None:
-        return path
-    from layers_builder import build_pspnet
-
-    path = download.default_weights_path(config.name)
-    if not os.path.lexists(path):
-        try:
-            download.download_weights(
-                build_pspnet(config, models.SMALLEST_CROP_SIZE), config, path, show_progress=not quiet
-            )
-        except download.WeightsNotFound as error:
-            raise cli.CommandError(in_train_terms(str(error))) from None
-    return path
+    try:
+        return download.weights_to_load(config, path, show_progress=not quiet)
+    except download.WeightsNotFound as error:
+        raise cli.CommandError(in_train_terms(str(error))) from None
 
 
 def recipe_with_defaults(values, dataset_name, init_config):

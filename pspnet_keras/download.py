@@ -114,3 +114,26 @@ def download_weights(model, config, path, show_progress=True):
             f"cannot download the weights of {config.name} from {url}: {failure_reason(error)}. "
             + weights_help(config, path)
         ) from None
+
+
+def weights_to_load(config, weights=None, show_progress=True):
+    """The weights file a network of `config` loads: `weights` when given, else the released model's
+    (default_weights_path), downloaded first when it is missing and checked by loading it into a
+    network of the smallest crop. WeightsNotFound when there is no such file and none can be fetched.
+
+    For the commands that hand the file to other processes (Ray workers) or to their own loader
+    (train.py --init), so that a download happens once, here.
+    """
+    if weights is not None:
+        problem = utils.file_problem(weights, what="weights file")
+        if problem:
+            raise WeightsNotFound(f"{weights}: {problem}")
+        return Path(weights)
+    path = default_weights_path(config.name)
+    if not os.path.lexists(path):
+        # imports Keras: only when a download is needed
+        from layers_builder import build_pspnet
+        from pspnet_keras.models import SMALLEST_CROP_SIZE
+
+        download_weights(build_pspnet(config, SMALLEST_CROP_SIZE), config, path, show_progress)
+    return path

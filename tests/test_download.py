@@ -211,3 +211,19 @@ def test_published_urls_are_the_readme_ones(monkeypatch):
     assert download.weights_url(models.RELEASED_MODELS["pspnet101_voc2012"]) == (
         "http://mirror.example/pspnet/pspnet101_voc2012.h5"
     )
+
+
+@pytest.mark.slow
+def test_weights_to_load_downloads_a_missing_released_file_once(setup, monkeypatch, tmp_path):
+    """What pspnet.py --ray, evaluate.py --ray and train.py hand on: the file, fetched once, here."""
+    config = models.RELEASED_MODELS[MODEL]
+    monkeypatch.setenv(download.WEIGHTS_URL_BASE_VARIABLE, f"{setup.server.url}/ok")
+    assert download.weights_to_load(config, show_progress=False) == setup.target
+    assert download.weights_to_load(config, show_progress=False) == setup.target
+    assert setup.server.httpd.requests == [f"/ok/{MODEL}.h5"]
+    assert setup.target.read_bytes() == setup.server.httpd.files["weights"].read_bytes()
+    given = tmp_path / "mine.h5"
+    with pytest.raises(download.WeightsNotFound) as refused:
+        download.weights_to_load(config, given)
+    assert str(refused.value) == f"{given}: no such weights file"
+    assert setup.server.httpd.requests == [f"/ok/{MODEL}.h5"]
