@@ -201,9 +201,7 @@ def print_result(line):
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        # Python's docs, signal module, "Note on SIGPIPE": stdout goes to devnull, so that the flush at exit
-        # does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        cli.stdout_to_devnull()
 
 
 def argument_parser():

@@ -27,6 +27,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
+# 128 + SIGPIPE, as a shell reports a program that wrote to a pipe whose reader went away.
+EXIT_BROKEN_PIPE = 141
 
 # The --ray value without an address: an embedded Ray on this machine (ray.init(address="local")).
 RAY_LOCAL = "local"
@@ -54,6 +56,12 @@ def stop_on_termination():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def stdout_to_devnull():
+    """Points stdout at /dev/null after its reader went away, so that Python's flush at exit does not
+    fail again (Python's docs, signal module, "Note on SIGPIPE")."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def interruption_exit_code(error):
     """The exit code of a command stopped by Ctrl-C (130) or SIGTERM (143)."""
     return EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED
@@ -63,7 +71,9 @@ def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
     """The exit status of a command line whose work is run(args).
 
     SIGTERM stops the work as Ctrl-C does, a file-size limit is an error of the write that meets it
-    (SIGXFSZ ignored); the handlers of the three signals are put back afterwards. A CommandError prints one line
+    (SIGXFSZ ignored); the handlers of the three signals are put back afterwards. A reader of stdout
+    that went away (`pspnet.py -g ... | head -1`) stops the work quietly, as SIGPIPE stops other
+    programs: EXIT_BROKEN_PIPE. A CommandError prints one line
     `PROG: error: message` on stderr (EXIT_FAILURE); Ctrl-C or SIGTERM prints
     `PROG: interrupted` or `PROG: terminated` (EXIT_INTERRUPTED, EXIT_TERMINATED).
     """
@@ -81,6 +91,9 @@ def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
         reason = "terminated" if isinstance(error, Terminated) else "interrupted"
         print(f"{prog}: {reason}{interrupted_suffix}", file=sys.stderr)
         return interruption_exit_code(error)
+    except BrokenPipeError:
+        stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -203,3 +203,24 @@ def test_a_ray_address_where_nothing_listens_is_one_line(tmp_path, address, prob
     assert (code, stderr) == (1, f"pspnet.py: error: cannot join the Ray cluster at {address}: {problem}; give "
                                  "HOST:PORT of its head (ray start --head) or 'auto' on one of its machines\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_reader_of_stdout_that_goes_away_stops_pspnet_quietly(tmp_path, synthetic_model):
+    """`pspnet.py -g ... | head -1`: the summary line meets a closed pipe; the run stops as SIGPIPE stops
+    other programs (exit 141), without a traceback, the outputs written so far whole."""
+    weights = tmp_path / "small.h5"
+    weights.symlink_to(synthetic_model("pspnet50_ade20k").converted_h5)
+    released = models.RELEASED_MODELS["pspnet50_ade20k"]
+    weights.with_suffix(".json").write_text(json.dumps({**released.description(), "crop_size": 41, "base_size": 48}))
+    for index in range(2):
+        save_image(tmp_path / "photos" / f"p{index}.png", smooth_image(30, 40, index))
+    process = start("pspnet.py", "-w", weights, "-g", tmp_path / "photos" / "*.png", "-o", tmp_path / "out",
+                    cwd=tmp_path)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=DEADLINE_S) == 141
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr  # the progress bar's lines only
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "p0_probs.png", "p0_seg.png", "p0_seg_blended.png", "p0_seg_read.png",
+    ]
