@@ -12,6 +12,7 @@ bad input before TensorFlow loads.
 """
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -32,6 +33,8 @@ EXIT_BROKEN_PIPE = 141
 
 # The --ray value without an address: an embedded Ray on this machine (ray.init(address="local")).
 RAY_LOCAL = "local"
+# The longest JSON value a message shows (shown_value).
+SHOWN_CHARACTERS = 40
 # The option that lets a command replace an existing output (cli.output_problem).
 OVERWRITE_FLAG = "--overwrite"
 
@@ -155,6 +158,12 @@ class ArgumentParser(argparse.ArgumentParser):
         end = args.index("--") if "--" in args else len(args)
         spelt = [self.declared_spelling(argument) for argument in args[:end]] + args[end:]
         return super().parse_known_args(spelt, namespace)
+
+
+def shown_value(value):
+    """A JSON value read from a file or the environment as a message shows it, cut to SHOWN_CHARACTERS."""
+    text = json.dumps(value)
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
 
 
 def integer(minimum):

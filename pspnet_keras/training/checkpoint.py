@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 
 import utils
+from pspnet_keras import cli
 from pspnet_keras.keras2_weights import write_failure
 from pspnet_keras.training.errors import NonFiniteWeights
 from pspnet_keras.training.errors import TrainingError
@@ -137,12 +138,6 @@ def restore_checkpoint(path, model, optimizer, check=lambda state: None):
         raise TrainingError(f"{path}: unreadable checkpoint ({reason})") from None
 
 
-def shown(value):
-    """A JSON value of a checkpoint's state as a message shows it, cut to 40 characters."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def state_field_problem(state, iterations, batch, seed):
     """(field, problem) of the first field of a checkpoint's state that does not fit the run, or None.
 
@@ -151,14 +146,14 @@ def state_field_problem(state, iterations, batch, seed):
     """
     iteration = state.get("iteration")
     if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 <= iteration <= iterations:
-        return "iteration", f"must be an integer 0..{iterations} (the run's iterations), not {shown(iteration)}"
+        return "iteration", f"must be an integer 0..{iterations} (the run's iterations), not {cli.shown_value(iteration)}"
     position = state.get("position")
     if position != iteration * batch or isinstance(position, bool):
-        return "position", f"must be {iteration * batch} (iteration {iteration} x batch {batch}), not {shown(position)}"
+        return "position", f"must be {iteration * batch} (iteration {iteration} x batch {batch}), not {cli.shown_value(position)}"
     if state.get("seed") != seed or isinstance(state.get("seed"), bool):
-        return "seed", f"must be the run's seed {seed}, not {shown(state.get('seed'))}"
+        return "seed", f"must be the run's seed {seed}, not {cli.shown_value(state.get('seed'))}"
     if not isinstance(state.get("fingerprint"), str):
-        return "fingerprint", f"must be a string, not {shown(state.get('fingerprint'))}"
+        return "fingerprint", f"must be a string, not {cli.shown_value(state.get('fingerprint'))}"
     return None
 
 

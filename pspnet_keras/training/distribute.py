@@ -17,8 +17,6 @@ VARIABLE = "TF_CONFIG"
 # The task types of a MultiWorkerMirroredStrategy cluster ("Multi-worker training with Keras":
 # a chief, optional, and workers); parameter servers and evaluators take no part in it.
 TASK_TYPES = ("chief", "worker")
-# The longest value shown in a message.
-SHOWN_CHARACTERS = 40
 
 
 class ClusterError(cli.CommandError):
@@ -28,19 +26,13 @@ class ClusterError(cli.CommandError):
         super().__init__(f"{VARIABLE}: field '{field}' {problem}")
 
 
-def shown(value):
-    """A JSON value as a message shows it, cut to SHOWN_CHARACTERS."""
-    text = json.dumps(value)
-    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
-
-
 def address_problem(address):
     """Why a cluster entry is not a "host:port" address, or None."""
     if not isinstance(address, str):
-        return f"must be a \"host:port\" string, not {shown(address)}"
+        return f"must be a \"host:port\" string, not {cli.shown_value(address)}"
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return f"must be \"host:port\" with a port 1-65535, not {shown(address)}"
+        return f"must be \"host:port\" with a port 1-65535, not {cli.shown_value(address)}"
     return None
 
 
@@ -49,7 +41,7 @@ def check_cluster(cluster):
     every address once."""
     if not isinstance(cluster, dict) or not cluster:
         raise ClusterError(
-            "cluster", f"must be an object of task types and their \"host:port\" lists, not {shown(cluster)}"
+            "cluster", f"must be an object of task types and their \"host:port\" lists, not {cli.shown_value(cluster)}"
         )
     seen = set()
     for task_type, addresses in cluster.items():
@@ -57,7 +49,7 @@ def check_cluster(cluster):
         if task_type not in TASK_TYPES:
             raise ClusterError(field, f"is not a task type train.py runs ({' or '.join(TASK_TYPES)})")
         if not isinstance(addresses, list) or not addresses:
-            raise ClusterError(field, f"must be a non-empty list of \"host:port\" strings, not {shown(addresses)}")
+            raise ClusterError(field, f"must be a non-empty list of \"host:port\" strings, not {cli.shown_value(addresses)}")
         if task_type == "chief" and len(addresses) > 1:
             raise ClusterError(field, f"must list one address (a cluster has one chief), not {len(addresses)}")
         for index, address in enumerate(addresses):
@@ -65,24 +57,24 @@ def check_cluster(cluster):
             if problem:
                 raise ClusterError(f"{field}[{index}]", problem)
             if address in seen:
-                raise ClusterError(f"{field}[{index}]", f"repeats {shown(address)}; each task needs its own address")
+                raise ClusterError(f"{field}[{index}]", f"repeats {cli.shown_value(address)}; each task needs its own address")
             seen.add(address)
 
 
 def check_task(task, cluster):
     """Refuses a `task` that is not {"type": a task type of `cluster`, "index": its place in that list}."""
     if not isinstance(task, dict):
-        raise ClusterError("task", f"must be an object {{\"type\": ..., \"index\": ...}}, not {shown(task)}")
+        raise ClusterError("task", f"must be an object {{\"type\": ..., \"index\": ...}}, not {cli.shown_value(task)}")
     task_type = task.get("type")
     if task_type not in cluster:
         raise ClusterError(
-            "task.type", f"must be one of the cluster's task types ({', '.join(cluster)}), not {shown(task_type)}"
+            "task.type", f"must be one of the cluster's task types ({', '.join(cluster)}), not {cli.shown_value(task_type)}"
         )
     index = task.get("index")
     last = len(cluster[task_type]) - 1
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= last:
         raise ClusterError(
-            "task.index", f"must be an integer 0..{last} (cluster.{task_type} lists {last + 1}), not {shown(index)}"
+            "task.index", f"must be an integer 0..{last} (cluster.{task_type} lists {last + 1}), not {cli.shown_value(index)}"
         )
 
 
@@ -97,7 +89,7 @@ def cluster_spec():
     except (ValueError, RecursionError) as error:
         raise cli.CommandError(f"{VARIABLE}: not valid JSON ({str(error)[:80]})") from None
     if not isinstance(config, dict):
-        raise cli.CommandError(f"{VARIABLE}: must be a JSON object with 'cluster' and 'task', not {shown(config)}")
+        raise cli.CommandError(f"{VARIABLE}: must be a JSON object with 'cluster' and 'task', not {cli.shown_value(config)}")
     if not config:
         return {}
     if "cluster" not in config:

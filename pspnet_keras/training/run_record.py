@@ -61,28 +61,22 @@ RECIPE_TYPES = {
 INTEGER_FIELDS = ("crop", "base_size", "batch", "iterations", "seed")
 
 
-def shown(value):
-    """A JSON value as a message shows it, cut to 40 characters."""
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def record_field_problem(field, value):
     """Why the value of a run.json field is not one the command line could have given, or None."""
     if field in RECIPE_CHOICES:
         if not isinstance(value, str) or value not in RECIPE_CHOICES[field]:
-            return f"must be one of {', '.join(RECIPE_CHOICES[field])}, not {shown(value)}"
+            return f"must be one of {', '.join(RECIPE_CHOICES[field])}, not {cli.shown_value(value)}"
     elif field == "init":
         if not isinstance(value, str) or not value:
-            return f"must be a released model's name or a weights file's path, not {shown(value)}"
+            return f"must be a released model's name or a weights file's path, not {cli.shown_value(value)}"
     elif field == "train_bn":
         if not isinstance(value, bool):
-            return f"must be true or false, not {shown(value)}"
+            return f"must be true or false, not {cli.shown_value(value)}"
     elif field == "classes":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= models.MAX_CLASSES:
-            return f"must be an integer 1..{models.MAX_CLASSES}, not {shown(value)}"
+            return f"must be an integer 1..{models.MAX_CLASSES}, not {cli.shown_value(value)}"
     elif isinstance(value, bool) or not isinstance(value, int if field in INTEGER_FIELDS else (int, float)):
-        return f"must be {'an integer' if field in INTEGER_FIELDS else 'a number'}, not {shown(value)}"
+        return f"must be {'an integer' if field in INTEGER_FIELDS else 'a number'}, not {cli.shown_value(value)}"
     else:
         try:
             RECIPE_TYPES[field](str(value))
