@@ -537,6 +537,7 @@ def argument_parser():
         help=f"JSON report (default: {REPORT_NAME} in --save-dir or the current directory); its folder must exist",
     )
     cli.add_overwrite_argument(parser, "the --report file")
+    cli.add_backend_argument(parser)
     cli.add_ray_arguments(parser)
     return parser
 
@@ -546,7 +547,8 @@ def main(argv=None):
     parser = argument_parser()
     args = parser.parse_args(argv)
     cli.check_ray_arguments(parser, args)
-    runtime.configure()
+    runtime.configure(backend=args.backend)
+    cli.check_backend(parser)
     return cli.run_command(PROG, run, args, error_prefix="", interrupted_suffix=" before any image was evaluated")
 
 

@@ -266,6 +266,7 @@ def main(argv=None):
         parser.error(f"--opset applies to --format onnx, not {args.format}")
     args.opset = args.opset or DEFAULT_OPSET
     runtime.configure(verbose=False)
+    cli.check_backend(parser, tensorflow_only="SavedModel, tf2onnx and LiteRT convert TensorFlow graphs")
     return cli.run_command(PROG, run, args)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from pspnet_keras import runtime
 
-runtime.import_tensorflow()  # before Keras: TensorFlow starts as the commands start it
+runtime.import_keras()  # before Keras: its backend chosen and started as the commands start it
 
 import keras
 from keras import layers
@@ -49,6 +49,8 @@ from pspnet_keras.runtime import PRECISION_POLICIES
 # The custom layers are registered as "pspnet>Interp" and "pspnet>PyramidConvolution", so that
 # keras.saving.load_model opens a `.keras` archive of a network once this module is imported.
 SERIALIZATION_PACKAGE = "pspnet"
+# Keras' own default for convolution kernels, kept for a network that is trained.
+DEFAULT_INITIALIZER = "glorot_uniform"
 
 
 @keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
@@ -207,8 +209,9 @@ def batch_norm(x, name, relu=True):
     return x
 
 
-def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True):
-    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`."""
+def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True, initializer=DEFAULT_INITIALIZER):
+    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`; the kernel starts
+    as `initializer` says."""
     pad = dilation * (kernel_size - 1) // 2
     if strides > 1 and pad:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
@@ -216,7 +219,8 @@ def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True):
     else:
         padding = "same"
     x = layers.Conv2D(
-        filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation, use_bias=False, name=name
+        filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation, use_bias=False, name=name,
+        kernel_initializer=initializer,
     )(x)
     return batch_norm(x, name, relu)
 
@@ -234,15 +238,15 @@ def max_pool_ceil(x, name):
     return layers.MaxPooling2D(3, strides=2, name=name)(x)
 
 
-def stem(x):
+def stem(x, initializer):
     """conv1_1..conv1_3 and pool1: the deep stem, output stride 4."""
-    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2)
-    x = conv_bn(x, 64, 3, "conv1_2_3x3")
-    x = conv_bn(x, 128, 3, "conv1_3_3x3")
+    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2, initializer=initializer)
+    x = conv_bn(x, 64, 3, "conv1_2_3x3", initializer=initializer)
+    x = conv_bn(x, 128, 3, "conv1_3_3x3", initializer=initializer)
     return max_pool_ceil(x, "pool1_3x3_s2")
 
 
-def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3x3=False):
+def bottleneck(x, width, name, initializer, strides=1, dilation=1, project=False, stride_on_3x3=False):
     """Residual bottleneck `name` (e.g. conv3_1): 1x1 reduce, 3x3, 1x1 increase, plus shortcut.
 
     A strided block puts the stride on the 1x1 reduce (ResNet-50) or on the 3x3
@@ -251,15 +255,15 @@ def bottleneck(x, width, name, strides=1, dilation=1, project=False, stride_on_3
     reduce_strides, middle_strides = (1, strides) if stride_on_3x3 else (strides, 1)
     shortcut = x
     if project:
-        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False)
-    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides)
-    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation)
-    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False)
+        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False, initializer=initializer)
+    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides, initializer=initializer)
+    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation, initializer=initializer)
+    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False, initializer=initializer)
     x = layers.Add(name=name)([shortcut, x])
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
-def residual_stages(x, depth):
+def residual_stages(x, depth, initializer):
     """Stages conv2..conv5 of the dilated ResNet: output stride 8, dilations 2 and 4."""
     stride_on_3x3 = depth == 101
     for stage, (blocks, width, dilation) in enumerate(
@@ -270,6 +274,7 @@ def residual_stages(x, depth):
                 x,
                 width,
                 f"conv{stage}_{block}",
+                initializer,
                 strides=2 if stage == 3 and block == 1 else 1,
                 dilation=dilation,
                 project=block == 1,
@@ -278,7 +283,7 @@ def residual_stages(x, depth):
     return x
 
 
-def pyramid_pooling_module(x):
+def pyramid_pooling_module(x, initializer):
     """conv5_3 and its pyramid: [conv5_3, pool6, pool3, pool2, pool1] branches at bin resolution.
 
     Each branch is conv5_3 average-pooled into bins x bins and passed through its
@@ -291,20 +296,20 @@ def pyramid_pooling_module(x):
         name = f"conv5_3_pool{bins}"
         kernel = side // bins
         branch = layers.AveragePooling2D(kernel, strides=kernel, name=name)(x)
-        pyramid.append(conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv"))
+        pyramid.append(conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv", initializer=initializer))
     return pyramid
 
 
-def head(pyramid, classes):
+def head(pyramid, classes, initializer):
     """conv5_4 over the pyramid, dropout, the conv6 classifier and the 8x upsampling of its logits."""
-    x = PyramidConvolution(HEAD_CHANNELS, name="conv5_4")(pyramid)
+    x = PyramidConvolution(HEAD_CHANNELS, name="conv5_4", kernel_initializer=initializer)(pyramid)
     x = batch_norm(x, "conv5_4")
     x = layers.Dropout(DROPOUT_RATE, name="conv5_4_dropout")(x)
-    x = layers.Conv2D(classes, 1, name="conv6")(x)
+    x = layers.Conv2D(classes, 1, name="conv6", kernel_initializer=initializer)(x)
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model, input_size=None, precision="float32"):
+def build_pspnet(model, input_size=None, precision="float32", initialized=True):
     """The Keras model of `model` (a models.ModelConfig or a released model's name), returning logits.
 
     `input_size` defaults to the model's crop size (473, or 713 for Cityscapes),
@@ -314,6 +319,11 @@ def build_pspnet(model, input_size=None, precision="float32"):
 
     `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
     policy; the mixed ones keep float32 weights and compute in 16 bits.
+
+    With `initialized` False, every kernel starts at zero instead of Keras' random
+    initialisation, for a network whose weights are loaded next: on JAX the random
+    initialisation compiles a function per kernel shape (7 of the 9 s a PSPNet-50
+    build took on 2 cores).
     """
     config = models.model_config(model)
     problem = runtime.precision_problem(precision, here=False)
@@ -325,10 +335,11 @@ def build_pspnet(model, input_size=None, precision="float32"):
     keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
     try:
         inputs = keras.Input((input_size, input_size, 3), name="data")
-        x = stem(inputs)
-        x = residual_stages(x, config.depth)
-        x = pyramid_pooling_module(x)
-        outputs = head(x, config.classes)
+        initializer = DEFAULT_INITIALIZER if initialized else "zeros"
+        x = stem(inputs, initializer)
+        x = residual_stages(x, config.depth, initializer)
+        x = pyramid_pooling_module(x, initializer)
+        outputs = head(x, config.classes, initializer)
         return keras.Model(inputs, outputs, name=config.name)
     finally:
         keras.config.set_dtype_policy(policy)

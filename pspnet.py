@@ -11,9 +11,9 @@ pspnet_keras/segmenter.py and is imported from here.
     python pspnet.py -w runs/mine/final.h5 -g 'photos/*.jpg' -o results/
     python pspnet.py -g 'photos/*.jpg' -o results/ --ray    # workers on Ray (pspnet_keras/ray_pool.py)
 
-TensorFlow is imported only after the command line is parsed, so that `--id`
-can choose the GPU before TensorFlow looks for devices, and quietly
-(runtime.import_tensorflow).
+Keras and its backend (TensorFlow, JAX or PyTorch: --backend, KERAS_BACKEND) are
+imported only after the command line is parsed, so that `--backend` and `--id`
+take effect before they start (runtime.configure, runtime.import_keras).
 """
 
 import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports exits quietly)
@@ -116,9 +116,21 @@ def check_output_directories(plan):
 
 def check_gpu(gpu_id):
     """Warns when the GPU chosen with --id (through CUDA_VISIBLE_DEVICES) does not exist."""
-    tf = runtime.import_tensorflow()
-    if not tf.config.list_physical_devices("GPU"):
+    from pspnet_keras import backend
+
+    if not backend.gpu_names():
         print(f"{PROG}: warning: GPU {gpu_id} not found; running on the CPU", file=sys.stderr)
+
+
+def backend_line():
+    """The backend in use, for -v: 'Keras 3.15.1 on JAX 0.10.2 (KERAS_BACKEND), devices: CPU'."""
+    from pspnet_keras import backend
+
+    devices = ", ".join(backend.gpu_names()) or "CPU"
+    return (
+        f"{PROG}: Keras {backend.keras.version()} on {backend.framework_version()} "
+        f"({runtime.backend_source()}), devices: {devices}"
+    )
 
 
 def unfinished(plan, quiet):
@@ -171,6 +183,8 @@ def run(args):
         return run_on_ray(args, config, plan)
     if args.id is not None:
         check_gpu(args.id)
+    if args.verbose:
+        print(backend_line(), file=sys.stderr)
     net = None
     failures = 0
     for source, outputs in tqdm(plan.items(), unit="image", disable=args.quiet or len(plan) == 1):
@@ -228,9 +242,10 @@ def argument_parser():
     )
     parser.add_argument(
         "--id", metavar="N",
-        help="GPU to run on (sets CUDA_VISIBLE_DEVICES before TensorFlow starts); without a GPU N, "
-             "a warning is printed and the CPU is used (default: TensorFlow's choice)",
+        help="GPU to run on (sets CUDA_VISIBLE_DEVICES before the backend starts); without a GPU N, "
+             "a warning is printed and the CPU is used (default: the backend's choice)",
     )
+    cli.add_backend_argument(parser)
     parser.add_argument(
         "--precision", choices=runtime.PRECISIONS, default="float32",
         help="arithmetic of the network: float32, or bfloat16 / float16 mixed precision (float32 "
@@ -271,7 +286,8 @@ def argument_parser():
     verbosity.add_argument(
         "-v", "--verbose", action="store_true",
         help="list every class found in each image with its pixel share (default: the "
-             f"{SUMMARY_TOP_CLASSES} largest on one line), and keep TensorFlow's start-up log lines",
+             f"{SUMMARY_TOP_CLASSES} largest on one line), name the backend and its devices, and keep "
+             "TensorFlow's start-up log lines",
     )
     return parser
 
@@ -281,7 +297,8 @@ def main(argv=None):
     parser = argument_parser()
     args = parser.parse_args(argv)
     cli.check_ray_arguments(parser, args)
-    runtime.configure(args.verbose, args.id)
+    runtime.configure(args.verbose, args.id, args.backend)
+    cli.check_backend(parser)
     return cli.run_command(PROG, run, args)
 
 

@@ -606,6 +606,7 @@ def main(argv=None):
     if args.resume and args.overwrite:
         parser.error(f"--resume continues the run in OUT, {cli.OVERWRITE_FLAG} starts a new one over it: not both")
     runtime.configure(verbose=False)
+    cli.check_backend(parser, tensorflow_only="tf.data and tf.distribute are TensorFlow's")
     return cli.run_command(PROG, run, args)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import utils
 from pspnet_keras import models
+from pspnet_keras import runtime
 
 # Exit codes of every command of the project.
 EXIT_OK = 0
@@ -223,6 +224,31 @@ def add_model_arguments(parser):
              "downloaded when missing), or a .keras archive written by export.py --format keras; "
              "with <stem>.json beside it, that user model",
     )
+
+
+def add_backend_argument(parser):
+    """The --backend option of the commands that run on every Keras backend (pspnet.py, evaluate.py)."""
+    parser.add_argument(
+        "--backend", choices=runtime.BACKENDS,
+        help="the Keras backend to run on, set before Keras starts (default: the KERAS_BACKEND variable, "
+             "else the 'backend' of ~/.keras/keras.json, else tensorflow); jax and torch need "
+             "requirements-jax.txt or requirements-torch.txt installed",
+    )
+
+
+def check_backend(parser, tensorflow_only=None):
+    """Exits with one line and status 2 when Keras cannot start on the backend chosen for the command:
+    one not supported or not installed, or, for a command that runs on TensorFlow only, any other
+    (`tensorflow_only` says why it needs TensorFlow)."""
+    problem = runtime.backend_problem()
+    name = runtime.backend_name()
+    if problem is None and tensorflow_only and name != "tensorflow":
+        problem = (
+            f"{parser.prog} runs on TensorFlow only ({tensorflow_only}), but the Keras backend is {name} "
+            f"(from {runtime.backend_source()}): set {runtime.KERAS_BACKEND_VARIABLE}=tensorflow"
+        )
+    if problem:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {problem}\n")
 
 
 def protocol(args):

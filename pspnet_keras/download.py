@@ -135,5 +135,5 @@ def weights_to_load(config, weights=None, show_progress=True):
         from layers_builder import build_pspnet
         from pspnet_keras.models import SMALLEST_CROP_SIZE
 
-        download_weights(build_pspnet(config, SMALLEST_CROP_SIZE), config, path, show_progress)
+        download_weights(build_pspnet(config, SMALLEST_CROP_SIZE, initialized=False), config, path, show_progress)
     return path

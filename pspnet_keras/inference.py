@@ -23,9 +23,13 @@ import numpy as np
 from PIL import Image
 
 from pspnet_keras import runtime
-from pspnet_keras.models import RELEASE_MEAN_RGB
 
-tf = runtime.import_tensorflow()
+runtime.import_keras()  # before Keras: its backend chosen and started as the commands start it
+
+from keras import ops
+
+from pspnet_keras import backend
+from pspnet_keras.models import RELEASE_MEAN_RGB
 
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 STRIDE_RATE = 2 / 3
@@ -36,7 +40,10 @@ BAND_BYTES = 32 << 20
 # A band's row weights are a dense (rows, input rows reached) matrix: where a map is
 # shrunk, the input rows grow with the band, and so would the cost of multiplying.
 MAX_BAND_ROWS = 32
-# Bands are resized and reduced in parallel: ScaleAndTranslate and NumPy's argmax each
+# Output columns resized by one matrix product from the input columns they reach: few enough that
+# the product stays close to the kernel's two or three taps a column when enlarging.
+COLUMN_BLOCK = 64
+# Bands are resized and reduced in parallel: NumPy's products and argmax of one band each
 # use one core. Each thread holds a few bands at a time.
 BAND_THREADS = min(4, os.cpu_count() or 1)
 FLOAT32_BYTES = 4
@@ -120,46 +127,56 @@ def window_starts(length, crop_size, stride):
     return [min(i * stride, length - crop_size) for i in range(count)]
 
 
-def scale_and_translate(images, size, scale, translation):
-    """TensorFlow's ScaleAndTranslate with the kernel of MATLAB's imresize 'bilinear'.
-
-    A triangle kernel, widened by the shrink factor when shrinking (antialias);
-    output pixel x samples the input at (x + 0.5 - translation) / scale - 0.5.
-    """
-    return tf.raw_ops.ScaleAndTranslate(
-        images=images, size=size, scale=scale, translation=translation, kernel_type="triangle", antialias=True
-    )
-
-
 def resize_weights(in_length, out_length, margin):
-    """The (out_length, in_length + 2 margin) weights of ScaleAndTranslate along one axis.
+    """The (out_length, in_length + 2 margin) weights of MATLAB's imresize 'bilinear' along one axis.
 
-    The weight of each row of the input padded by `margin` in each output row, when
-    `in_length` rows are resized to `out_length`. They are read from the operation
-    itself, by resizing an identity matrix whose rows are the input rows, each in a
-    channel of its own, so they are exactly the weights it applies.
+    The weight of each row of the input padded by `margin` (a mirrored border) in
+    each output row, when `in_length` rows are resized to `out_length`: half-pixel
+    centres, output row x sampling the input at (x + 0.5) / scale - 0.5, a triangle
+    kernel widened by the shrink factor when shrinking (antialiasing), the weights
+    of each output row normalised to sum 1. Computed in float32 in the order of
+    TensorFlow's ScaleAndTranslate (kernel 'triangle', antialias; its
+    scale_and_translate_op.cc), whose result the project had before.
     """
     padded = in_length + 2 * margin
-    scale = out_length / in_length
-    identity = tf.eye(padded)[tf.newaxis, :, tf.newaxis, :]
-    weights = scale_and_translate(identity, (out_length, 1), (scale, 1.0), (-margin * scale, 0.0))
-    return weights[0, :, 0, :].numpy()
+    scale = np.float32(out_length / in_length)
+    translation = np.float32(-margin * (out_length / in_length))
+    inverse_scale = np.float32(1.0 / np.float64(scale))
+    inverse_translation = -inverse_scale * translation
+    kernel_scale = max(inverse_scale, np.float32(1.0))
+    samples = (np.arange(out_length, dtype=np.float32) + np.float32(0.5)) * inverse_scale + inverse_translation
+    centres = np.arange(padded, dtype=np.float32) + np.float32(0.5)
+    distances = np.abs((centres[np.newaxis, :] - samples[:, np.newaxis]) * (np.float32(1.0) / kernel_scale))
+    weights = np.maximum(np.float32(1.0) - distances, np.float32(0.0))
+    totals = weights.cumsum(axis=1, dtype=np.float32)[:, -1:]  # summed in order, as ScaleAndTranslate does
+    return weights * (np.float32(1.0) / totals)
+
+
+def weight_blocks(weights, block):
+    """(first, end, first source, end source) of each block of `block` rows of a weight matrix: the
+    rows first..end-1 reach no source outside first source..end source-1."""
+    reached = weights != 0
+    first_sources = reached.argmax(axis=1)
+    end_sources = reached.shape[1] - reached[:, ::-1].argmax(axis=1)
+    return [
+        (first, min(first + block, len(weights)), first_sources[first : first + block].min(),
+         end_sources[first : first + block].max())
+        for first in range(0, len(weights), block)
+    ]
 
 
 class BandResize:
     """A (h, w, classes) probability map resized to (height, width), one band of rows at a time.
 
-    Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image), by
-    TensorFlow's ScaleAndTranslate on the map with a mirrored border. A band of
-    output rows is made from the input rows its kernel reaches, with their mirrored
-    border: ScaleAndTranslate resizes them along the columns (at row scale 1, which
-    copies rows), then the band's row weights (resize_weights) combine them. The
-    band is thus those rows of the whole map resized at once, but for the rounding
-    of sums in another order (up to 2e-7); shifting the translation of
-    ScaleAndTranslate to the band instead would move its single-precision sampling
-    positions (8e-6 in the probabilities of a 473x355 map resized to 1633x1225).
-    Resizing the columns first resizes a few input rows instead of the band's many
-    output rows when the map is enlarged, as photos are.
+    Resized as MATLAB's imresize(..., 'bilinear') does (see resize_image and
+    resize_weights) on the map with a mirrored border, by two matrix products. A
+    band of output rows is made from the input rows its kernel reaches, with their
+    mirrored border: first along the columns (each block of COLUMN_BLOCK output
+    columns from the few input columns it reaches, so that the product stays as
+    sparse as the kernel), then along the rows by the band's row weights. The band
+    is thus those rows of the whole map resized at once, but for the rounding of
+    sums in another order. Resizing the columns first resizes a few input rows
+    instead of the band's many output rows when the map is enlarged, as photos are.
 
     The release then renormalises each pixel to sum 1; as both resizes weight each
     output by weights that sum to 1, that changes nothing but rounding, and is
@@ -180,8 +197,8 @@ class BandResize:
         self.first_row = reached.argmax(axis=1)
         self.end_row = reached.shape[1] - reached[:, ::-1].argmax(axis=1)
         self.column_sources = mirrored_indices(in_width, columns)
-        self.column_scale = width / in_width
-        self.column_translation = -columns * self.column_scale
+        self.column_weights = resize_weights(in_width, width, columns)
+        self.column_blocks = weight_blocks(self.column_weights, COLUMN_BLOCK)
 
     def band(self, top, bottom):
         """Rows top..bottom-1 of the resized map, as a float32 (rows, width, classes) array."""
@@ -189,11 +206,13 @@ class BandResize:
             return self.probabilities[top:bottom]
         start, end = self.first_row[top:bottom].min(), self.end_row[top:bottom].max()
         sources = self.probabilities[np.ix_(self.row_sources[start:end], self.column_sources)]
-        columns = scale_and_translate(
-            sources[np.newaxis], (end - start, self.width), (1.0, self.column_scale), (0.0, self.column_translation)
-        )
-        rows = tf.matmul(self.row_weights[top:bottom, start:end], tf.reshape(columns, (end - start, -1)))
-        return np.asarray(tf.reshape(rows, (bottom - top, self.width, -1)))
+        columns = np.empty((end - start, self.width, sources.shape[-1]), dtype=np.float32)
+        for first, last, first_source, end_source in self.column_blocks:
+            columns[:, first:last] = np.matmul(
+                self.column_weights[first:last, first_source:end_source], sources[:, first_source:end_source]
+            )
+        rows = np.matmul(self.row_weights[top:bottom, start:end], columns.reshape(end - start, -1))
+        return rows.reshape(bottom - top, self.width, -1)
 
 
 def band_height(width, classes, band_bytes):
@@ -294,38 +313,43 @@ class Predictor:
         self.base_size = base_size
         self.mean_rgb = tuple(mean_rgb)
         self.stride = math.ceil(crop_size * STRIDE_RATE)
-        self._crop_functions = {}
-        batch_spec = tf.TensorSpec((1, crop_size, crop_size, 3), tf.float32)
-        self._network_function = tf.function(
-            lambda batch: tf.cast(network(batch, training=False), tf.float32), input_signature=[batch_spec]
-        )
+        self._network_logits = backend.compile_network(network, (1, crop_size, crop_size, 3))
+        self._probabilities = backend.compile_sized(self.probabilities_of_logits)
+        self._mirrored_probabilities = backend.compile_sized(self.probabilities_of_mirrored_logits)
+
+    def probabilities_of_logits(self, logits, height, width):
+        """The (height, width, classes) softmax of a crop's (1, h, w, classes) logits, upsampled to the
+        crop by the network's final Interp where it is split off, over the top-left part of the crop."""
+        if self.upsampling is None:
+            logits = logits[:, :height, :width]
+        else:
+            logits = self.upsampling.upsample(logits, height, width)
+        return ops.softmax(logits[0], axis=-1)
+
+    def probabilities_of_mirrored_logits(self, logits, mirrored_logits, height, width):
+        """probabilities_of_logits of a crop's logits plus the mirrored logits of its mirror image, added
+        before the upsampling, which commutes with mirroring."""
+        return self.probabilities_of_logits(logits + ops.flip(mirrored_logits, axis=2), height, width)
 
     def crop_function(self, flip):
-        """The compiled (crop, height, width) -> probabilities function, with or without the mirror.
+        """The (crop, height, width) -> probabilities function, with or without the mirror.
 
         Returns the (height, width, classes) probabilities of the top-left part of
-        the crop. The mirrored pass is a second batch-of-one call of the same
-        compiled network, traced once for both (on the CPU one batch of two costs
-        more than two calls, bench/README.md); its mirrored logits are added before
-        the upsampling, which commutes with mirroring.
+        the crop, a NumPy array. The mirrored pass is a second batch-of-one call of
+        the same compiled network (on the CPU one batch of two costs more than two
+        calls, bench/README.md).
         """
-        if flip not in self._crop_functions:
-            crop_spec = tf.TensorSpec((self.crop_size, self.crop_size, 3), tf.float32)
-            side_spec = tf.TensorSpec((), tf.int32)
 
-            @tf.function(input_signature=[crop_spec, side_spec, side_spec])
-            def crop_probabilities(crop, height, width):
-                logits = self._network_function(crop[tf.newaxis])
-                if flip:
-                    logits += self._network_function(crop[tf.newaxis, :, ::-1])[:, :, ::-1]
-                if self.upsampling is None:
-                    logits = logits[:, :height, :width]
-                else:
-                    logits = self.upsampling.upsample(logits, height, width)
-                return tf.nn.softmax(logits[0], axis=-1)
+        def crop_probabilities(crop, height, width):
+            batch = np.ascontiguousarray(crop[np.newaxis])
+            logits = self._network_logits(batch)
+            if not flip:
+                return backend.to_numpy(self._probabilities(logits, height=height, width=width))
+            mirrored_logits = self._network_logits(np.ascontiguousarray(batch[:, :, ::-1]))
+            probabilities = self._mirrored_probabilities(logits, mirrored_logits, height=height, width=width)
+            return backend.to_numpy(probabilities)
 
-            self._crop_functions[flip] = crop_probabilities
-        return self._crop_functions[flip]
+        return crop_probabilities
 
     def long_sides(self, sliding, multi_scale):
         """The longer side of the image at each scale of the protocol."""
@@ -366,7 +390,7 @@ class Predictor:
         total = count = None
         for top, left in grid:
             rows, columns = min(size, height - top), min(size, width - left)
-            window = np.asarray(crop_probabilities(data[top : top + size, left : left + size], rows, columns))
+            window = crop_probabilities(data[top : top + size, left : left + size], rows, columns)
             progress(2 if flip else 1)
             if len(grid) == 1:
                 return window
@@ -388,10 +412,12 @@ class Predictor:
 
     @contextlib.contextmanager
     def out_of_memory_as_error(self, image, sliding, multi_scale):
-        """Raises OutOfMemory, saying what to try, where TensorFlow or NumPy runs out of memory."""
+        """Raises OutOfMemory, saying what to try, where the backend or NumPy runs out of memory."""
         try:
             yield
-        except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+        except Exception as error:
+            if not backend.is_out_of_memory(error):
+                raise
             height, width = image.shape[:2]
             raise OutOfMemory(out_of_memory_message(height, width, sliding, multi_scale)) from error
 

@@ -62,6 +62,8 @@ RAY_CLIENT_SCHEME = "ray://"
 CONNECT_TIMEOUT_S = 10
 # Attempts at an image whose worker died each time before it is reported as failed.
 MAX_ATTEMPTS = 3
+# JAX takes 75 % of a GPU's memory when it starts unless this says otherwise.
+JAX_PREALLOCATE_VARIABLE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 # AtomicFiles' temporary file of a target: ".<target name>.<8 random characters>.tmp" (tempfile.mkstemp).
 TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 
@@ -155,8 +157,13 @@ def quiet_ray_logging(verbose):
 
 def worker_environment():
     """The runtime environment of the workers: this project on their module path (the same
-    clone at the same path on every machine)."""
-    return {"env_vars": {"PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}"}}
+    clone at the same path on every machine), and the command's Keras backend."""
+    return {
+        "env_vars": {
+            "PYTHONPATH": f"{PROJECT_DIR}{os.pathsep}${{PYTHONPATH}}",
+            runtime.KERAS_BACKEND_VARIABLE: runtime.backend_name(),
+        }
+    }
 
 
 def root_cause(error):
@@ -292,20 +299,28 @@ def start_pool(prog, nodes, embedded, args, quiet):
             raise RunError(f"{problem}; ask for fewer with --workers or less with --cpus-per-worker")
         tqdm.write(f"{prog}: warning: {problem}; waiting for the cluster to grow", file=sys.stderr)
     if not quiet:
-        tqdm.write(f"{prog}: Ray on {where} ({found}): {pool.description()}, {pool.reason}", file=sys.stderr)
+        tqdm.write(
+            f"{prog}: Ray on {where} ({found}): {pool.description()}, {pool.reason}; "
+            f"Keras on {runtime.backend_name()}", file=sys.stderr,
+        )
     return pool
 
 
 def start_worker_process(pool):
-    """Prepares an actor's process before TensorFlow starts: thread pools of the actor's CPUs, no
-    GPU for a CPU actor (Ray gives a GPU actor its own in CUDA_VISIBLE_DEVICES), GPU memory growth."""
+    """Prepares an actor's process before its Keras backend starts: thread pools of the actor's CPUs,
+    no GPU for a CPU actor (Ray gives a GPU actor its own in CUDA_VISIBLE_DEVICES), and GPU memory
+    taken as needed rather than all at once (TensorFlow's memory growth, JAX's preallocation off:
+    jax.readthedocs.io, "GPU memory allocation"), so that workers can share a GPU."""
     os.environ[runtime.INTRA_OP_VARIABLE] = str(pool.cpus)
     os.environ[runtime.INTER_OP_VARIABLE] = str(runtime.INTER_OP_THREADS)
     if not pool.gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    tf = runtime.import_tensorflow()
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+    os.environ[JAX_PREALLOCATE_VARIABLE] = "false"
+    runtime.import_keras()
+    if runtime.backend_name() == "tensorflow":
+        tf = runtime.import_tensorflow()
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
 
 
 class Attempts:

@@ -1,4 +1,11 @@
-"""How the project starts TensorFlow: quietly, with thread pools sized to the machine.
+"""How the project starts Keras on its backend, and TensorFlow quietly, with thread pools sized to the machine.
+
+The backend is chosen the Keras way (keras.io, "Configuring your backend"): the
+KERAS_BACKEND variable, else the "backend" field of keras.json in KERAS_HOME
+(~/.keras by default), else TensorFlow. The inference commands' --backend sets
+KERAS_BACKEND before Keras is imported (`configure`). TensorFlow, JAX and PyTorch
+are supported (BACKENDS); `import_keras` imports Keras on the chosen one, and
+TensorFlow first, quietly, when it is TensorFlow.
 
 TensorFlow's C++ runtime logs start-up lines on stderr (CUDA probing, oneDNN and
 CPU-feature notices). `import_tensorflow` hides them unless the user asked for
@@ -26,6 +33,8 @@ command lines parse before TensorFlow loads.
 """
 
 import contextlib
+import importlib.util
+import json
 import os
 import re
 import sys
@@ -41,9 +50,18 @@ INTER_OP_THREADS = 1
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 ONEDNN_OPTS = "0"
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
-# Keras 3 reads its backend from this variable when it is imported (keras.io, "Configuring your backend").
+# Keras 3 reads its backend from this variable when it is imported (keras.io, "Configuring your backend"),
+# else from the "backend" field of keras.json in KERAS_HOME, by default ~/.keras (/tmp/.keras where the
+# home folder cannot be written, as keras/src/backend/config.py does).
 KERAS_BACKEND_VARIABLE = "KERAS_BACKEND"
-KERAS_BACKEND = "tensorflow"
+KERAS_HOME_VARIABLE = "KERAS_HOME"
+KERAS_CONFIG_NAME = "keras.json"
+DEFAULT_BACKEND = "tensorflow"
+BACKENDS = ("tensorflow", "jax", "torch")
+# The module each backend imports, its name for users, and the requirements file that installs it.
+BACKEND_MODULES = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+BACKEND_TITLES = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+BACKEND_REQUIREMENTS = {"tensorflow": "requirements.txt", "jax": "requirements-jax.txt", "torch": "requirements-torch.txt"}
 # TensorFlow's default CPU allocator maps fresh pages for every large tensor and pays a page
 # fault per 4 KiB at each use; its BFC allocator keeps them (bench/README.md).
 CPU_ALLOCATOR_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
@@ -60,15 +78,21 @@ START_UP_LINE = re.compile(
 )
 
 
-# What configure() was told: whether TensorFlow's start-up lines are wanted (-v).
-_settings = {"verbose": False}
+# What configure() was told: whether TensorFlow's start-up lines are wanted (-v), whether --backend chose
+# the backend.
+_settings = {"verbose": False, "backend_option": False}
 
 
-def configure(verbose=False, gpu_id=None):
-    """Sets how TensorFlow will start in this process, before it is imported: its start-up lines kept
-    when `verbose`, only the GPU `gpu_id` visible (--id, through CUDA_VISIBLE_DEVICES), and the
-    thread pools, oneDNN and allocator settings of the module's docstring unless the user set them."""
+def configure(verbose=False, gpu_id=None, backend=None):
+    """Sets how Keras and its backend will start in this process, before they are imported: the
+    backend `backend` (--backend, through KERAS_BACKEND; None keeps the Keras way of choosing),
+    TensorFlow's start-up lines kept when `verbose`, only the GPU `gpu_id` visible (--id, through
+    CUDA_VISIBLE_DEVICES, which all three backends read), and the thread pools, oneDNN and
+    allocator settings of the module's docstring unless the user set them."""
     _settings["verbose"] = verbose
+    if backend is not None:
+        os.environ[KERAS_BACKEND_VARIABLE] = backend
+        _settings["backend_option"] = True
     if gpu_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
     inter_op, intra_op = thread_pool_sizes()
@@ -149,9 +173,7 @@ def thread_pool_sizes():
 
 def import_tensorflow():
     """The tensorflow module, imported as `configure` set (its defaults when it was not called):
-    without TensorFlow's C++ start-up lines unless wanted, and Keras on its TensorFlow backend
-    whatever KERAS_BACKEND or ~/.keras/keras.json say (the project's network and protocol use
-    TensorFlow's own functions).
+    without TensorFlow's C++ start-up lines unless wanted.
 
     TensorFlow reads its log level once, during the import; the quiet level is then
     taken out of the environment again, so that child processes see the user's.
@@ -159,8 +181,6 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     configure(_settings["verbose"])
-    if "keras" not in sys.modules:
-        os.environ[KERAS_BACKEND_VARIABLE] = KERAS_BACKEND
     if wants_start_up_logs():
         import tensorflow
 
@@ -174,14 +194,82 @@ def import_tensorflow():
     return tensorflow
 
 
+def keras_config_backend():
+    """The "backend" field of Keras' keras.json, or None where there is no such file or field."""
+    home = os.environ.get(KERAS_HOME_VARIABLE)
+    if home is None:
+        base = os.path.expanduser("~")
+        home = os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(home), KERAS_CONFIG_NAME), encoding="utf-8") as config:
+            backend = json.load(config).get("backend")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return backend if isinstance(backend, str) else None
+
+
+def backend_name():
+    """The Keras backend of this process: Keras' own once it is imported; before, the one it will take
+    (KERAS_BACKEND, else keras.json, else TensorFlow)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    return os.environ.get(KERAS_BACKEND_VARIABLE) or keras_config_backend() or DEFAULT_BACKEND
+
+
+def backend_source():
+    """Where the backend of this process was chosen: '--backend', 'KERAS_BACKEND', 'keras.json' or 'the default'
+    (as it was when Keras was imported: Keras writes a keras.json naming its default where there is none)."""
+    if "source" in _settings:
+        return _settings["source"]
+    if _settings["backend_option"]:
+        return "--backend"
+    if os.environ.get(KERAS_BACKEND_VARIABLE):
+        return KERAS_BACKEND_VARIABLE
+    return KERAS_CONFIG_NAME if keras_config_backend() else "the default"
+
+
+def backend_problem():
+    """Why Keras cannot run here on the backend chosen for this process, or None: a backend this
+    project does not support, or one whose framework is not installed."""
+    name = backend_name()
+    if name not in BACKENDS:
+        return (
+            f"Keras backend {name!r} (from {backend_source()}) is not supported; "
+            f"choose one of {', '.join(BACKENDS)}"
+        )
+    if importlib.util.find_spec(BACKEND_MODULES[name]) is None:
+        return (
+            f"the Keras backend {name} (from {backend_source()}) needs {BACKEND_TITLES[name]}, which is not "
+            f"installed: pip install -r {BACKEND_REQUIREMENTS[name]}"
+        )
+    return None
+
+
+def import_keras():
+    """The keras module on the backend chosen for this process (`backend_name`); with TensorFlow, that
+    is imported first as `import_tensorflow` does (quietly, its thread pools set)."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    configure(_settings["verbose"])
+    _settings["source"] = backend_source()
+    if backend_name() == "tensorflow":
+        import_tensorflow()
+    import keras
+
+    return keras
+
+
 def precision_problem(precision, here=True):
     """Why the network cannot compute in `precision`, or None: an unknown precision, or (when `here`,
-    for this process) a mixed one without a visible GPU, where TensorFlow's CPU kernels would emulate
-    16-bit arithmetic slower than float32."""
+    for this process) a mixed one without a visible GPU, where the CPU kernels of the backends
+    emulate 16-bit arithmetic slower than float32."""
     if precision not in PRECISION_POLICIES:
         return f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-    if here and precision != "float32" and not import_tensorflow().config.list_physical_devices("GPU"):
-        return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
+    if here and precision != "float32":
+        from pspnet_keras import backend
+
+        if not backend.gpu_names():
+            return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
     return None
 
 

@@ -73,7 +73,7 @@ class PSPNet:
                 )
             self.model = load_keras_archive(self.weights_path, config)
         else:
-            self.model = build_pspnet(config, precision=precision)
+            self.model = build_pspnet(config, precision=precision, initialized=False)
             if weights is not None or self.weights_path.exists():
                 described = models.description_path(self.weights_path)
                 if config.released or not os.path.lexists(described):

@@ -16,7 +16,7 @@ import pytest
 from pspnet_keras import runtime
 
 os.environ.pop(runtime.LOG_LEVEL_VARIABLE, None)
-runtime.import_tensorflow()
+runtime.import_keras()
 
 from helpers import SyntheticModel  # noqa: E402
 from helpers import converter_process  # noqa: E402

@@ -151,7 +151,7 @@ def test_ray_writes_what_the_single_process_run_writes(tmp_path, ray_session, ph
     result = run_main(pspnet.main, "-w", weights, "-g", photos / "*", "-o", tmp_path, "--save-probs", *WORKER_FLAGS)
     assert result.code == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("pspnet.py")] == [
-        "pspnet.py: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says",
+        "pspnet.py: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says; Keras on tensorflow",
         *error_lines(single.stderr),
     ]
     expected = files_of(single_process_outputs.out)
@@ -323,7 +323,7 @@ def test_evaluate_on_ray_reports_what_the_single_process_run_reports_and_resumes
     )
     assert result.code == 1, result.stderr
     assert result.stderr.splitlines()[0] == (
-        "evaluate.py: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says"
+        "evaluate.py: Ray on this machine (2 cores, no GPU): 2 workers of 1 CPU each, as --workers says; Keras on tensorflow"
     )
     assert sorted(line for line in result.stderr.splitlines() if line.startswith("evaluate.py: skipped")) == [
         line for line in single.stderr.splitlines() if line.startswith("evaluate.py: skipped")

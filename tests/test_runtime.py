@@ -1,10 +1,13 @@
-"""pspnet_keras/runtime.py: how every command starts TensorFlow (thread pools, oneDNN), and that the user's settings win."""
+"""pspnet_keras/runtime.py: how every command chooses its Keras backend and starts TensorFlow (thread pools,
+oneDNN), and that the user's settings win."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VARIABLES = ("TF_NUM_INTEROP_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_ENABLE_ONEDNN_OPTS")
@@ -49,17 +52,29 @@ def test_intra_op_threads_follow_the_cores_this_process_may_use():
     assert json.loads(result.stdout)["TF_NUM_INTRAOP_THREADS"] == "1"
 
 
-def test_keras_runs_on_tensorflow_whatever_keras_backend_says(tmp_path):
-    """A backend named by the user's KERAS_BACKEND or ~/.keras/keras.json (here one that is not even
-    installed) does not reach the commands, whose network and protocol use TensorFlow's functions."""
+@pytest.mark.parametrize(
+    "variable, config, expected",
+    [
+        (None, None, "tensorflow the default"),
+        ("jax", None, "jax KERAS_BACKEND"),
+        (None, "torch", "torch keras.json"),
+        ("jax", "torch", "jax KERAS_BACKEND"),  # the variable wins over the file, as in Keras
+    ],
+)
+def test_keras_starts_on_the_backend_chosen_the_keras_way(tmp_path, variable, config, expected):
+    """KERAS_BACKEND, else the "backend" of ~/.keras/keras.json, else TensorFlow (keras.io, "Configuring
+    your backend"); Keras itself reports the backend it started on."""
     home = tmp_path / "home"
     (home / ".keras").mkdir(parents=True)
-    (home / ".keras" / "keras.json").write_text(json.dumps({"backend": "no_such_backend"}))
-    for variables in ({"KERAS_BACKEND": "no_such_backend"}, {"HOME": str(home)}):
-        environment = {name: value for name, value in os.environ.items() if name != "KERAS_BACKEND"}
-        result = subprocess.run(
-            [sys.executable, "-c", "from pspnet_keras import runtime; runtime.import_tensorflow(); import keras; "
-             "print(keras.backend.backend())"],
-            capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT, env=environment | variables,
-        )
-        assert (result.returncode, result.stdout) == (0, "tensorflow\n"), result.stderr
+    if config is not None:
+        (home / ".keras" / "keras.json").write_text(json.dumps({"backend": config}))
+    environment = {name: value for name, value in os.environ.items() if name not in ("KERAS_BACKEND", "KERAS_HOME")}
+    environment["HOME"] = str(home)
+    if variable is not None:
+        environment["KERAS_BACKEND"] = variable
+    result = subprocess.run(
+        [sys.executable, "-c", "from pspnet_keras import runtime; keras = runtime.import_keras(); "
+         "print(keras.backend.backend(), runtime.backend_source())"],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT, env=environment,
+    )
+    assert (result.returncode, result.stdout) == (0, expected + "\n"), result.stderr

@@ -1,0 +1,161 @@
+"""What differs between the Keras backends at inference: compiling, devices and running out of memory.
+
+The protocol (inference.py) is written once, on keras.ops and NumPy; this module
+compiles its pieces with each backend's own compiler:
+- TensorFlow: tf.function, one trace per input shape (crop sizes passed as tensors);
+- JAX: jax.jit, a Keras model called through `stateless_call` so that its weights
+  are arguments of the compiled function rather than constants folded into it
+  (keras.io, "Writing a custom training loop in JAX"); crop sizes are static
+  arguments, one compilation per size met;
+- PyTorch: eager, under torch.inference_mode (no autograd records).
+
+Devices are listed through the backend in use; each backend's out-of-memory
+error (TensorFlow's ResourceExhaustedError, XLA's RESOURCE_EXHAUSTED status,
+torch.OutOfMemoryError) is recognised by `is_out_of_memory`.
+"""
+
+import contextlib
+
+from pspnet_keras import runtime
+
+keras = runtime.import_keras()
+from keras import ops  # noqa: E402 (after the backend is chosen and TensorFlow set up)
+
+# The status XLA (JAX's compiler) reports when an allocation fails.
+XLA_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
+
+
+def name():
+    """The Keras backend in use: 'tensorflow', 'jax' or 'torch'."""
+    return keras.backend.backend()
+
+
+def framework_version():
+    """'<framework> <version>' of the backend in use, e.g. 'JAX 0.10.2'."""
+    module = __import__(runtime.BACKEND_MODULES[name()])
+    return f"{runtime.BACKEND_TITLES[name()]} {module.__version__}"
+
+
+def gpu_names():
+    """The GPUs the backend in use sees (after CUDA_VISIBLE_DEVICES), by name; empty on a CPU-only machine."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [device.name for device in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        return [str(device) for device in jax.devices() if device.platform != "cpu"]
+    import torch
+
+    return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
+
+
+def is_out_of_memory(error):
+    """Whether `error` says that memory ran out: NumPy's MemoryError or the backend's own error."""
+    if isinstance(error, MemoryError):
+        return True
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return isinstance(error, tf.errors.ResourceExhaustedError)
+    if backend == "jax":
+        import jax
+
+        return isinstance(error, jax.errors.JaxRuntimeError) and XLA_OUT_OF_MEMORY in str(error)
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
+
+
+@contextlib.contextmanager
+def inference_mode():
+    """Runs the block without recording anything for gradients where the backend would (PyTorch)."""
+    if name() != "torch":
+        yield
+        return
+    import torch
+
+    with torch.inference_mode():
+        yield
+
+
+def compile_network(network, batch_shape):
+    """network(batch) as float32, compiled for float32 batches of `batch_shape` (N, S, S, 3).
+
+    `network` is a Keras model, or any callable of keras.ops (a stand-in in the tests).
+    Returns a function of a NumPy batch giving a tensor of the backend.
+    """
+    backend = name()
+
+    def logits(batch):
+        return ops.cast(network(batch, training=False), "float32")
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(logits, input_signature=[tf.TensorSpec(batch_shape, tf.float32)])
+    if backend == "jax":
+        import jax
+
+        if isinstance(network, keras.Model):
+            return stateless_function(network)
+        return jax.jit(logits)
+
+    def eager(batch):
+        with inference_mode():
+            return logits(ops.convert_to_tensor(batch))
+
+    return eager
+
+
+def stateless_function(model):
+    """model(batch) as float32 under jax.jit, its weights passed in at each call (JAX only)."""
+    import jax
+
+    @jax.jit
+    def logits(trainable, non_trainable, batch):
+        outputs, _ = model.stateless_call(trainable, non_trainable, batch, training=False)
+        return ops.cast(outputs, "float32")
+
+    def call(batch):
+        trainable = [variable.value for variable in model.trainable_variables]
+        non_trainable = [variable.value for variable in model.non_trainable_variables]
+        return logits(trainable, non_trainable, batch)
+
+    return call
+
+
+def compile_sized(function):
+    """function(*tensors, height, width), compiled; `height` and `width` are Python ints.
+
+    TensorFlow traces it once per input shape with the sizes as int32 tensors; JAX
+    compiles it once per (shape, height, width) met; PyTorch runs it eagerly.
+    """
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        traced = tf.function(function)
+
+        def call(*tensors, height, width):
+            return traced(*tensors, height=tf.constant(height, tf.int32), width=tf.constant(width, tf.int32))
+
+        return call
+    if backend == "jax":
+        import jax
+
+        return jax.jit(function, static_argnames=("height", "width"))
+
+    def eager(*tensors, height, width):
+        with inference_mode():
+            return function(*tensors, height=height, width=width)
+
+    return eager
+
+
+def to_numpy(tensor):
+    """A tensor of the backend as a NumPy array (copied from the device where it lies on one)."""
+    return ops.convert_to_numpy(tensor)
