@@ -158,4 +158,6 @@ def compile_sized(function):
 
 def to_numpy(tensor):
     """A tensor of the backend as a NumPy array (copied from the device where it lies on one)."""
+    if name() == "torch":
+        return tensor.detach().cpu().numpy()
     return ops.convert_to_numpy(tensor)

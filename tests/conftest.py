@@ -25,6 +25,11 @@ from helpers import converter_process  # noqa: E402
 HANG_LIMIT_S = 60
 
 
+def pytest_report_header(config):
+    """The Keras backend the suite runs on (KERAS_BACKEND; tests/test_backends.py runs parts of it on each)."""
+    return f"Keras backend: {runtime.backend_name()}"
+
+
 @pytest.fixture(scope="session")
 def synthetic_model(tmp_path_factory):
     """synthetic_model(name) -> the session's SyntheticModel for `name`, built lazily and cached."""

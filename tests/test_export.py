@@ -12,6 +12,7 @@ synthetic weights. The tests that write a file are marked slow.
 
 import io
 import json
+import os
 import subprocess
 import sys
 from contextlib import redirect_stderr
@@ -32,6 +33,7 @@ import utils
 from pspnet_keras import cli
 from pspnet_keras import inference
 from pspnet_keras import models
+from pspnet_keras import runtime
 from pspnet_keras.export import graph
 from pspnet_keras.export import runtimes
 from pspnet_keras.export import transaction
@@ -304,14 +306,16 @@ def test_keras_archive_opens_in_a_fresh_keras_program_with_the_networks_logits(t
     program = (
         "import sys, numpy, keras, layers_builder; "
         "network = keras.saving.load_model(sys.argv[1]); "
-        "numpy.save(sys.argv[3], numpy.asarray(network(numpy.load(sys.argv[2]), training=False)))"
+        "numpy.save(sys.argv[3], keras.ops.convert_to_numpy(network(numpy.load(sys.argv[2]), training=False)))"
     )
-    opened = subprocess.run(
-        [sys.executable, "-c", program, path, tmp_path / "crop.npy", tmp_path / "logits.npy"],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
-    )
-    assert opened.returncode == 0, opened.stderr
-    assert_same_logits(np.load(tmp_path / "logits.npy"), np.asarray(user_network(crop, training=False)))
+    for backend in runtime.BACKENDS:  # written on TensorFlow, opened on each backend
+        opened = subprocess.run(
+            [sys.executable, "-c", program, path, tmp_path / "crop.npy", tmp_path / f"logits_{backend}.npy"],
+            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+            env=os.environ | {runtime.KERAS_BACKEND_VARIABLE: backend},
+        )
+        assert opened.returncode == 0, opened.stderr
+        assert_same_logits(np.load(tmp_path / f"logits_{backend}.npy"), np.asarray(user_network(crop, training=False)))
     photo = utils.read_image(PHOTO)
     archive_ids, archive_probabilities = PSPNet(weights=path).class_map(photo)
     weights_ids, weights_probabilities = PSPNet(weights=user_h5).class_map(photo)

@@ -8,6 +8,7 @@ MATLAB imresize 'bilinear' (written out here in numpy) back to the image size, r
 and the mean over scales. The default mode (one crop, longer side = crop size) is the same
 protocol at the single long side crop_size.
 
+The tests run on every Keras backend (tests/test_backends.py runs this file on JAX and PyTorch).
 The network is a stand-in: logits = a fixed random 3x3 convolution ('same', zero padded) of the
 crop plus a fixed random term per crop position, so the logits depend on the neighbourhood, the
 channel order and the position in the crop, and are not mirror-symmetric. With the convolution
@@ -23,7 +24,7 @@ the best two classes of the reference are further apart than that.
 
 Tolerances:
 - EXACT (1e-5) wherever the image is not resized, and for everything the image-independent
-  network computes: float32 network and TensorFlow arithmetic against this float64 reference.
+  network computes: float32 network and backend arithmetic against this float64 reference.
 - One grey level in the crops the network receives where the image is resized. MATLAB rounds a
   uint8 image to uint8 after each of its two 1-D passes (the more shrunk dimension first); another
   library's uint8 resize (Pillow: fixed-point weights, horizontal pass first, rounding in between)
@@ -35,9 +36,10 @@ Tolerances:
 
 import math
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 from PIL import Image
 
 from pspnet_keras import inference
@@ -53,12 +55,28 @@ BAND_TOLERANCE = 1e-6
 FLOAT32_BYTES = 4
 
 
+def call_at_every_run(function, tensor):
+    """Calls function(tensor as NumPy) each time the compiled computation runs, not only while it is
+    traced: through tf.py_function (TensorFlow), jax.debug.callback (JAX), or at once (PyTorch, eager)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.py_function(lambda value: function(value.numpy()) or [], [tensor], [])
+    elif backend == "jax":
+        import jax
+
+        jax.debug.callback(lambda value: function(np.asarray(value)), tensor, ordered=True)
+    else:
+        function(ops.convert_to_numpy(tensor))
+
+
 class StandInNetwork:
     """Logits of a fixed random 3x3 convolution ('same') plus a fixed random term per position.
 
-    Called by the Predictor on (N, crop, crop, 3) float32 batches inside a tf.function; it keeps
-    every batch it receives in `batches` (through tf.py_function, which runs at every call, not
-    only while tracing). `logits` is the same function in float64 numpy, for the reference.
+    Called by the Predictor on (N, crop, crop, 3) float32 batches inside the backend's compiled
+    function; it keeps every batch it receives in `batches` (call_at_every_run). `logits` is the
+    same function in float64 numpy, for the reference.
     """
 
     def __init__(self, crop_size, convolution_scale, seed):
@@ -67,15 +85,11 @@ class StandInNetwork:
         self.position = rng.normal(0.0, 1.0, (crop_size, crop_size, CLASSES))
         self.batches = []
 
-    def record(self, batch):
-        self.batches.append(batch.numpy())
-        return []
-
     def __call__(self, batch, training=False):
-        tf.py_function(self.record, [batch], [])
-        kernel = tf.constant(self.kernel, tf.float32)
-        convolved = tf.nn.conv2d(batch, kernel, strides=1, padding="SAME")
-        return convolved + tf.constant(self.position, tf.float32)
+        call_at_every_run(self.batches.append, batch)
+        kernel = ops.convert_to_tensor(self.kernel, dtype="float32")
+        convolved = ops.conv(batch, kernel, strides=1, padding="same")
+        return convolved + ops.convert_to_tensor(self.position, dtype="float32")
 
     def logits(self, crop):
         """The (crop, crop, CLASSES) logits of one preprocessed crop, in float64."""
@@ -603,27 +617,18 @@ def test_upsampling_only_the_needed_part_gives_what_the_whole_network_gives(smal
 
 
 def whole_map_resized(probabilities, height, width):
-    """A (h, w, classes) float32 map resized to (height, width) by one ScaleAndTranslate call.
-
-    MATLAB imresize 'bilinear' as TensorFlow's ScaleAndTranslate computes it: half-pixel centres,
-    a triangle kernel widened by the shrink factor (antialias), on the map with a mirrored border
-    of ceil(in / out) + 2 pixels (wider than the kernel's reach: 1 / scale when shrinking, else 1).
-    """
+    """A (h, w, classes) float32 map resized whole to (height, width) with the weights of
+    inference.resize_weights (checked against ScaleAndTranslate in test_resize_weights.py) on the whole
+    map padded with a mirrored border of ceil(in / out) + 2 pixels, summed in float64."""
     in_height, in_width = probabilities.shape[:2]
     if (in_height, in_width) == (height, width):
         return probabilities
     rows, columns = math.ceil(in_height / height) + 2, math.ceil(in_width / width) + 2
-    padded = np.pad(probabilities, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
-    scale = (height / in_height, width / in_width)
-    resized = tf.raw_ops.ScaleAndTranslate(
-        images=padded[np.newaxis],
-        size=(height, width),
-        scale=scale,
-        translation=(-rows * scale[0], -columns * scale[1]),
-        kernel_type="triangle",
-        antialias=True,
-    )
-    return resized[0].numpy()
+    padded = np.pad(probabilities.astype(np.float64), ((rows, rows), (columns, columns), (0, 0)), mode="symmetric")
+    row_weights = inference.resize_weights(in_height, height, rows).astype(np.float64)
+    column_weights = inference.resize_weights(in_width, width, columns).astype(np.float64)
+    resized = np.einsum("yi,xj,ijc->yxc", row_weights, column_weights, padded, optimize=True)
+    return resized.astype(np.float32)
 
 
 def whole_map_reference(maps, height, width):
@@ -816,15 +821,31 @@ def test_crops_have_the_models_own_mean_subtracted_and_are_padded_with_it(image_
 # Running out of memory.
 
 
-class ExhaustingNetwork:
-    """A network that runs out of memory when it runs: TensorFlow raises ResourceExhaustedError,
-    as it does when an allocation fails (tf.py_function turns a MemoryError into that)."""
+def backend_out_of_memory_error():
+    """The backend's own error for a failed allocation: TensorFlow's ResourceExhaustedError, the
+    RESOURCE_EXHAUSTED status of XLA (JAX), torch.OutOfMemoryError."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
 
-    def exhaust(self, batch):
-        raise MemoryError("Unable to allocate 13.4 GiB")
+        return tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[1,33,33,5]")
+    if backend == "jax":
+        import jax
+
+        return jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 13.4GiB.")
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.40 GiB")
+
+
+class ExhaustingNetwork:
+    """A network that runs out of memory when it is called, with the backend's own error."""
+
+    def __init__(self):
+        self.error = backend_out_of_memory_error()
 
     def __call__(self, batch, training=False):
-        return tf.py_function(self.exhaust, [batch], tf.float32)
+        raise self.error
 
 
 @pytest.mark.parametrize(
@@ -837,14 +858,15 @@ class ExhaustingNetwork:
 )
 @pytest.mark.parametrize("method", ["class_map", "predict"])
 def test_running_out_of_memory_says_what_to_try(mode, named, advice, method):
-    predictor = inference.Predictor(ExhaustingNetwork(), CROP_SIZE, BASE_SIZE)
+    predictor_network = ExhaustingNetwork()
+    predictor = inference.Predictor(predictor_network, CROP_SIZE, BASE_SIZE)
 
     with pytest.raises(inference.OutOfMemory) as raised:
         getattr(predictor, method)(make_image(70, 50, seed=1), **MODES[mode])
 
     message = str(raised.value)
     assert isinstance(raised.value, ValueError)
-    assert isinstance(raised.value.__cause__, tf.errors.ResourceExhaustedError)
+    assert type(raised.value.__cause__) is type(predictor_network.error)
     assert "50x70 image" in message and named in message and advice in message and "smaller image" in message
     assert "\n" not in message
 
