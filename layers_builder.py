@@ -326,7 +326,7 @@ def build_pspnet(model, input_size=None, precision="float32", initialized=True):
     build took on 2 cores).
     """
     config = models.model_config(model)
-    problem = runtime.precision_problem(precision, here=False)
+    problem = runtime.precision_problem(precision)
     if problem:
         raise ValueError(problem)
     input_size = config.crop_size if input_size is None else input_size

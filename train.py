@@ -329,12 +329,14 @@ def check_sizes(settings, classes, workers):
 
 def check_settings(settings, strategy):
     """Refuses a batch the replicas cannot share and a mixed precision without a GPU."""
+    from pspnet_keras import backend
+
     replicas = strategy.num_replicas_in_sync
     if settings.batch % replicas:
         raise cli.CommandError(
             f"--batch {settings.batch} cannot be split over the {replicas} replicas; use a multiple of {replicas}"
         )
-    problem = runtime.precision_problem(settings.precision)
+    problem = runtime.precision_problem(settings.precision, backend.gpu_names())
     if problem:
         raise cli.CommandError(problem)
 

@@ -134,18 +134,6 @@ def softmax(logits):
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
-def logit_agreement(logits, reference):
-    """How close (H, W, C) logits are to reference logits: max |difference| relative to their range."""
-    difference = float(np.abs(logits - reference).max())
-    logit_range = float(reference.max() - reference.min())
-    return {
-        "max_abs_diff": difference,
-        "logit_range": logit_range,
-        "relative_diff": difference / logit_range,
-        "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-    }
-
-
 def probability_agreement(probabilities, reference_logits):
     """How close (H, W, C) probabilities are to the softmax of reference logits."""
     reference = softmax(reference_logits)
@@ -207,7 +195,7 @@ def peer_calls(synthetic, image, args):
         "opencv": f"DNN_BACKEND_OPENCV on the CPU, Winograd on (OpenCV's default), {cv2.getNumThreads()} threads",
     }
     onnx_logits = calls["onnxruntime"]()[0].transpose(1, 2, 0)
-    return calls, settings, reference, logit_agreement(onnx_logits, reference), onnx_net.conv_flops
+    return calls, settings, reference, measure.logit_agreement(onnx_logits, reference), onnx_net.conv_flops
 
 
 def our_calls(net, crop):
@@ -224,8 +212,8 @@ def our_calls(net, crop):
     single, pair = net.predictor.crop_function(False), net.predictor.crop_function(True)
     return {
         "ours": lambda: network(crop[np.newaxis])[0].numpy(),
-        "ours_crop_function": lambda: single(crop, side, side).numpy(),
-        "ours_flip_pair": lambda: pair(crop, side, side).numpy(),
+        "ours_crop_function": lambda: np.asarray(single(crop, side, side)),
+        "ours_flip_pair": lambda: np.asarray(pair(crop, side, side)),
     }
 
 
@@ -241,7 +229,7 @@ def measure_forward(model_name, synthetic, net, args):
     first_calls = {name: first_call(call) for name, call in calls.items()}
     parity = {
         "onnxruntime_vs_opencv": onnx_parity,
-        "ours_vs_opencv": logit_agreement(first_calls["ours"][1], reference),
+        "ours_vs_opencv": measure.logit_agreement(first_calls["ours"][1], reference),
         "ours_crop_function_vs_opencv": probability_agreement(first_calls["ours_crop_function"][1], reference),
     }
     timings = interleaved_timings(calls, args.warmup, args.runs)
@@ -419,12 +407,6 @@ def progress(message):
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def markdown_table(header, rows):
-    """A Markdown table of `header` and `rows` (lists of cell strings)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
 def runtime_label(name, forward):
     """The table label of a timed runtime."""
     labels = {"onnxruntime": "ONNX Runtime", "opencv": "OpenCV dnn"}
@@ -464,7 +446,7 @@ def forward_table(results):
                 parity_text(name, forward),
             ])
     header = ["model", "crop", "runtime", "median s", "p90 / p50", "s / pass", "GFLOP/s", "÷ ORT", "÷ OpenCV", "vs OpenCV output"]
-    return markdown_table(header, rows)
+    return measure.markdown_table(header, rows)
 
 
 def cli_table(results):
@@ -489,7 +471,7 @@ def cli_table(results):
         "model", "image", "flags", "passes", "forward s", "CLI s / image", "passes × forward s", "overhead s",
         "overhead % of forward", "crop calls × call s", "overhead % of calls",
     ]
-    return markdown_table(header, rows)
+    return measure.markdown_table(header, rows)
 
 
 def report_text(results):

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 # The instruction sets that decide a convolution's speed on x86, in the order they add up.
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def seconds_in_turns(calls, warmup, runs):
@@ -109,3 +111,21 @@ def publish(prog, path, results, report_text):
     utils.write_json_atomic(path, results)
     print(report_text)
     print(f"{prog}: wrote {path}", file=sys.stderr)
+
+
+def logit_agreement(logits, reference):
+    """How close (H, W, C) logits are to reference logits: max |difference| relative to their range."""
+    difference = float(np.abs(logits - reference).max())
+    logit_range = float(reference.max() - reference.min())
+    return {
+        "max_abs_diff": difference,
+        "logit_range": logit_range,
+        "relative_diff": difference / logit_range,
+        "argmax_agreement": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
+    }
+
+
+def markdown_table(header, rows):
+    """A Markdown table of `header` and `rows` (lists of cell strings)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

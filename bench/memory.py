@@ -176,7 +176,7 @@ def run_case(name, inference_path):
     network = tf.function(lambda batch: model(batch, training=False), input_signature=[tf.TensorSpec(crop.shape)])
     start = time.perf_counter()
     network(crop).numpy()
-    predictor.crop_function(True)(crop[0], crop_size, crop_size).numpy()
+    np.asarray(predictor.crop_function(True)(np.asarray(crop[0]), crop_size, crop_size))
     warmup_s = time.perf_counter() - start
 
     def forward_seconds():

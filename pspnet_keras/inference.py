@@ -152,12 +152,16 @@ def resize_weights(in_length, out_length, margin):
     return weights * (np.float32(1.0) / totals)
 
 
+def reached_sources(weights):
+    """(first, end): row i of a weight matrix has its non-zero weights among sources first[i]..end[i]-1."""
+    reached = weights != 0
+    return reached.argmax(axis=1), reached.shape[1] - reached[:, ::-1].argmax(axis=1)
+
+
 def weight_blocks(weights, block):
     """(first, end, first source, end source) of each block of `block` rows of a weight matrix: the
     rows first..end-1 reach no source outside first source..end source-1."""
-    reached = weights != 0
-    first_sources = reached.argmax(axis=1)
-    end_sources = reached.shape[1] - reached[:, ::-1].argmax(axis=1)
+    first_sources, end_sources = reached_sources(weights)
     return [
         (first, min(first + block, len(weights)), first_sources[first : first + block].min(),
          end_sources[first : first + block].max())
@@ -193,9 +197,7 @@ class BandResize:
         rows, columns = resize_margin(in_height, height), resize_margin(in_width, width)
         self.row_sources = mirrored_indices(in_height, rows)
         self.row_weights = resize_weights(in_height, height, rows)
-        reached = self.row_weights != 0
-        self.first_row = reached.argmax(axis=1)
-        self.end_row = reached.shape[1] - reached[:, ::-1].argmax(axis=1)
+        self.first_row, self.end_row = reached_sources(self.row_weights)
         self.column_sources = mirrored_indices(in_width, columns)
         self.column_weights = resize_weights(in_width, width, columns)
         self.column_blocks = weight_blocks(self.column_weights, COLUMN_BLOCK)

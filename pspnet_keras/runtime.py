@@ -259,17 +259,15 @@ def import_keras():
     return keras
 
 
-def precision_problem(precision, here=True):
-    """Why the network cannot compute in `precision`, or None: an unknown precision, or (when `here`,
-    for this process) a mixed one without a visible GPU, where the CPU kernels of the backends
-    emulate 16-bit arithmetic slower than float32."""
+def precision_problem(precision, gpus=None):
+    """Why the network cannot compute in `precision`, or None: an unknown precision, or, given the
+    `gpus` visible to this process (pspnet_keras.backend.gpu_names(); None leaves that unchecked), a
+    mixed one without a GPU, where the CPU kernels of the backends emulate 16-bit arithmetic slower
+    than float32."""
     if precision not in PRECISION_POLICIES:
         return f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-    if here and precision != "float32":
-        from pspnet_keras import backend
-
-        if not backend.gpu_names():
-            return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
+    if gpus is not None and precision != "float32" and not gpus:
+        return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
     return None
 
 

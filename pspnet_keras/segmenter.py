@@ -35,6 +35,9 @@ class PSPNet:
     or downloaded, layers_builder.WeightsError when they do not fit the network,
     and ValueError (models.ModelDescriptionError among them) for an unknown
     model, a wrong description or a mixed precision without a GPU.
+
+    It runs on the Keras backend of the process (TensorFlow, JAX or PyTorch), which Keras
+    takes from KERAS_BACKEND or ~/.keras/keras.json when it is first imported.
     """
 
     def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
@@ -42,13 +45,14 @@ class PSPNet:
         from layers_builder import load_keras_archive
         from layers_builder import load_weights
         from layers_builder import split_upsampling
+        from pspnet_keras import backend
         from pspnet_keras.inference import Predictor
 
         if isinstance(model, models.ModelConfig):
             config = model
         else:
             config = models.resolve_model(model, weights)
-        problem = runtime.precision_problem(precision)
+        problem = runtime.precision_problem(precision, backend.gpu_names())
         if problem:
             raise ValueError(problem)
         if weights is None and not config.released:

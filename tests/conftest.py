@@ -17,6 +17,13 @@ from pspnet_keras import runtime
 
 os.environ.pop(runtime.LOG_LEVEL_VARIABLE, None)
 runtime.import_keras()
+if runtime.backend_name() == "torch":
+    import torch
+
+    # The tests that run on PyTorch call networks to compare their outputs, never to train: without
+    # this, PyTorch records every call for gradients and keeps its activations (pytorch.org,
+    # torch.set_grad_enabled).
+    torch.set_grad_enabled(False)
 
 from helpers import SyntheticModel  # noqa: E402
 from helpers import converter_process  # noqa: E402

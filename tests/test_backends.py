@@ -50,7 +50,7 @@ def backend_environment(backend):
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
 def test_tests_of_every_backend_pass_on(backend):
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
          *TESTS_ON_EVERY_BACKEND],
         capture_output=True, text=True, cwd=PROJECT_ROOT, env=backend_environment(backend), timeout=1800,
     )
