@@ -43,10 +43,8 @@ model of the same layers and weights), seconds per step, for the tests.
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -94,7 +92,6 @@ STARTUP_STEPS = {
 INPUTS_FILE = "inputs.json"
 REFERENCE_FILE = "opencv_logits.npy"
 STDERR_TAIL_CHARS = 2000
-KIB = 1024
 # Exit status on SIGTERM, after the temporary directory (weights, outputs) is removed.
 EXIT_TERMINATED = 143
 
@@ -202,20 +199,12 @@ def synthetic_crop(side):
     return synthetic_image(side, INPUT_SEED)[0]
 
 
-def own_peak_rss_mib():
-    """The peak resident memory of this process since it started its program (VmHWM, proc(5)), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / KIB
-    raise RuntimeError("/proc/self/status has no VmHWM line")
-
-
 def child(args):
     """Measures one runtime in this process and writes its figures (JSON) to args.result; with
     args.logits, also its logits (.npy) and their agreement with OpenCV's (args.reference)."""
     measure_runtime = onnxruntime_child if args.child == PEER else keras_child
     logits, figures = measure_runtime(args)
-    figures["peak_rss_mib"] = own_peak_rss_mib()
+    figures["peak_rss_mib"] = measure.peak_rss_mib()
     if args.logits is not None:
         np.save(args.logits, logits)
         figures["logits_vs_opencv"] = measure.logit_agreement(logits, np.load(args.reference))
@@ -253,7 +242,7 @@ class Process:
             _, status, usage = os.wait4(process.pid, 0)
         self.wall_s = time.perf_counter() - start
         self.exit_code = os.waitstatus_to_exitcode(status)
-        self.peak_rss_mib = usage.ru_maxrss / KIB
+        self.peak_rss_mib = usage.ru_maxrss / measure.KIB
         self.stderr_tail = stderr_path.read_text(errors="replace")[-STDERR_TAIL_CHARS:]
 
     def check(self, what):
@@ -476,23 +465,6 @@ def cli_summary(rounds, name):
     }
 
 
-def machine_info():
-    """The machine, the package versions, the date and the load average at the start."""
-    facts = measure.cpu_facts()
-    return {
-        "cpu": facts["cpu"],
-        "cpu_flags": facts["simd"],
-        "cpu_kind": facts["kind"],
-        "cores": facts["cores"],
-        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "date_start": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 # --------------------------------------------------------------------------------------
 # Report
 
@@ -559,14 +531,14 @@ def startup_table(results):
 def report_text(results):
     """The whole report: machine, settings, the three tables."""
     machine = results["machine"]
-    flags = machine["cpu_flags"] or f"none of {' '.join(measure.SIMD_FLAGS)}"
+    flags = machine["simd"] or f"none of {' '.join(measure.SIMD_FLAGS)}"
     packages = ", ".join(f"{name} {version}" for name, version in machine["packages"].items())
     start, end = machine["loadavg_start"], machine["loadavg_end"]
     return "\n".join([
         f"Machine: {machine['cpu']}, {machine['cores']} usable cores ({machine['cpu_kind']}), flags: {flags}; "
         f"{machine['memory_gib']:.0f} GiB, {machine['platform']}, Python {machine['python']}",
         f"Packages: {packages}",
-        f"{machine['date_start']} to {machine['date_end']}; load average (1/5/15 min) start "
+        f"{machine['date']} to {machine['date_end']}; load average (1/5/15 min) start "
         f"{start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f}, end {end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}",
         f"{results['model']} at crop {results['crop_size']}, batch 1, float32, seeded synthetic weights; "
         f"{results['rounds']} rounds x {results['calls']} calls, runtimes in turns (orders: "
@@ -651,7 +623,7 @@ def results_path(args, machine):
 
 def run_benchmark(args, work_dir):
     """Prepares the inputs, runs the rounds; returns the results."""
-    machine = machine_info()
+    machine = measure.machine_info(PACKAGES)
     progress(f"synthetic weights, the ONNX graph and OpenCV's logits at crop {args.crop}")
     files = prepared_inputs(args, work_dir)
     (Path(work_dir) / "cli").mkdir()

@@ -26,10 +26,8 @@ runtimes (bench/synthetic_caffe.py), it measures:
 import argparse
 import cProfile
 import gc
-import importlib.metadata
 import json
 import os
-import platform
 import pstats
 import signal
 import statistics
@@ -37,8 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
-from datetime import timezone
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -99,7 +95,6 @@ OUR_TIMINGS = {
     "ours_flip_pair": "ours: CLI crop function with flip (2 passes)",
 }
 PROFILE_LINES = 12
-KIB = 1024
 STDERR_TAIL_CHARS = 2000
 # Exit status on SIGTERM, after the temporary directory (synthetic weights) is removed.
 EXIT_TERMINATED = 143
@@ -372,7 +367,7 @@ def measure_memory(weights, image_path, work_dir):
         "flags": " ".join(MEMORY_FLAGS),
         "image_size": [width, height],
         "exit_code": process.returncode,
-        "peak_rss_mib": usage.ru_maxrss / KIB,
+        "peak_rss_mib": usage.ru_maxrss / measure.KIB,
         "wall_s": wall,
     }
     if process.returncode:
@@ -385,21 +380,8 @@ def measure_memory(weights, image_path, work_dir):
 
 
 def machine_info(args):
-    """The machine, the package versions and the load average at the start."""
-    facts = measure.cpu_facts()
-    return {
-        "cpu": facts["cpu"],
-        "simd": facts["simd"],
-        "cpu_kind": facts["kind"],
-        "cores": facts["cores"],
-        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {name: importlib.metadata.version(name) for name in PACKAGES},
-        "threads": args.threads,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg(),
-    }
+    """The machine, the package versions and the load average at the start, with the thread count."""
+    return measure.machine_info(PACKAGES) | {"threads": args.threads}
 
 
 def progress(message):

@@ -4,16 +4,20 @@ Figures from different CPU kinds are never compared as if alike: each results fi
 names the kind (`cpu_kind`), and every report prints the SIMD flags it ran with.
 """
 
+import importlib.metadata
 import os
 import platform
 import statistics
 import sys
 import time
+from datetime import datetime
+from datetime import timezone
 from pathlib import Path
 
 import numpy as np
 
 # The instruction sets that decide a convolution's speed on x86, in the order they add up.
+KIB = 1024
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -129,3 +133,29 @@ def markdown_table(header, rows):
     """A Markdown table of `header` and `rows` (lists of cell strings)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def peak_rss_mib():
+    """This process's peak resident memory since it started its program (VmHWM, proc(5)), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / KIB
+    raise RuntimeError("/proc/self/status has no VmHWM line")
+
+
+def machine_info(packages):
+    """The machine (cpu_facts, memory, platform), the versions of `packages`, the date and the load
+    average at the start of a run."""
+    facts = cpu_facts()
+    return {
+        "cpu": facts["cpu"],
+        "simd": facts["simd"],
+        "cpu_kind": facts["kind"],
+        "cores": facts["cores"],
+        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": {name: importlib.metadata.version(name) for name in packages},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": os.getloadavg(),
+    }

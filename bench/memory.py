@@ -28,15 +28,14 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
-from datetime import timezone
 from pathlib import Path
+
+from bench import measure
 
 # pspnet.py's allocator (bench/README.md, "What made it fast"); set before TensorFlow loads.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -66,7 +65,6 @@ RECTANGLES = 12
 NOISE_LEVELS = 16
 NOISE_BAND_ROWS = 256
 FORWARD_CALLS_EACH_SIDE = 2
-KIB = 1024
 STDERR_TAIL_CHARS = 2000
 
 
@@ -121,14 +119,6 @@ def synthetic_photo(height, width, seed):
         rows = image[top : top + NOISE_BAND_ROWS]
         rows ^= rng.integers(0, NOISE_LEVELS, rows.shape, dtype=np.uint8)
     return image
-
-
-def peak_rss_mib():
-    """This process's peak resident memory (VmHWM), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / KIB
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def timed(function):
@@ -215,7 +205,7 @@ def run_case(name, inference_path):
         "forward_cpu_s": forward_cpu_s,
         "class_map_cpu_s": class_map_cpu_s,
         "overhead_cpu_s": class_map_cpu_s - passes * forward_cpu_s,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": measure.peak_rss_mib(),
     }
 
 
@@ -256,28 +246,10 @@ def run_child(name, inference_path, work_dir):
     result.update(
         exit_code=process.returncode,
         process_wall_s=time.perf_counter() - start,
-        ru_maxrss_mib=usage.ru_maxrss / KIB,
+        ru_maxrss_mib=usage.ru_maxrss / measure.KIB,
         loadavg_after=os.getloadavg(),
     )
     return result
-
-
-def machine_info():
-    """The machine, the versions and the start of the run."""
-    import importlib.metadata
-
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in cpuinfo if ":" in line)}
-    return {
-        "cpu": fields.get("model name", platform.processor()),
-        "cores": os.cpu_count(),
-        "memory_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": {name: importlib.metadata.version(name) for name in ("tensorflow", "keras", "numpy", "pillow")},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def seconds(value):
@@ -334,7 +306,7 @@ def main(argv=None):
         print(report_text(json.loads(args.from_json.read_text())))
         return 0
     cases = list(args.cases) + [case for case in LONG_CASES if args.cityscapes and case not in args.cases]
-    results = {"machine": machine_info(), "inference": str(args.inference or "inference.py"), "cases": []}
+    results = {"machine": measure.machine_info(("tensorflow", "keras", "numpy", "pillow")), "inference": str(args.inference or "inference.py"), "cases": []}
     with tempfile.TemporaryDirectory(prefix="pspnet-memory-") as work_dir:
         for name in cases:
             print(f"{PROG}: {name} ...", file=sys.stderr, flush=True)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from pspnet_keras import runtime
 
@@ -46,6 +47,10 @@ COLUMN_BLOCK = 64
 # Bands are resized and reduced in parallel: NumPy's products and argmax of one band each
 # use one core. Each thread holds a few bands at a time.
 BAND_THREADS = min(4, os.cpu_count() or 1)
+# NumPy's BLAS computes a band's products in one thread (threadpoolctl): the bands are the
+# parallelism, and the sums of a product then do not depend on how many threads BLAS would
+# take on the machine (OMP_NUM_THREADS, a Ray worker's CPUs), so outputs are the same bytes.
+BLAS_THREADS_PER_BAND = 1
 FLOAT32_BYTES = 4
 
 
@@ -267,11 +272,12 @@ def average_of_resized(maps, height, width, probabilities, band_bytes, threads):
 
     class_ids = np.empty((height, width), dtype=np.uint8)
     best_probabilities = np.empty((height, width), dtype=np.float32)
-    for top, bottom, best, best_probability, mean in in_order(band, range(0, height, rows), threads):
-        class_ids[top:bottom] = best
-        best_probabilities[top:bottom] = best_probability
-        if mean is not None:
-            probabilities[top:bottom] = mean
+    with threadpool_limits(limits=BLAS_THREADS_PER_BAND, user_api="blas"):
+        for top, bottom, best, best_probability, mean in in_order(band, range(0, height, rows), threads):
+            class_ids[top:bottom] = best
+            best_probabilities[top:bottom] = best_probability
+            if mean is not None:
+                probabilities[top:bottom] = mean
     return class_ids, best_probabilities
 
 

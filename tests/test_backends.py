@@ -4,9 +4,9 @@ A process runs one Keras backend, chosen when Keras is imported (KERAS_BACKEND).
 on the backend its environment names (TensorFlow by default); for each other backend, the tests
 that hold on every backend run again in a pytest process of their own: the parity of each model
 family with OpenCV's Caffe (test_parity.py), the protocol against the MATLAB reference
-(test_inference.py) and pspnet.py's outputs end to end (test_pspnet.py). Then pspnet.py on each
-backend is compared with pspnet.py on TensorFlow on a photo, at full size; and the commands that
-need TensorFlow refuse another backend in one line.
+(test_inference.py), pspnet.py's outputs end to end and its GPU and precision checks
+(test_pspnet.py). Then pspnet.py on each backend is compared with pspnet.py on TensorFlow on a
+photo, at full size; and the commands that need TensorFlow refuse another backend in one line.
 """
 
 import os
@@ -31,6 +31,8 @@ TESTS_ON_EVERY_BACKEND = (
     "tests/test_pspnet.py::test_crop_sized_image_gets_the_plain_network_softmax",
     "tests/test_pspnet.py::test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class",
     "tests/test_pspnet.py::test_class_map_is_the_argmax_and_max_of_predict",
+    "tests/test_pspnet.py::test_missing_gpu_is_a_warning",
+    "tests/test_pspnet.py::test_mixed_precision_without_a_gpu_is_refused",
 )
 PHOTO = PROJECT_ROOT / "example_images" / "rocket.jpg"
 # The same network on two backends: float32 sums in another order (other convolution algorithms).

@@ -749,7 +749,7 @@ def test_messages_of_the_library_name_init_instead_of_w(tmp_path, monkeypatch):
 
     monkeypatch.setattr(download, "default_weights_path", lambda name: missing)
     monkeypatch.setattr(download, "download_weights", failed)
-    monkeypatch.setattr("layers_builder.build_pspnet", lambda config, crop: None)
+    monkeypatch.setattr("layers_builder.build_pspnet", lambda config, crop, initialized: None)
     with pytest.raises(train.cli.CommandError) as raised:
         train.init_weights_path(config, None, quiet=True)
     message = str(raised.value)

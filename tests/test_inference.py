@@ -707,6 +707,21 @@ def test_bands_do_not_depend_on_the_threads():
     assert np.array_equal(one[0], four[0]) and np.array_equal(one[1], four[1])
 
 
+def test_bands_do_not_depend_on_the_threads_blas_may_take():
+    """The same bytes whatever number of threads NumPy's BLAS was set to (a Ray worker's CPUs, say)."""
+    from threadpoolctl import threadpool_limits
+
+    maps = random_maps([(60, 53)], 150, seed=19)
+    results = []
+    for blas_threads in (1, 2):
+        probabilities = np.empty((111, 105, 150), dtype=np.float32)
+        with threadpool_limits(limits=blas_threads, user_api="blas"):
+            inference.average_of_resized(maps, 111, 105, probabilities, inference.BAND_BYTES, threads=2)
+        results.append(probabilities)
+
+    assert results[0].tobytes() == results[1].tobytes()
+
+
 def test_the_first_of_equally_probable_classes_is_the_best():
     probabilities = np.zeros((6, 7, 4), dtype=np.float32)
     probabilities[..., [1, 3]] = 0.5

@@ -145,7 +145,9 @@ def test_flip_adds_the_mirrored_logits_and_verbose_lists_every_class(tmp_path, r
     assert result.code == 0, result.stderr
     probabilities = np.load(tmp_path / "out" / "square_probs.npy")
     flipped = softmax(square_logits[0] + square_logits[1, :, ::-1])
-    np.testing.assert_allclose(probabilities, flipped, atol=1e-5)
+    # The CLI adds the two passes' logits before the x8 upsampling, in float32: 1.2e-5 at 4 of 33
+    # million probabilities on PyTorch, within 1e-5 on TensorFlow and JAX.
+    np.testing.assert_allclose(probabilities, flipped, atol=2e-5)
     assert np.abs(flipped - softmax(square_logits[0])).max() > 0.01
     outputs = {kind: tmp_path / "out" / path for kind, path in output_files("square", ".png").items()}
     check_outputs(image, probabilities, outputs)
