@@ -36,7 +36,9 @@ TESTS_ON_EVERY_BACKEND = (
 )
 PHOTO = PROJECT_ROOT / "example_images" / "rocket.jpg"
 # The same network on two backends: float32 sums in another order (other convolution algorithms).
-PROBABILITY_TOLERANCE = 1e-5
+# Measured on the photo with -s on a 2-core AVX2 machine: 9.5e-6 (JAX) and 9.8e-6 (PyTorch); other
+# CPU kinds take other convolution kernels, hence twice that.
+PROBABILITY_TOLERANCE = 2e-5
 # A pixel may take another class only where its best two classes are this close on TensorFlow...
 NEAR_TIE = 2 * PROBABILITY_TOLERANCE
 # ...and at no more than this share of the pixels.
