@@ -213,7 +213,9 @@ def backend_name():
     (KERAS_BACKEND, else keras.json, else TensorFlow)."""
     if "keras" in sys.modules:
         return sys.modules["keras"].backend.backend()
-    return os.environ.get(KERAS_BACKEND_VARIABLE) or keras_config_backend() or DEFAULT_BACKEND
+    if KERAS_BACKEND_VARIABLE in os.environ:  # even empty, as keras/src/backend/config.py reads it
+        return os.environ[KERAS_BACKEND_VARIABLE]
+    return keras_config_backend() or DEFAULT_BACKEND
 
 
 def backend_source():
@@ -223,7 +225,7 @@ def backend_source():
         return _settings["source"]
     if _settings["backend_option"]:
         return "--backend"
-    if os.environ.get(KERAS_BACKEND_VARIABLE):
+    if KERAS_BACKEND_VARIABLE in os.environ:
         return KERAS_BACKEND_VARIABLE
     return KERAS_CONFIG_NAME if keras_config_backend() else "the default"
 
