@@ -35,7 +35,7 @@ It writes <out>/gpu_<device>_<backend>.json and prints a table.
 
 On a machine with PyTorch or JAX and no TensorFlow (the lent GPU machines), carry
 the project and install, beside the framework there, what it needs without
-TensorFlow: keras, numpy, pillow, h5py, opencv-python-headless, protobuf and tqdm
+TensorFlow: keras, numpy, pillow, h5py, opencv-python-headless, protobuf, tqdm and threadpoolctl
 at the versions of requirements.txt and requirements-test.txt; then
     KERAS_BACKEND=jax python -m bench.gpu_check       # or KERAS_BACKEND=torch
 Nothing on those backends' path imports TensorFlow (tests/test_gpu_check.py runs
