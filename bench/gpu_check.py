@@ -112,23 +112,6 @@ class Deadline:
         return time.monotonic() > self.end
 
 
-def accelerator_name(backend_name):
-    """The name of the accelerator the backend `backend_name` runs on, or 'cpu' when there is none."""
-    if backend_name == "tensorflow":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "gpu") if gpus else "cpu"
-    if backend_name == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return device.device_kind if device.platform != "cpu" else "cpu"
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
 def reset_peak_memory(backend_name):
     """Starts a new peak-memory measurement on the accelerator; returns since when the next reading
     counts: 'model start', or 'process start' where the backend keeps one peak (JAX)."""
@@ -483,8 +466,8 @@ def main(argv=None):
     import utils
     from pspnet_keras import backend
 
-    backend_name = backend.name()
-    device = accelerator_name(backend_name)
+    backend_name = runtime.backend_name()
+    device = (backend.gpu_names() or ["cpu"])[0]
     results = {
         "device": device,
         "backend": backend_name,

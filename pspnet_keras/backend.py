@@ -25,28 +25,27 @@ from keras import ops  # noqa: E402 (after the backend is chosen and TensorFlow 
 XLA_OUT_OF_MEMORY = "RESOURCE_EXHAUSTED"
 
 
-def name():
-    """The Keras backend in use: 'tensorflow', 'jax' or 'torch'."""
-    return keras.backend.backend()
-
-
 def framework_version():
     """'<framework> <version>' of the backend in use, e.g. 'JAX 0.10.2'."""
-    module = __import__(runtime.BACKEND_MODULES[name()])
-    return f"{runtime.BACKEND_TITLES[name()]} {module.__version__}"
+    module = __import__(runtime.BACKEND_MODULES[runtime.backend_name()])
+    return f"{runtime.BACKEND_TITLES[runtime.backend_name()]} {module.__version__}"
 
 
 def gpu_names():
-    """The GPUs the backend in use sees (after CUDA_VISIBLE_DEVICES), by name; empty on a CPU-only machine."""
-    backend = name()
+    """The GPUs the backend in use sees (after CUDA_VISIBLE_DEVICES), by model name ('NVIDIA H100 80GB
+    HBM3'); empty on a CPU-only machine."""
+    backend = runtime.backend_name()
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return [device.name for device in tf.config.list_physical_devices("GPU")]
+        return [
+            tf.config.experimental.get_device_details(device).get("device_name", device.name)
+            for device in tf.config.list_physical_devices("GPU")
+        ]
     if backend == "jax":
         import jax
 
-        return [str(device) for device in jax.devices() if device.platform != "cpu"]
+        return [device.device_kind for device in jax.devices() if device.platform != "cpu"]
     import torch
 
     return [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
@@ -56,7 +55,7 @@ def is_out_of_memory(error):
     """Whether `error` says that memory ran out: NumPy's MemoryError or the backend's own error."""
     if isinstance(error, MemoryError):
         return True
-    backend = name()
+    backend = runtime.backend_name()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -73,7 +72,7 @@ def is_out_of_memory(error):
 @contextlib.contextmanager
 def inference_mode():
     """Runs the block without recording anything for gradients where the backend would (PyTorch)."""
-    if name() != "torch":
+    if runtime.backend_name() != "torch":
         yield
         return
     import torch
@@ -88,7 +87,7 @@ def compile_network(network, batch_shape):
     `network` is a Keras model, or any callable of keras.ops (a stand-in in the tests).
     Returns a function of a NumPy batch giving a tensor of the backend.
     """
-    backend = name()
+    backend = runtime.backend_name()
 
     def logits(batch):
         return ops.cast(network(batch, training=False), "float32")
@@ -134,7 +133,7 @@ def compile_sized(function):
     TensorFlow traces it once per input shape with the sizes as int32 tensors; JAX
     compiles it once per (shape, height, width) met; PyTorch runs it eagerly.
     """
-    backend = name()
+    backend = runtime.backend_name()
     if backend == "tensorflow":
         import tensorflow as tf
 
@@ -158,6 +157,6 @@ def compile_sized(function):
 
 def to_numpy(tensor):
     """A tensor of the backend as a NumPy array (copied from the device where it lies on one)."""
-    if name() == "torch":
+    if runtime.backend_name() == "torch":
         return tensor.detach().cpu().numpy()
     return ops.convert_to_numpy(tensor)
