@@ -10,6 +10,7 @@ pspnet_keras/segmenter.py and is imported from here.
     python pspnet.py -m pspnet50_ade20k -i photo.jpg -o results/photo.png
     python pspnet.py -w runs/mine/final.h5 -g 'photos/*.jpg' -o results/
     python pspnet.py -g 'photos/*.jpg' -o results/ --ray    # workers on Ray (pspnet_keras/ray_pool.py)
+    python pspnet.py -m pspnet101_cityscapes -i drive.mp4 -o results/drive.mp4    # pspnet_keras/video.py
 
 Keras and its backend (TensorFlow, JAX or PyTorch: --backend, KERAS_BACKEND) are
 imported only after the command line is parsed, so that `--backend` and `--id`
@@ -31,6 +32,7 @@ from pspnet_keras import cli
 from pspnet_keras import download
 from pspnet_keras import models
 from pspnet_keras import runtime
+from pspnet_keras import video
 from pspnet_keras.download import WEIGHTS_DIR
 from pspnet_keras.download import WEIGHTS_URL_BASE_VARIABLE
 from pspnet_keras.segment import SUMMARY_TOP_CLASSES
@@ -58,11 +60,12 @@ def input_paths(args):
     return [Path(match) for match in matches]
 
 
-def output_plan(args, inputs):
-    """The output files of each input image: {input path: {kind: output path}}.
+def output_plan(args, inputs, videos):
+    """The output files of each input: {input path: {kind: output path}}; `videos` are the inputs that
+    are videos (video.output_paths), the others images (segment.output_paths).
 
-    With -i, -o gives the stem and the picture extension (the input's when -o has
-    none). With -g, when -o is an existing directory or ends with a slash, outputs
+    With -i, -o gives the stem and the picture or video extension (the input's when -o
+    has none). With -g, when -o is an existing directory or ends with a slash, outputs
     go to the -o directory and are named after their input, with its extension.
     Without -o, outputs are written next to their input.
     """
@@ -71,6 +74,12 @@ def output_plan(args, inputs):
     output = Path(args.output_path) if args.output_path else None
     names_directory = args.output_path is not None and args.output_path.endswith(("/", os.sep))
     into_directory = args.glob_path is not None or names_directory or (output is not None and output.is_dir())
+    if output is not None and not into_directory and inputs[0] in videos:
+        try:
+            extension = video.output_extension(output.suffix, inputs[0])
+        except video.VideoError as error:
+            raise cli.CommandError(f"{output}: {error}") from None
+        return {inputs[0]: video.output_paths(output.with_suffix(""), extension, args.save_ids)}
     if output is not None and not into_directory:
         extension = output.suffix or inputs[0].suffix
         problem = picture_extension_problem(extension)
@@ -82,6 +91,9 @@ def output_plan(args, inputs):
     plan = {}
     for path in inputs:
         directory = output if output is not None else path.parent
+        if path in videos:
+            plan[path] = video.output_paths(directory / path.stem, video.output_extension(None, path), args.save_ids)
+            continue
         extension = path.suffix if not picture_extension_problem(path.suffix) else FALLBACK_PICTURE_EXTENSION
         plan[path] = output_paths(directory / path.stem, extension, args.save_probs)
     return plan
@@ -96,11 +108,14 @@ def check_plan(plan, weights):
         inputs.add(models.description_path(weights), "the model description")
     writers = {}
     for source, outputs in plan.items():
-        for output in outputs.values():
+        for kind, output in outputs.items():
             resolved = os.path.realpath(output)
             if resolved in writers and writers[resolved] != source:
                 raise cli.CommandError(f"{output}: would be written for both {writers[resolved]} and {source}")
-            problem = cli.output_problem(output, inputs, overwrite=True)
+            if kind == "ids":
+                problem = cli.folder_output_problem(output, video.FrameIdNames(), inputs, overwrite=True)
+            else:
+                problem = cli.output_problem(output, inputs, overwrite=True)
             if problem:
                 raise cli.CommandError(f"{output}: {problem}; choose another -o")
             writers[resolved] = source
@@ -136,9 +151,9 @@ def backend_line():
 def unfinished(plan, quiet):
     """The images of `plan` missing an output (--skip-existing); says how many are left out unless quiet.
 
-    Outputs are written all or none, so an image whose outputs all exist was segmented.
+    Outputs are written all or none, so an input whose outputs all exist was segmented.
     """
-    left = {source: outputs for source, outputs in plan.items() if not all(map(os.path.isfile, outputs.values()))}
+    left = {source: outputs for source, outputs in plan.items() if not all(map(os.path.exists, outputs.values()))}
     if not quiet and len(left) < len(plan):
         print(
             f"{PROG}: {len(plan) - len(left)} of {len(plan)} images have all their outputs; "
@@ -150,6 +165,46 @@ def unfinished(plan, quiet):
 def network(args, config):
     """The PSPNet of the command line (cli.CommandError when it cannot be loaded)."""
     return load_network(config, args.weights, show_progress=not args.quiet, precision=args.precision)
+
+
+def check_videos(args, videos):
+    """Refuses options that apply to images only when the inputs hold videos."""
+    if not videos:
+        return
+    first = sorted(videos)[0]
+    if args.ray is not None:
+        raise cli.CommandError(f"{first}: is a video; --ray segments images only: run videos without --ray")
+    if args.save_probs:
+        raise cli.CommandError(f"{first}: is a video; --save-probs writes images' probabilities (use --save-ids)")
+
+
+def segment_one_video(args, network_of_run, source, outputs):
+    """Segments one video into its outputs with network_of_run(); returns whether it was read to its end.
+    Says where a video was cut short (its readable frames are written) and, unless quiet, the classes
+    found."""
+    net = network_of_run()
+    end, counts = video.segment_video(
+        net, source, outputs, cli.protocol(args), every=args.every, start=args.start, duration=args.duration,
+        batch_size=args.batch, quiet=args.quiet, warn=lambda line: tqdm.write(f"{PROG}: warning: {line}", file=sys.stderr),
+    )
+    if end.cut_short:
+        tqdm.write(f"{PROG}: error: {source}: {end.cut_short}; wrote its {end.frames} frames before", file=sys.stderr)
+    if not args.quiet:
+        found = utils.class_shares(counts, net.class_names)
+        for line in summary_lines(f"{source} ({end.frames} frames)", found, args.verbose):
+            tqdm.write(line, file=sys.stdout)
+    return end.cut_short is None
+
+
+def segment_one_image(args, network_of_run, source, outputs):
+    """Segments one image into its outputs with network_of_run() and prints its classes unless quiet.
+    The network is loaded once the image is read."""
+    image = utils.read_image(source)
+    net = network_of_run()
+    class_ids = segment(net, image, source, outputs, cli.protocol(args), args.quiet)
+    if not args.quiet:
+        for line in summary_lines(source, utils.class_summary(class_ids, net.class_names), args.verbose):
+            tqdm.write(line, file=sys.stdout)
 
 
 def run_on_ray(args, config, plan):
@@ -172,7 +227,10 @@ def run(args):
         config = models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
         raise cli.CommandError(str(error)) from None
-    plan = output_plan(args, input_paths(args))
+    inputs = input_paths(args)
+    videos = {path for path in inputs if video.is_video(path)}
+    check_videos(args, videos)
+    plan = output_plan(args, inputs, videos)
     check_plan(plan, args.weights)
     check_output_directories(plan)
     if args.skip_existing:
@@ -185,20 +243,23 @@ def run(args):
         check_gpu(args.id)
     if args.verbose:
         print(backend_line(), file=sys.stderr)
-    net = None
+    loaded = []
+
+    def network_of_run():
+        if not loaded:
+            loaded.append(network(args, config))
+        return loaded[0]
+
     failures = 0
-    for source, outputs in tqdm(plan.items(), unit="image", disable=args.quiet or len(plan) == 1):
+    for source, outputs in tqdm(plan.items(), unit="file", disable=args.quiet or len(plan) == 1):
         try:
-            image = utils.read_image(source)
-            net = net or network(args, config)
-            class_ids = segment(net, image, source, outputs, cli.protocol(args), args.quiet)
-        except utils.ImageError as error:
+            if source in videos:
+                failures += not segment_one_video(args, network_of_run, source, outputs)
+            else:
+                segment_one_image(args, network_of_run, source, outputs)
+        except (utils.ImageError, video.VideoError) as error:
             tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
             failures += 1
-            continue
-        if not args.quiet:
-            for line in summary_lines(source, class_ids, net.class_names, args.verbose):
-                tqdm.write(line, file=sys.stdout)
     return cli.EXIT_FAILURE if failures else cli.EXIT_OK
 
 
@@ -227,11 +288,14 @@ def argument_parser():
     )
     cli.add_model_arguments(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("-i", "--input_path", metavar="IMAGE", help="the image to segment (any format Pillow reads)")
+    inputs.add_argument(
+        "-i", "--input_path", metavar="FILE",
+        help="the image (any format Pillow reads) or video (any FFmpeg reads, with PyAV) to segment",
+    )
     inputs.add_argument(
         "-g", "--glob_path", metavar="PATTERN",
-        help="segment every file matching this glob pattern (quote it; ** recurses); -o is then a "
-             "directory and each output is named after its input, with the input's extension",
+        help="segment every image and video matching this glob pattern (quote it; ** recurses); -o is "
+             "then a directory and each output is named after its input, with the input's extension",
     )
     parser.add_argument(
         "-o", "--output_path", metavar="PATH",
@@ -271,6 +335,32 @@ def argument_parser():
         "--save-probs", action="store_true",
         help="also write <stem>_probs.npy: float32 class probabilities, shape (H, W, classes) at "
              "the image size, each pixel summing to 1 (H x W x classes x 4 bytes on disk)",
+    )
+    videos = parser.add_argument_group(
+        "videos",
+        "A video (any container and codec FFmpeg reads, recognised by its content) gives "
+        "<stem>_seg_blended<ext> and <stem>_seg<ext>: H.264 videos at the source's frame times, "
+        "with its sound (<ext>: -o's, else the input's if .mp4, .m4v, .mov or .mkv, else .mp4).",
+    )
+    videos.add_argument(
+        "--save-ids", action="store_true",
+        help="also write <stem>_ids/, one 8-bit lossless PNG of class ids per frame: 000000.png, ...",
+    )
+    videos.add_argument(
+        "--every", type=cli.integer(1), default=1, metavar="N",
+        help="segment one frame in N; the frames between repeat its classes (default: every frame)",
+    )
+    videos.add_argument(
+        "--start", type=cli.number(0), default=0.0, metavar="SECONDS",
+        help="segment from this time on (the outputs start there) (default: 0)",
+    )
+    videos.add_argument(
+        "--duration", type=cli.number(0, strictly=True), metavar="SECONDS",
+        help="segment this many seconds (default: to the end)",
+    )
+    videos.add_argument(
+        "--batch", type=cli.integer(1), metavar="N",
+        help=f"frames per forward pass (default: {video.CPU_BATCH} on a CPU, {video.GPU_BATCH} on a GPU)",
     )
     parser.add_argument(
         "--skip-existing", action="store_true",

@@ -207,19 +207,27 @@ def class_summary(class_ids, class_names, top=None):
     """Returns (class id, class name, pixel share) of every class present in
     a class-id map, largest share first, ties by class id; only the first
     `top` of them when `top` is given."""
+    ids = _checked_class_ids(class_ids, len(class_names)).ravel().astype(np.intp)
+    return class_shares(np.bincount(ids, minlength=len(class_names)), class_names, top)
+
+
+def class_shares(counts, class_names, top=None):
+    """Returns (class id, class name, pixel share) of every class with pixels
+    among `counts` (pixels of each class), largest share first, ties by class
+    id; only the first `top` of them when `top` is given."""
     if top is not None and top < 0:
         raise ValueError(f"top must be None or at least 0, not {top}")
-    ids = _checked_class_ids(class_ids, len(class_names)).ravel().astype(np.intp)
-    counts = np.bincount(ids, minlength=len(class_names))
+    counts = np.asarray(counts)
+    total = counts.sum()
     present = np.flatnonzero(counts)
     by_share = present[np.argsort(-counts[present], kind="stable")]
     return [
-        (int(class_id), class_names[class_id], float(counts[class_id] / ids.size))
+        (int(class_id), class_names[class_id], float(counts[class_id] / total))
         for class_id in by_share[:top]
     ]
 
 
-def _current_umask():
+def current_umask():
     """The process umask, for giving new files the permissions open() would."""
     mask = os.umask(0)
     os.umask(mask)
@@ -264,7 +272,7 @@ class AtomicFiles:
             )
             os.close(descriptor)
             self.temporaries[target] = temporary
-            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.chmod(temporary, 0o666 & ~current_umask())
         except OSError as error:
             raise OutputError(f"{target}: cannot write ({error.strerror or error})") from None
         return temporary

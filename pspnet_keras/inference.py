@@ -15,8 +15,10 @@ whole image is never held (it is written band by band only where asked for).
 
 import collections
 import contextlib
+import itertools
 import math
 import os
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -302,6 +304,54 @@ def out_of_memory_message(height, width, sliding, multi_scale):
     return f"not enough memory to segment a {width}x{height} image in {mode}: {advice}"
 
 
+def batches(items, size):
+    """Lists of `size` consecutive items of an iterable, the last one shorter when they run out."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+class Window(typing.NamedTuple):
+    """One crop of a scaled image: the float32 (crop, crop, 3) network input whose top-left (rows,
+    columns) pixels are the image's at (top, left), for the ScaleMap `target`."""
+
+    crop: np.ndarray
+    top: int
+    left: int
+    rows: int
+    columns: int
+    target: object
+
+
+class ScaleMap:
+    """The probabilities of an image at one scale: the mean of its overlapping crops' probabilities at
+    every pixel, summed as the crops come, so that one crop's probabilities are held at a time."""
+
+    def start(self, height, width, crops):
+        """Prepares the map of a (height, width) scaled image covered by `crops` crops."""
+        self.height, self.width, self.crops = height, width, crops
+        self.total = self.count = None
+
+    def add(self, window, probabilities):
+        """Adds the probabilities of one Window."""
+        if self.crops == 1:
+            self.total = probabilities
+            return
+        if self.total is None:
+            self.total = np.zeros((self.height, self.width, probabilities.shape[-1]), dtype=np.float32)
+            self.count = np.zeros((self.height, self.width, 1), dtype=np.float32)
+        rows = slice(window.top, window.top + window.rows)
+        columns = slice(window.left, window.left + window.columns)
+        self.total[rows, columns] += probabilities
+        self.count[rows, columns] += 1
+
+    def result(self):
+        """The (height, width, classes) mean once every crop was added."""
+        if self.crops == 1:
+            return self.total
+        return np.divide(self.total, self.count, out=self.total)
+
+
 class Predictor:
     """Class probabilities of whole images from a network that maps crops to logits.
 
@@ -321,7 +371,8 @@ class Predictor:
         self.base_size = base_size
         self.mean_rgb = tuple(mean_rgb)
         self.stride = math.ceil(crop_size * STRIDE_RATE)
-        self._network_logits = backend.compile_network(network, (1, crop_size, crop_size, 3))
+        self.network = network
+        self._batch_networks = {}
         self._probabilities = backend.compile_sized(self.probabilities_of_logits)
         self._mirrored_probabilities = backend.compile_sized(self.probabilities_of_mirrored_logits)
 
@@ -339,23 +390,48 @@ class Predictor:
         before the upsampling, which commutes with mirroring."""
         return self.probabilities_of_logits(logits + ops.flip(mirrored_logits, axis=2), height, width)
 
-    def crop_function(self, flip):
-        """The (crop, height, width) -> probabilities function, with or without the mirror.
+    def batch_network(self, batch_size):
+        """The compiled network for batches of `batch_size` crops, compiled on first use."""
+        if batch_size not in self._batch_networks:
+            shape = (batch_size, self.crop_size, self.crop_size, 3)
+            self._batch_networks[batch_size] = backend.compile_network(self.network, shape)
+        return self._batch_networks[batch_size]
 
-        Returns the (height, width, classes) probabilities of the top-left part of
-        the crop, a NumPy array. The mirrored pass is a second batch-of-one call of
-        the same compiled network (on the CPU one batch of two costs more than two
-        calls, bench/README.md).
+    def window_probabilities(self, windows, flip, batch_size=1):
+        """(window, probabilities) for each Window, in order: the (rows, columns, classes) NumPy
+        probabilities of the top-left part of its crop.
+
+        The crops go through the network `batch_size` at a time (a short last batch is
+        filled with zero crops, whose results are dropped). With `flip`, the mirrored
+        crops of a batch are a second call of the same compiled network: on the CPU one
+        batch of two costs more than two calls (bench/README.md).
         """
+        network = self.batch_network(batch_size)
+        size = self.crop_size
+        for group in batches(windows, batch_size):
+            crops = np.zeros((batch_size, size, size, 3), dtype=np.float32)
+            for index, window in enumerate(group):
+                crops[index] = window.crop
+            logits = network(crops)
+            mirrored_logits = network(np.ascontiguousarray(crops[:, :, ::-1])) if flip else None
+            for index, window in enumerate(group):
+                crop_logits = logits[index : index + 1]
+                if flip:
+                    probabilities = self._mirrored_probabilities(
+                        crop_logits, mirrored_logits[index : index + 1], height=window.rows, width=window.columns
+                    )
+                else:
+                    probabilities = self._probabilities(crop_logits, height=window.rows, width=window.columns)
+                yield window, backend.to_numpy(probabilities)
+
+    def crop_function(self, flip):
+        """The (crop, height, width) -> probabilities function of one crop at a time, with or without the
+        mirror: window_probabilities of a single window, the (height, width, classes) NumPy probabilities
+        of the top-left part of the crop."""
 
         def crop_probabilities(crop, height, width):
-            batch = np.ascontiguousarray(crop[np.newaxis])
-            logits = self._network_logits(batch)
-            if not flip:
-                return backend.to_numpy(self._probabilities(logits, height=height, width=width))
-            mirrored_logits = self._network_logits(np.ascontiguousarray(batch[:, :, ::-1]))
-            probabilities = self._mirrored_probabilities(logits, mirrored_logits, height=height, width=width)
-            return backend.to_numpy(probabilities)
+            ((_, probabilities),) = self.window_probabilities([Window(crop, 0, 0, height, width, None)], flip)
+            return probabilities
 
         return crop_probabilities
 
@@ -382,41 +458,50 @@ class Predictor:
             crops += len(self.crop_grid(*scaled_size(height, width, long_side)))
         return crops * (2 if flip else 1)
 
-    def scale_probabilities(self, image, flip, progress):
-        """The averaged crop probabilities of an image already at its protocol scale.
-
-        A float32 (h, w, classes) array of the image's size. Overlapping crops are
-        summed into the map as they come and divided by their count at each pixel,
-        so one crop's probabilities are held at a time.
-        """
-        height, width = image.shape[:2]
+    def windows(self, image, long_side, target):
+        """The Windows of an image at the protocol scale with this longer side, each crop preprocessed and
+        padded with the mean colour, for the ScaleMap `target` (made for the scaled image)."""
+        scaled = resize_image(image, *scaled_size(image.shape[0], image.shape[1], long_side))
+        height, width = scaled.shape[:2]
         size = self.crop_size
         data = np.zeros((max(height, size), max(width, size), 3), dtype=np.float32)
-        data[:height, :width] = preprocess(image, self.mean_rgb)
-        crop_probabilities = self.crop_function(flip)
-        grid = self.crop_grid(height, width)
-        total = count = None
-        for top, left in grid:
-            rows, columns = min(size, height - top), min(size, width - left)
-            window = crop_probabilities(data[top : top + size, left : left + size], rows, columns)
+        data[:height, :width] = preprocess(scaled, self.mean_rgb)
+        target.start(height, width, len(self.crop_grid(height, width)))
+        for top, left in self.crop_grid(height, width):
+            crop = data[top : top + size, left : left + size]
+            yield Window(crop, top, left, min(size, height - top), min(size, width - left), target)
+
+    def image_maps(self, images, sliding=False, flip=True, multi_scale=False, progress=None, batch_size=1):
+        """The averaged crop probabilities of each image at each scale of the protocol, each a float32
+        (h, w, classes) array at its scale's size: [[map of each scale] for each image].
+
+        The crops of all the images go through the network `batch_size` at a time
+        (window_probabilities). Each scale's image is made when its first crop is
+        needed, and its overlapping crops are summed into its map as they come.
+        `progress` is called with the number of forward passes after each crop.
+        """
+        progress = progress or (lambda passes: None)
+        long_sides = self.long_sides(sliding, multi_scale)
+        maps = [[ScaleMap() for _ in long_sides] for _ in images]
+
+        def all_windows():
+            for image, image_maps in zip(images, maps):
+                for long_side, target in zip(long_sides, image_maps):
+                    yield from self.windows(image, long_side, target)
+
+        for window, probabilities in self.window_probabilities(all_windows(), flip, batch_size):
+            window.target.add(window, probabilities)
             progress(2 if flip else 1)
-            if len(grid) == 1:
-                return window
-            if total is None:
-                total = np.zeros((height, width, window.shape[-1]), dtype=np.float32)
-                count = np.zeros((height, width, 1), dtype=np.float32)
-            total[top : top + rows, left : left + columns] += window
-            count[top : top + rows, left : left + columns] += 1
-            del window  # not held while the next crop is computed
-        return np.divide(total, count, out=total)
+        return [[scale_map.result() for scale_map in image_maps] for image_maps in maps]
 
     def scale_maps(self, image, sliding, flip, multi_scale, progress):
         """The averaged crop probabilities at each scale of the protocol, each at its scale's size."""
-        height, width = image.shape[:2]
-        return [
-            self.scale_probabilities(resize_image(image, *scaled_size(height, width, long_side)), flip, progress)
-            for long_side in self.long_sides(sliding, multi_scale)
-        ]
+        return self.image_maps([image], sliding, flip, multi_scale, progress)[0]
+
+    def best_classes(self, maps, height, width, probabilities=None):
+        """The best class (uint8) and its probability (float32) at every pixel of the mean of the scale
+        `maps` of an image resized to (height, width); `probabilities`, unless None, receives that mean."""
+        return average_of_resized(maps, height, width, probabilities, BAND_BYTES, BAND_THREADS)
 
     @contextlib.contextmanager
     def out_of_memory_as_error(self, image, sliding, multi_scale):
@@ -446,7 +531,7 @@ class Predictor:
             classes = maps[0].shape[-1]
             if probabilities is not None and tuple(probabilities.shape) != (height, width, classes):
                 raise ValueError(f"probabilities has shape {probabilities.shape}, not {(height, width, classes)}")
-            return average_of_resized(maps, height, width, probabilities, BAND_BYTES, BAND_THREADS)
+            return self.best_classes(maps, height, width, probabilities)
 
     def predict(self, image, sliding=False, flip=True, multi_scale=False, progress=None):
         """The (H, W, classes) float32 class probabilities of a uint8 RGB image.
@@ -462,5 +547,5 @@ class Predictor:
         with self.out_of_memory_as_error(image, sliding, multi_scale):
             maps = self.scale_maps(image, sliding, flip, multi_scale, progress or (lambda passes: None))
             probabilities = np.empty((height, width, maps[0].shape[-1]), dtype=np.float32)
-            average_of_resized(maps, height, width, probabilities, BAND_BYTES, BAND_THREADS)
+            self.best_classes(maps, height, width, probabilities)
         return probabilities

@@ -441,7 +441,7 @@ class ImageWorker:
         except utils.ImageError as error:
             result["error"] = str(error)
             return result
-        result["summary"] = "\n".join(segment.summary_lines(source, class_ids, self.net.class_names, self.verbose))
+        result["summary"] = "\n".join(segment.summary_lines(source, utils.class_summary(class_ids, self.net.class_names), self.verbose))
         return result
 
 

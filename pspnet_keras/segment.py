@@ -50,9 +50,9 @@ def output_paths(stem, extension, save_probs):
     return {kind: Path(f"{stem}{OUTPUT_SUFFIXES[kind].format(ext=extension)}") for kind in kinds}
 
 
-def summary_lines(source, class_ids, class_names, verbose):
-    """The classes found in an image with their pixel shares: one line, or one per class if verbose."""
-    found = utils.class_summary(class_ids, class_names)
+def summary_lines(source, found, verbose):
+    """The classes `found` in an image (utils.class_shares) with their pixel shares: one line, or one per
+    class if verbose."""
     if verbose:
         return [f"{source}: {len(found)} classes"] + [
             f"  {class_id:3d} {name:<24} {share:7.2%}" for class_id, name, share in found

@@ -8,6 +8,7 @@ protocol (inference.Predictor). pspnet.py re-exports `PSPNet` for users.
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,30 @@ class PSPNet:
         return self.predictor.class_map(
             img, sliding=sliding, flip=flip, multi_scale=multi_scale, progress=progress, probabilities=probabilities
         )
+
+    def segment_video(self, path, sliding=False, flip=True, multi_scale=False, every=1, start=0.0, duration=None,
+                      batch_size=None):
+        """(timestamp in seconds, class ids uint8 (H, W), their probabilities float32 (H, W)) for each frame
+        of a video, in order, as `class_map` gives them for the frame.
+
+        One frame in `every` is segmented and the frames between repeat its result;
+        `start` and `duration` (seconds) choose a part of the video, whose timestamps
+        then count from `start`. `batch_size` frames go through the network at a time
+        (default: video.device_batch_size()). Decoding runs ahead in a thread of its
+        own, and memory does not grow with the length of the video. A frame that cannot
+        be decoded is skipped with a warning (warnings.warn). Raises video.VideoError for a
+        file that cannot be read as a video, and, after the frames that could be read, for
+        a video cut short.
+        """
+        from pspnet_keras import video
+
+        batch_size = batch_size or video.device_batch_size()
+        protocol = {"sliding": sliding, "flip": flip, "multi_scale": multi_scale}
+        with video.FrameReader(path, start, duration, video.QUEUED_BATCHES * batch_size, warn=warnings.warn) as reader:
+            for frame, class_ids, confidence in video.segmented_frames(self, reader, protocol, every, batch_size):
+                yield frame.time, class_ids, confidence
+        if reader.end.cut_short:
+            raise video.VideoError(f"{path}: {reader.end.cut_short}")
 
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
         """The number of forward passes `predict` makes for an image of (height, width)."""

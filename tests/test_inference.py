@@ -52,6 +52,7 @@ MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 EXACT = 1e-5
 SUM_TOLERANCE = 1e-5
 BAND_TOLERANCE = 1e-6
+BATCH_TOLERANCE = 1e-4
 FLOAT32_BYTES = 4
 
 
@@ -943,3 +944,68 @@ def test_rgbx_padding_is_the_symmetric_padding(shape, rows, columns):
     padded = inference.mirror_padded_rgbx(image, rows, columns)
 
     assert np.array_equal(padded[..., :3], np.pad(image, ((rows, rows), (columns, columns), (0, 0)), mode="symmetric"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Crops in batches: the crops of several images (all windows, all scales) through the network
+# several at a time give what one crop at a time gives.
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_batched_crops_of_several_images_match_the_protocol(image_network, predictors, mode):
+    images = [make_image(*shape, seed=20 + index) for index, shape in enumerate([(33, 33), (65, 48), (17, 31)])]
+    image_network.batches.clear()
+
+    maps = predictors(image_network).image_maps(images, flip=True, batch_size=3, **MODES[mode])
+
+    expected_passes = sum(protocol_forward_passes(image.shape[:2], CROP_SIZE, BASE_SIZE, flip=True, **MODES[mode])
+                          for image in images)
+    assert {len(batch) for batch in image_network.batches} == {3}
+    assert sum(len(batch) for batch in image_network.batches) == 3 * math.ceil(expected_passes / 6) * 2
+    one_at_a_time = predictors(image_network).image_maps(images, flip=True, batch_size=1, **MODES[mode])
+    for image, image_maps, single_maps in zip(images, maps, one_at_a_time):
+        for batch_map, single_map in zip(image_maps, single_maps):
+            assert_close(batch_map, single_map.astype(np.float64), BAND_TOLERANCE)
+    expected = eval_sub(image_network, images[0], CROP_SIZE, BASE_SIZE, flip=True, **MODES[mode])
+    height, width = images[0].shape[:2]
+    class_ids, best = predictors(image_network).best_classes(maps[0], height, width)
+    if mode == "default":  # a crop-sized image: no resize, so the reference holds to EXACT
+        np.testing.assert_array_equal(class_ids, expected.argmax(axis=-1))
+        assert_close(best[..., np.newaxis], expected.max(axis=-1, keepdims=True), EXACT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["default", "multi_scale"])
+def test_batches_of_a_real_network_equal_one_crop_at_a_time(small_pspnet, mode):
+    """PSPNet-50 with its final Interp split off, crops in batches against one at a time.
+
+    A batch takes other convolution kernels of the backend, whose sums are rounded in another
+    order: the logits agree to about 5e-7 of their range (~250 with these weights), which this
+    network's peaked softmax turns into up to ~2e-5 in a probability. Class ids are equal wherever
+    the best two classes are further apart than BATCH_TOLERANCE.
+    """
+    from layers_builder import split_upsampling
+
+    logits, upsampling = split_upsampling(small_pspnet)
+    predictor = inference.Predictor(logits, 89, 96, upsampling)
+    images = [make_image(45, 100, seed=30), make_image(120, 70, seed=31), make_image(89, 89, seed=32)]
+
+    one_at_a_time = predictor.image_maps(images, flip=True, batch_size=1, **MODES[mode])
+    batched = predictor.image_maps(images, flip=True, batch_size=2, **MODES[mode])
+
+    for image, single_maps, batch_maps in zip(images, one_at_a_time, batched):
+        for single, batch in zip(single_maps, batch_maps):
+            assert_close(batch, single.astype(np.float64), BATCH_TOLERANCE)
+        height, width = image.shape[:2]
+        probabilities = np.empty((height, width, inference_classes(single_maps)), dtype=np.float32)
+        single_ids, _ = predictor.best_classes(single_maps, height, width, probabilities)
+        batch_ids, _ = predictor.best_classes(batch_maps, height, width)
+        best_two = np.sort(probabilities, axis=-1)[..., -2:]
+        clear = best_two[..., 1] - best_two[..., 0] > BATCH_TOLERANCE
+        np.testing.assert_array_equal(batch_ids[clear], single_ids[clear])
+        assert clear.mean() > 0.95
+
+
+def inference_classes(maps):
+    """The number of classes of a list of scale maps."""
+    return maps[0].shape[-1]
