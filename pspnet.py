@@ -38,6 +38,7 @@ from pspnet_keras.download import WEIGHTS_URL_BASE_VARIABLE
 from pspnet_keras.segment import SUMMARY_TOP_CLASSES
 from pspnet_keras.segment import output_paths
 from pspnet_keras.segment import picture_extension_problem
+from pspnet_keras.segment import read_input_image
 from pspnet_keras.segment import segment
 from pspnet_keras.segment import summary_lines
 from pspnet_keras.segmenter import PSPNet  # noqa: F401 (the Python API: from pspnet import PSPNet)
@@ -80,6 +81,8 @@ def output_plan(args, inputs, videos):
         except video.VideoError as error:
             raise cli.CommandError(f"{output}: {error}") from None
         return {inputs[0]: video.output_paths(output.with_suffix(""), extension, args.save_ids)}
+    if output is not None and not into_directory and output.suffix.lower() in video.CONTAINER_FORMATS:
+        raise cli.CommandError(f"{inputs[0]}: {video.not_video_problem(inputs[0])}")
     if output is not None and not into_directory:
         extension = output.suffix or inputs[0].suffix
         problem = picture_extension_problem(extension)
@@ -199,7 +202,7 @@ def segment_one_video(args, network_of_run, source, outputs):
 def segment_one_image(args, network_of_run, source, outputs):
     """Segments one image into its outputs with network_of_run() and prints its classes unless quiet.
     The network is loaded once the image is read."""
-    image = utils.read_image(source)
+    image = read_input_image(source)
     net = network_of_run()
     class_ids = segment(net, image, source, outputs, cli.protocol(args), args.quiet)
     if not args.quiet:

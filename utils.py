@@ -40,6 +40,10 @@ class ImageError(FileError):
     """
 
 
+class NotAnImage(ImageError):
+    """A file that Pillow does not identify as an image of any format it reads."""
+
+
 class OutputError(ImageError):
     """An output file that cannot be written; the message names the file and the reason."""
 
@@ -128,7 +132,7 @@ def read_image(path):
     except Image.UnidentifiedImageError:
         if os.path.getsize(name) == 0:
             raise ImageError(f"{name}: empty file") from None
-        raise ImageError(f"{name}: not an image Pillow can read") from None
+        raise NotAnImage(f"{name}: not an image Pillow can read") from None
     except Image.DecompressionBombError as error:
         raise ImageError(f"{name}: image too large ({error})") from None
     except OSError as error:

@@ -437,7 +437,7 @@ class ImageWorker:
             return result
         outputs = {kind: Path(path) for kind, path in row["outputs"].items()}
         try:
-            class_ids = segment.segment(self.net, utils.read_image(source), source, outputs, self.protocol, quiet=True)
+            class_ids = segment.segment(self.net, segment.read_input_image(source), source, outputs, self.protocol, quiet=True)
         except utils.ImageError as error:
             result["error"] = str(error)
             return result

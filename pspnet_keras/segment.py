@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import utils
+from pspnet_keras import video
 
 OUTPUT_SUFFIXES = {
     "seg": "_seg{ext}",
@@ -42,6 +43,15 @@ def picture_extension_problem(extension):
         except (OSError, ValueError, KeyError):
             return f"the {image_format} format of {extension!r} cannot store {mode} images; use .png or .jpg"
     return None
+
+
+def read_input_image(source):
+    """utils.read_image of an input of pspnet.py, whose message for a file that is no image says
+    whether it could be a video (video.neither_problem)."""
+    try:
+        return utils.read_image(source)
+    except utils.NotAnImage:
+        raise utils.ImageError(f"{source}: {video.neither_problem()}") from None
 
 
 def output_paths(stem, extension, save_probs):

@@ -119,8 +119,8 @@ class PSPNet:
         (default: video.device_batch_size()). Decoding runs ahead in a thread of its
         own, and memory does not grow with the length of the video. A frame that cannot
         be decoded is skipped with a warning (warnings.warn). Raises video.VideoError for a
-        file that cannot be read as a video, and, after the frames that could be read, for
-        a video cut short.
+        file that cannot be read as a video, for a part of it holding no frame, and, after
+        the frames that could be read, for a video cut short.
         """
         from pspnet_keras import video
 
@@ -129,8 +129,8 @@ class PSPNet:
         with video.FrameReader(path, start, duration, video.QUEUED_BATCHES * batch_size, warn=warnings.warn) as reader:
             for frame, class_ids, confidence in video.segmented_frames(self, reader, protocol, every, batch_size):
                 yield frame.time, class_ids, confidence
-        if reader.end.cut_short:
-            raise video.VideoError(f"{path}: {reader.end.cut_short}")
+        if reader.end.cut_short or reader.end.frames == 0:
+            raise video.VideoError(f"{path}: {reader.end.cut_short or video.NO_FRAMES}")
 
     def forward_count(self, height, width, sliding=False, flip=True, multi_scale=False):
         """The number of forward passes `predict` makes for an image of (height, width)."""

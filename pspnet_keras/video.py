@@ -49,6 +49,7 @@ QUEUED_BATCHES = 2
 POLL_S = 0.2
 # A video whose last frame ends this many frame durations before its stated duration was cut short.
 TRUNCATION_FRAMES = 1.5
+NO_FRAMES = "no frame to segment in the time asked for"
 # Frames per batch of the network, by device: on a 2-core CPU a batch of 2 crops costs more than
 # two batches of one (bench/README.md, "Video"); accelerators run wider batches in the same time.
 CPU_BATCH = 1
@@ -107,6 +108,36 @@ def is_video(path):
             return bool(container.streams.video) and not is_picture_demuxer(container.format.name)
     except (av.error.FFmpegError, OSError, ValueError):
         return False
+
+
+def not_video_problem(path):
+    """Why `path` is not a video pspnet.py can segment: it is not readable, PyAV is missing, FFmpeg
+    cannot open it, it holds no video stream, or it is a still picture."""
+    problem = utils.file_problem(path)
+    if problem:
+        return problem
+    try:
+        av = import_av()
+    except VideoError as error:
+        return str(error)
+    try:
+        with av.open(os.fspath(path)) as container:
+            if not container.streams.video:
+                return "holds no video stream"
+            if is_picture_demuxer(container.format.name):
+                return "is a still picture, not a video"
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        return f"cannot open as a video ({ffmpeg_reason(error)})"
+    return "is an image; give -o an image extension (.png, .jpg)"
+
+
+def neither_problem():
+    """What a file that is not an image Pillow reads and not a video is: naming PyAV's install when missing."""
+    try:
+        import_av()
+    except VideoError:
+        return f"not an image Pillow can read; if it is a video, install PyAV: pip install -r {VIDEO_REQUIREMENTS}"
+    return "neither an image Pillow can read nor a video PyAV can open"
 
 
 def is_picture_demuxer(name):
@@ -184,7 +215,6 @@ class FrameReader:
             self.container.close()
             raise VideoError(f"{path}: holds no video stream")
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
         self.audio = self.container.streams.audio[0] if self.container.streams.audio else None
         self.rate = frame_rate(self.stream)
         self.stated_duration = stream_duration(self.container, self.stream)
@@ -413,14 +443,14 @@ class VideoOutputs:
         self.palette = palette
         self.progress = progress
         self.files = utils.AtomicFiles()
-        self.temporaries = {kind: self.files.temporary(outputs[kind]) for kind in ("seg_blended", "seg")}
         self.ids_folder = None
-        if "ids" in outputs:
-            target = outputs["ids"]
-            try:
-                self.ids_folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-            except OSError as error:
-                raise utils.OutputError(f"{target}: cannot write ({error.strerror or error})") from None
+        try:
+            self.temporaries = {kind: self.files.temporary(outputs[kind]) for kind in ("seg_blended", "seg")}
+            if "ids" in outputs:
+                self.ids_folder = temporary_folder(outputs["ids"])
+        except BaseException:
+            self.files.__exit__(None, None, None)
+            raise
         self.videos = {}
         self.items = queue.Queue(maxsize=queued)
         self.stopped = threading.Event()
@@ -451,7 +481,9 @@ class VideoOutputs:
         self.raise_error()
 
     def work(self):
-        """The thread's work: encode every frame, then the sound left, then close the files."""
+        """The thread's work: encode every frame, then the sound left, then close the files. A file
+        left open by an error or a stop is closed too (and removed when the outputs are left)."""
+        closed = False
         try:
             while not self.stopped.is_set():
                 try:
@@ -460,6 +492,7 @@ class VideoOutputs:
                     continue
                 if item is None:
                     self.write_sound()
+                    closed = True
                     for encoded in self.videos.values():
                         encoded.close()
                     return
@@ -467,7 +500,7 @@ class VideoOutputs:
         except Exception as error:  # handed to the main thread by finish or put
             self.error = error
         finally:
-            if self.stopped.is_set():
+            if not closed:
                 for encoded in self.videos.values():
                     encoded.container.close()
 
@@ -520,6 +553,14 @@ class VideoOutputs:
         if self.ids_folder is not None:
             replace_folder(self.ids_folder, self.outputs["ids"])
             self.ids_folder = None
+
+
+def temporary_folder(target):
+    """A new, empty temporary folder beside the folder `target`, to be renamed onto it."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as error:
+        raise utils.OutputError(f"{target}: cannot write ({error.strerror or error})") from None
 
 
 def replace_folder(folder, target):
@@ -613,13 +654,14 @@ def segment_video(net, source, outputs, protocol, every=1, start=0.0, duration=N
     queued = QUEUED_BATCHES * batch_size
     counts = np.zeros(net.classes, dtype=np.int64)
     with FrameReader(source, start, duration, queued, warn) as reader, tqdm(
-        total=reader.expected_frames(), unit="frame", desc=Path(source).name, leave=False, disable=quiet,
+        total=reader.expected_frames(), unit="frame", desc=Path(source).name, leave=False,
+        disable=quiet or reader.expected_frames() == 0,
     ) as bar, VideoOutputs(outputs, reader, net.palette, queued, bar.update) as writer:
         for frame, class_ids, _ in segmented_frames(net, reader, protocol, every, batch_size):
             writer.put(frame, class_ids)
             counts += np.bincount(class_ids.ravel(), minlength=net.classes)
         if reader.end.frames == 0:
-            raise VideoError(f"{source}: {reader.end.cut_short or 'no frame to segment in the time asked for'}")
+            raise VideoError(f"{source}: {reader.end.cut_short or NO_FRAMES}")
         writer.finish()
         writer.commit()
     return reader.end, counts

@@ -90,7 +90,7 @@ def batch(tmp_path_factory, weights_h5):
 def test_batch_skips_the_broken_file_and_fails_at_the_end(batch):
     assert batch.result.code == 1
     assert error_lines(batch.result.stderr) == [
-        f"pspnet.py: error: {batch.folder / 'in' / 'broken.png'}: not an image Pillow can read"
+        f"pspnet.py: error: {batch.folder / 'in' / 'broken.png'}: neither an image Pillow can read nor a video PyAV can open"
     ]
     assert batch.result.stdout == ""
     written = sorted(path.name for path in batch.out.iterdir())

@@ -146,7 +146,7 @@ def single_process_outputs(tmp_path_factory, photos, weights):
 def test_ray_writes_what_the_single_process_run_writes(tmp_path, ray_session, photos, weights, single_process_outputs):
     single = single_process_outputs.result
     assert single.returncode == 1, single.stderr
-    assert error_lines(single.stderr) == [f"pspnet.py: error: {photos / 'broken.png'}: not an image Pillow can read"]
+    assert error_lines(single.stderr) == [f"pspnet.py: error: {photos / 'broken.png'}: neither an image Pillow can read nor a video PyAV can open"]
 
     result = run_main(pspnet.main, "-w", weights, "-g", photos / "*", "-o", tmp_path, "--save-probs", *WORKER_FLAGS)
     assert result.code == 1
