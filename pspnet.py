@@ -102,10 +102,10 @@ def output_plan(args, inputs, videos):
     return plan
 
 
-def check_plan(plan, weights):
-    """Refuses a run that would replace an input (an image, the -w weights or the description beside
-    them) or a special file, or write one file twice. Outputs of an earlier run are replaced."""
-    inputs = cli.Inputs({path: "the input image" for path in plan})
+def check_plan(plan, videos, weights):
+    """Refuses a run that would replace an input (an image or a video, the -w weights or the description
+    beside them) or a special file, or write one file twice. Outputs of an earlier run are replaced."""
+    inputs = cli.Inputs({path: "the input video" if path in videos else "the input image" for path in plan})
     if weights is not None:
         inputs.add(weights, "the weights file")
         inputs.add(models.description_path(weights), "the model description")
@@ -234,7 +234,7 @@ def run(args):
     videos = {path for path in inputs if video.is_video(path)}
     check_videos(args, videos)
     plan = output_plan(args, inputs, videos)
-    check_plan(plan, args.weights)
+    check_plan(plan, videos, args.weights)
     check_output_directories(plan)
     if args.skip_existing:
         plan = unfinished(plan, args.quiet)
@@ -275,7 +275,7 @@ def argument_parser():
             "For each image it writes <stem>_seg<ext> (class colours), <stem>_seg_blended<ext> "
             "(50/50 blend with the image), <stem>_probs<ext> (maximum probability p as gray level "
             "round(255 p)) and <stem>_seg_read.png (0-based class ids, 8-bit lossless PNG), and "
-            "prints the classes found with their pixel shares."
+            "prints the classes found with their pixel shares. Videos: see the 'videos' options."
         ),
         epilog=(
             f"Weights: by default {WEIGHTS_DIR}/<model>.h5 (in the directory of pspnet.py, whatever the "
@@ -284,8 +284,9 @@ def argument_parser():
             "weight_converter.py converts the Caffe release's .caffemodel files. A model of your own is "
             "its .h5 with a .json description of the same stem beside it (written by train.py): pass "
             "it with -w and no -m. Long options are also accepted with '-' for '_' and '_' for '-'. "
-            "Exit status: 0 when every image was segmented, 1 when an image or the weights failed "
-            "(with -g the other images are still processed), 2 for a wrong command line, 130 when "
+            "Exit status: 0 when every image and video was segmented, 1 when one of them or the weights "
+            "failed or a video was cut short (with -g the other files are still processed), 2 for a "
+            "wrong command line, 130 when "
             "interrupted, 143 when terminated; no output file is ever left half written."
         ),
     )
@@ -363,7 +364,8 @@ def argument_parser():
     )
     videos.add_argument(
         "--batch", type=cli.integer(1), metavar="N",
-        help=f"frames per forward pass (default: {video.CPU_BATCH} on a CPU, {video.GPU_BATCH} on a GPU)",
+        help="crops per forward pass: the frames of a video (or the crops of -s and -ms) go through the "
+             f"network N at a time (default: {video.CPU_BATCH} on a CPU, {video.GPU_BATCH} on a GPU)",
     )
     parser.add_argument(
         "--skip-existing", action="store_true",

@@ -50,8 +50,9 @@ POLL_S = 0.2
 # A video whose last frame ends this many frame durations before its stated duration was cut short.
 TRUNCATION_FRAMES = 1.5
 NO_FRAMES = "no frame to segment in the time asked for"
-# Frames per batch of the network, by device: on a 2-core CPU a batch of 2 crops costs more than
-# two batches of one (bench/README.md, "Video"); accelerators run wider batches in the same time.
+# Frames per batch of the network, by device. On a 2-core CPU a batch of 2 crops takes as long as two
+# batches of one (bench/README.md, "Video"), and batches of one give each frame the image command's
+# result bit for bit. An accelerator runs wider batches in about the time of one.
 CPU_BATCH = 1
 GPU_BATCH = 8
 
@@ -289,7 +290,7 @@ class FrameReader:
                 continue
             try:
                 frames = packet.decode()
-            except av.error.InvalidDataError:
+            except av.error.FFmpegError:
                 self.warn(f"{self.path}: skipped a frame that cannot be decoded at {packet_time(packet)}")
                 continue
             for frame in frames:
@@ -645,10 +646,12 @@ def segment_video(net, source, outputs, protocol, every=1, start=0.0, duration=N
 
     Returns (End, class pixel counts over the frames written). A progress bar counts the
     frames unless `quiet`; `warn` is called with one line for each frame that could not be
-    decoded. Raises VideoError for a video that cannot be read or has no frame in range, and
-    utils.OutputError for outputs that cannot be written.
+    decoded. Raises VideoError for a video that cannot be read, has no frame in range or
+    whose frames do not fit in memory, and utils.OutputError for outputs that cannot be written.
     """
     from tqdm import tqdm
+
+    from pspnet_keras.inference import OutOfMemory
 
     batch_size = batch_size or device_batch_size()
     queued = QUEUED_BATCHES * batch_size
@@ -657,9 +660,12 @@ def segment_video(net, source, outputs, protocol, every=1, start=0.0, duration=N
         total=reader.expected_frames(), unit="frame", desc=Path(source).name, leave=False,
         disable=quiet or reader.expected_frames() == 0,
     ) as bar, VideoOutputs(outputs, reader, net.palette, queued, bar.update) as writer:
-        for frame, class_ids, _ in segmented_frames(net, reader, protocol, every, batch_size):
-            writer.put(frame, class_ids)
-            counts += np.bincount(class_ids.ravel(), minlength=net.classes)
+        try:
+            for frame, class_ids, _ in segmented_frames(net, reader, protocol, every, batch_size):
+                writer.put(frame, class_ids)
+                counts += np.bincount(class_ids.ravel(), minlength=net.classes)
+        except OutOfMemory as error:
+            raise VideoError(f"{source}: {error}") from None
         if reader.end.frames == 0:
             raise VideoError(f"{source}: {reader.end.cut_short or NO_FRAMES}")
         writer.finish()
