@@ -254,7 +254,8 @@ def run(args):
         return loaded[0]
 
     failures = 0
-    for source, outputs in tqdm(plan.items(), unit="file", disable=args.quiet or len(plan) == 1):
+    unit = "file" if videos else "image"
+    for source, outputs in tqdm(plan.items(), unit=unit, disable=args.quiet or len(plan) == 1):
         try:
             if source in videos:
                 failures += not segment_one_video(args, network_of_run, source, outputs)

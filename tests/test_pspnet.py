@@ -437,9 +437,9 @@ def truncated_png():
     "name, content, problem",
     [
         ("missing.png", None, "no such file"),
-        ("text.png", b"hello\n", "not an image"),
+        ("text.png", b"hello\n", "neither an image"),
         ("truncated.png", "truncated", "truncated"),
-        ("zero.png", "zero", "not an image"),
+        ("zero.png", "zero", "neither an image"),
         ("empty.jpg", b"", "empty file"),
         ("folder.png", "folder", "directory"),
     ],

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pspnet
 from helpers import PROJECT_ROOT
 from helpers import error_lines
 from helpers import run_main
 from pspnet_keras import models
+from pspnet_keras.segmenter import PSPNet
 
 WIDTH, HEIGHT = 320, 240
 FRAME_RATE = 24
@@ -118,7 +118,7 @@ def small_weights(tmp_path_factory, synthetic_model):
 @pytest.fixture(scope="module")
 def small_net(small_weights):
     """The PSPNet of small_weights, loaded once for the module."""
-    return pspnet.PSPNet(weights=small_weights)
+    return PSPNet(weights=small_weights)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,7 @@ def test_outputs_keep_the_sources_timing_and_sound(tmp_path, small_weights, clip
     assert source_codec == "h264"
 
 
+@pytest.mark.slow
 def test_sound_the_container_cannot_hold_is_encoded_as_aac(tmp_path, small_weights):
     source = make_clip(tmp_path / "opus.mkv", frames=12, sound="libopus")
     result = run_main("-w", small_weights, "-i", source, "-o", tmp_path / "out.mov", "-q")
@@ -208,6 +209,7 @@ def test_sound_the_container_cannot_hold_is_encoded_as_aac(tmp_path, small_weigh
     assert sound_seconds(tmp_path / "out_seg_blended.mov") == pytest.approx(sound_seconds(source), abs=0.03)
 
 
+@pytest.mark.slow
 def test_every_start_and_duration_choose_the_frames(tmp_path, small_weights, small_net, clips):
     source = clips["mkv"]
     result = run_main("-w", small_weights, "-i", source, "-o", tmp_path / "out.mkv", "--save-ids", "-q",
@@ -226,6 +228,7 @@ def test_every_start_and_duration_choose_the_frames(tmp_path, small_weights, sma
     assert sound_seconds(tmp_path / "out_seg.mkv") == pytest.approx(0.5, abs=0.05)
 
 
+@pytest.mark.slow
 def test_python_api_yields_each_frames_time_ids_and_confidence(small_net, clips):
     source = clips["mp4"]
     frames = decoded_frames(source)
