@@ -7,8 +7,10 @@ names the kind (`cpu_kind`), and every report prints the SIMD flags it ran with.
 import importlib.metadata
 import os
 import platform
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime
 from datetime import timezone
@@ -18,6 +20,8 @@ import numpy as np
 
 # The instruction sets that decide a convolution's speed on x86, in the order they add up.
 KIB = 1024
+# The exit status of a benchmark stopped by SIGTERM, as the commands' (128 + 15).
+EXIT_TERMINATED = 143
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
@@ -106,6 +110,16 @@ def onnxruntime_session(path, threads):
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     model = path if isinstance(path, bytes) else str(path)
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def run_in_temporary_folder(prog, run_benchmark, args, results_path, report_text):
+    """Runs run_benchmark(args, work folder) in a temporary folder, removed after it (SIGTERM ends the
+    run as an exit does, 143), and publishes its results at results_path(args, machine); returns 0."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
+    with tempfile.TemporaryDirectory(prefix=f"pspnet-{Path(prog).stem}-") as work_dir:
+        results = run_benchmark(args, work_dir)
+    publish(prog, results_path(args, results["machine"]), results, report_text(results))
+    return 0
 
 
 def publish(prog, path, results, report_text):

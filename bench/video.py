@@ -49,10 +49,8 @@ import json
 import math
 import os
 import resource
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from datetime import timezone
@@ -125,8 +123,6 @@ PEAK_WRAPPER = (
     "sys.exit(code)"
 )
 STDERR_TAIL_CHARS = 2000
-# Exit status on SIGTERM, after the temporary folder (weights, clips, outputs) is removed.
-EXIT_TERMINATED = 143
 
 
 # --------------------------------------------------------------------------------------
@@ -635,11 +631,7 @@ def main(argv=None):
     if args.from_json is not None:
         print(report_text(json.loads(args.from_json.read_text())))
         return 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(EXIT_TERMINATED))
-    with tempfile.TemporaryDirectory(prefix="pspnet-video-") as work_dir:
-        results = run_benchmark(args, work_dir)
-    measure.publish(PROG, results_path(args, results["machine"]), results, report_text(results))
-    return 0
+    return measure.run_in_temporary_folder(PROG, run_benchmark, args, results_path, report_text)
 
 
 if __name__ == "__main__":
