@@ -298,7 +298,7 @@ class FrameReader:
                     continue
                 if end_time is not None and frame.time >= end_time:
                     return End(count, None)
-                rgb = frame.to_ndarray(format="rgb24")
+                rgb = upright(frame.to_ndarray(format="rgb24"), frame.rotation)
                 pts = frame.pts - round(self.start / frame.time_base)
                 item = Frame(count, pts, frame.time_base, float(pts * frame.time_base), rgb)
                 if not self.put(item, self.frames):
@@ -339,6 +339,13 @@ class FrameReader:
             yield item
             if isinstance(item, End):
                 return
+
+
+def upright(rgb, rotation):
+    """A decoded frame as players show it: turned by the rotation of its display matrix (degrees
+    counterclockwise, FFmpeg's av_display_rotation_get), as phones record portrait videos."""
+    turns = round(rotation / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def packet_time(packet):

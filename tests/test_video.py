@@ -311,6 +311,31 @@ def test_a_time_range_without_frames_is_one_line(tmp_path, small_weights, clips)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_rotated_video_is_segmented_and_written_upright(tmp_path, small_weights, small_net):
+    """A phone's portrait video: frames stored landscape with a display matrix turning them 90 degrees
+    clockwise. The outputs hold the turned frames, as players show the source."""
+    source = tmp_path / "portrait.mp4"
+    with av.open(str(source), "w") as container:
+        video = container.add_stream("libx264", rate=FRAME_RATE)
+        video.width, video.height, video.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        video.set_display_rotation(-90)
+        for index in range(3):
+            container.mux(video.encode(av.VideoFrame.from_ndarray(moving_shapes(index), format="rgb24")))
+        container.mux(video.encode())
+
+    result = run_main("-w", small_weights, "-i", source, "-o", tmp_path / "out.mp4", "--save-ids", "-q")
+
+    assert result.code == 0, result.stderr
+    (_, stored), *_ = decoded_frames(source)
+    shown = np.rot90(stored, -1)  # 90 degrees clockwise
+    expected_ids, _ = small_net.class_map(np.ascontiguousarray(shown))
+    with Image.open(tmp_path / "out_ids" / "000000.png") as ids:
+        np.testing.assert_array_equal(np.asarray(ids), expected_ids)
+    (_, colours), *_ = decoded_frames(tmp_path / "out_seg.mp4")
+    assert colours.shape == (WIDTH, HEIGHT, 3)
+    assert_within_codec_loss(colours, np.asarray(small_net.palette)[expected_ids])
+
+
 def corrupted_copy(source, target, packet_number):
     """Copies a video's packets into `target`, replacing the data of its `packet_number`-th video packet
     (counted from 1) by seeded random bytes; returns that packet's time in seconds."""
