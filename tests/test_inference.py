@@ -974,10 +974,9 @@ def test_batched_crops_of_several_images_match_the_protocol(image_network, predi
         assert_close(best[..., np.newaxis], expected.max(axis=-1, keepdims=True), EXACT)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["default", "multi_scale"])
-def test_batches_of_a_real_network_equal_one_crop_at_a_time(small_pspnet, mode):
-    """PSPNet-50 with its final Interp split off, crops in batches against one at a time.
+def test_batches_of_a_real_network_equal_one_crop_at_a_time(small_pspnet):
+    """PSPNet-50 with its final Interp split off, the crops of three images in batches of two (the last
+    one filled with a zero crop) against one at a time: no layer mixes the items of a batch.
 
     A batch takes other convolution kernels of the backend, whose sums are rounded in another
     order: the logits agree to about 1e-6 of their range (~250 with these weights), and a softmax
@@ -991,8 +990,8 @@ def test_batches_of_a_real_network_equal_one_crop_at_a_time(small_pspnet, mode):
     predictor = inference.Predictor(logits, 89, 96, upsampling)
     images = [make_image(45, 100, seed=30), make_image(120, 70, seed=31), make_image(89, 89, seed=32)]
 
-    one_at_a_time = predictor.image_maps(images, flip=True, batch_size=1, **MODES[mode])
-    batched = predictor.image_maps(images, flip=True, batch_size=2, **MODES[mode])
+    one_at_a_time = predictor.image_maps(images, flip=True, batch_size=1)
+    batched = predictor.image_maps(images, flip=True, batch_size=2)
 
     for image, single_maps, batch_maps in zip(images, one_at_a_time, batched):
         for single, batch in zip(single_maps, batch_maps):

@@ -151,8 +151,8 @@ def assert_within_codec_loss(decoded, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mp4", "mkv"])
-def test_every_frame_is_segmented_as_the_image_command_segments_it(tmp_path, small_weights, small_net, clips, kind):
+def test_every_frame_is_segmented_as_the_image_command_segments_it(tmp_path, small_weights, small_net, clips):
+    kind = "mp4"
     source = clips[kind]
     result = run_main("-w", small_weights, "-i", source, "-o", tmp_path / f"out.{kind}", "--save-ids", "-q")
     assert result.code == 0, result.stderr
@@ -173,6 +173,9 @@ def test_every_frame_is_segmented_as_the_image_command_segments_it(tmp_path, sma
             np.testing.assert_array_equal(np.asarray(ids), expected_ids)
         assert_within_codec_loss(colour, palette[expected_ids])
         assert_within_codec_loss(blend, ((frame.astype(np.uint16) + palette[expected_ids] + 1) // 2).astype(np.uint8))
+    for output in (tmp_path / f"out_seg_blended.{kind}", tmp_path / f"out_seg.{kind}"):
+        assert stream_facts(output) == ("h264", "yuv420p", FRAME_RATE, "aac")
+        assert sound_seconds(output) == pytest.approx(sound_seconds(source), abs=1e-3)
     for index in (0, len(frames) // 2):
         command_ids, command_colours = image_command_outputs(tmp_path, small_weights, frames[index][1], f"frame{index}")
         with Image.open(ids_files[index]) as ids:
@@ -181,7 +184,7 @@ def test_every_frame_is_segmented_as_the_image_command_segments_it(tmp_path, sma
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mp4", "mkv", "silent"])
+@pytest.mark.parametrize("kind", ["mkv", "silent"])
 def test_outputs_keep_the_sources_timing_and_sound(tmp_path, small_weights, clips, kind):
     source = clips[kind]
     extension = source.suffix
@@ -233,10 +236,10 @@ def test_python_api_yields_each_frames_time_ids_and_confidence(small_net, clips)
     source = clips["mp4"]
     frames = decoded_frames(source)
 
-    results = list(small_net.segment_video(source))
-    batched = list(small_net.segment_video(source, batch_size=3))
+    results = list(small_net.segment_video(source, duration=0.25))
+    batched = list(small_net.segment_video(source, duration=0.25, batch_size=3))
 
-    assert [time for time, _, _ in results] == [time for time, _, _ in batched] == [time for time, _ in frames]
+    assert [time for time, _, _ in results] == [time for time, _, _ in batched] == [time for time, _ in frames[:6]]
     for (_, frame), (_, class_ids, confidence), (_, batch_ids, batch_confidence) in zip(frames[:6], results, batched):
         expected_ids, expected_confidence = small_net.class_map(frame)
         np.testing.assert_array_equal(class_ids, expected_ids)
@@ -440,9 +443,10 @@ def test_a_rerun_replaces_its_own_outputs_but_never_a_folder_of_other_files(tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_an_interrupted_video_leaves_no_output(tmp_path, small_weights, signum, code, said):
-    source = make_clip(tmp_path / "long.mp4", frames=400, sound="aac")
+def test_a_terminated_video_leaves_no_output(tmp_path, small_weights):
+    """SIGTERM in the middle of a video (Ctrl-C takes the same way out, as KeyboardInterrupt)."""
+    signum, code, said = signal.SIGTERM, 143, "terminated"
+    source = make_clip(tmp_path / "long.mp4", frames=150, sound="aac")
     out = tmp_path / "out"
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "pspnet.py"), "-w", str(small_weights), "-i", str(source),
