@@ -314,6 +314,7 @@ def test_a_time_range_without_frames_is_one_line(tmp_path, small_weights, clips)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_rotated_video_is_segmented_and_written_upright(tmp_path, small_weights, small_net):
     """A phone's portrait video: frames stored landscape with a display matrix turning them 90 degrees
     clockwise. The outputs hold the turned frames, as players show the source."""
@@ -362,6 +363,7 @@ def corrupted_copy(source, target, packet_number):
     return corrupted_time
 
 
+@pytest.mark.slow
 def test_a_corrupt_frame_is_skipped_with_one_warning_and_the_timing_kept(tmp_path, small_weights, clips):
     source = tmp_path / "corrupt.mp4"
     corrupted_time = corrupted_copy(clips["mp4"], source, packet_number=12)
@@ -391,6 +393,7 @@ def decoded_frames_skipping_errors(path):
     return frames
 
 
+@pytest.mark.slow
 def test_a_truncated_video_gets_its_readable_frames_and_one_line(tmp_path, small_weights, clips):
     source = tmp_path / "cut.mkv"
     data = clips["mkv"].read_bytes()
