@@ -466,8 +466,9 @@ class Predictor:
         size = self.crop_size
         data = np.zeros((max(height, size), max(width, size), 3), dtype=np.float32)
         data[:height, :width] = preprocess(scaled, self.mean_rgb)
-        target.start(height, width, len(self.crop_grid(height, width)))
-        for top, left in self.crop_grid(height, width):
+        grid = self.crop_grid(height, width)
+        target.start(height, width, len(grid))
+        for top, left in grid:
             crop = data[top : top + size, left : left + size]
             yield Window(crop, top, left, min(size, height - top), min(size, width - left), target)
 

@@ -234,11 +234,18 @@ class FrameReader:
         self.container.close()
         return False
 
+    def stated_end(self):
+        """The time the frames read should reach by the video's stated duration (and `duration`), or None
+        when the video states none."""
+        if self.stated_duration is None or self.duration is None:
+            return self.stated_duration
+        return min(self.stated_duration, self.start + self.duration)
+
     def expected_frames(self):
         """About how many frames will be read (for a progress bar), or None when unknown."""
-        end = self.stated_duration
-        if self.duration is not None:
-            end = self.start + self.duration if end is None else min(end, self.start + self.duration)
+        end = self.stated_end()
+        if end is None and self.duration is not None:
+            end = self.start + self.duration
         if end is None:
             return None
         return max(0, round((end - self.start) * self.rate))
@@ -320,9 +327,7 @@ class FrameReader:
 
     def cut_short(self, last_time, reason):
         """Where the video ended early, or None when its frames reached its stated duration."""
-        end = self.stated_duration
-        if self.duration is not None and end is not None:
-            end = min(end, self.start + self.duration)
+        end = self.stated_end()
         reached = self.start if last_time is None else last_time + 1 / self.rate
         if reason is None and (end is None or reached >= end - TRUNCATION_FRAMES / self.rate):
             return None
