@@ -27,6 +27,7 @@ from keras import layers
 from keras import ops
 
 import utils
+from pspnet_keras import backend
 from pspnet_keras import models
 from pspnet_keras.keras2_weights import RESNET101_ONLY_LAYER
 from pspnet_keras.keras2_weights import WeightsError
@@ -51,6 +52,16 @@ from pspnet_keras.runtime import PRECISION_POLICIES
 SERIALIZATION_PACKAGE = "pspnet"
 # Keras' own default for convolution kernels, kept for a network that is trained.
 DEFAULT_INITIALIZER = "glorot_uniform"
+# The starting value of each kind of weight in Keras' Conv2D and BatchNormalization (their defaults), in the
+# order of the layer's weights, which is the order of a weights file's arrays.
+CONVOLUTION_WEIGHTS = (("kernel_initializer", 0.0), ("bias_initializer", 0.0))
+BATCH_NORM_WEIGHTS = (
+    ("gamma_initializer", 1.0),
+    ("beta_initializer", 0.0),
+    ("moving_mean_initializer", 0.0),
+    ("moving_variance_initializer", 1.0),
+)
+FILL_INITIALIZERS = {0.0: "zeros", 1.0: "ones"}
 
 
 @keras.saving.register_keras_serializable(package=SERIALIZATION_PACKAGE)
@@ -201,17 +212,80 @@ def check_input_size(input_size):
         raise ValueError(f"input size {models.crop_size_problem(input_size)}; the released models use 473 and 713.")
 
 
-def batch_norm(x, name, relu=True):
+class HostStart(keras.initializers.Initializer):
+    """A weight's starting value made in host memory: `array` where its shape is the weight's, else
+    the weight filled with `fill`.
+
+    Keras' own "zeros" and "ones" are backend ops, which JAX compiles once per weight shape
+    (about 1.3 s for a PSPNet-50 on 2 cores); a NumPy array is copied in as it is
+    (backend.from_host). Only
+    build_pspnet uses it, and puts Keras' own initializers back in the layers afterwards
+    (forget_host_starts), so that a saved model's configuration holds no arrays.
+    """
+
+    def __init__(self, array=None, fill=0.0):
+        self.array = array
+        self.fill = fill
+
+    def __call__(self, shape, dtype=None):
+        if self.array is not None and self.array.shape == tuple(shape):
+            return backend.from_host(self.array.astype(dtype or "float32", copy=False))
+        return backend.from_host(np.full(shape, self.fill, dtype=dtype or "float32"))
+
+
+class StartingWeights:
+    """How the weighted layers of a network being built start: from `arrays` ({layer name: [arrays]},
+    as keras2_weights.read_weights gives them) where they are given, else at Keras' random
+    initialisation (`initialized`) or at zero (kernels) and Keras' BN defaults."""
+
+    def __init__(self, arrays=None, initialized=True):
+        self.arrays = arrays or {}
+        self.initialized = initialized
+
+    def host_starts(self, name, weights):
+        """{initializer keyword: HostStart} of layer `name` whose weights are `weights` ((keyword, fill), in
+        order)."""
+        arrays = self.arrays.get(name, [])
+        return {
+            keyword: HostStart(arrays[index] if index < len(arrays) else None, fill)
+            for index, (keyword, fill) in enumerate(weights)
+        }
+
+    def convolution(self, name):
+        """The initializer keywords of convolution layer `name`."""
+        if name in self.arrays or not self.initialized:
+            return self.host_starts(name, CONVOLUTION_WEIGHTS)
+        return {"kernel_initializer": DEFAULT_INITIALIZER}
+
+    def batch_norm(self, name):
+        """The initializer keywords of BatchNormalization layer `name` (Keras' defaults when initialized)."""
+        if name in self.arrays or not self.initialized:
+            return self.host_starts(name, BATCH_NORM_WEIGHTS)
+        return {}
+
+
+def forget_host_starts(model):
+    """Puts Keras' "zeros" or "ones" in place of every HostStart initializer of `model`'s layers."""
+    for layer in model.layers:
+        for keyword, _ in CONVOLUTION_WEIGHTS + BATCH_NORM_WEIGHTS:
+            start = getattr(layer, keyword, None)
+            if isinstance(start, HostStart):
+                setattr(layer, keyword, keras.initializers.get(FILL_INITIALIZERS[start.fill]))
+
+
+def batch_norm(x, name, starts, relu=True):
     """Caffe `BN` named `name` (+ `ReLU`) on the output of convolution `name`."""
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn", **starts.batch_norm(f"{name}_bn")
+    )(x)
     if relu:
         x = layers.Activation("relu", name=f"{name}_relu")(x)
     return x
 
 
-def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True, initializer=DEFAULT_INITIALIZER):
-    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`; the kernel starts
-    as `initializer` says."""
+def conv_bn(x, filters, kernel_size, name, starts, strides=1, dilation=1, relu=True):
+    """Caffe `Convolution` (no bias, symmetric padding) + `BN` (+ `ReLU`) named `name`; its weights start
+    as `starts` (StartingWeights) says."""
     pad = dilation * (kernel_size - 1) // 2
     if strides > 1 and pad:
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
@@ -220,9 +294,9 @@ def conv_bn(x, filters, kernel_size, name, strides=1, dilation=1, relu=True, ini
         padding = "same"
     x = layers.Conv2D(
         filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation, use_bias=False, name=name,
-        kernel_initializer=initializer,
+        **starts.convolution(name),
     )(x)
-    return batch_norm(x, name, relu)
+    return batch_norm(x, name, starts, relu)
 
 
 def max_pool_ceil(x, name):
@@ -238,15 +312,15 @@ def max_pool_ceil(x, name):
     return layers.MaxPooling2D(3, strides=2, name=name)(x)
 
 
-def stem(x, initializer):
+def stem(x, starts):
     """conv1_1..conv1_3 and pool1: the deep stem, output stride 4."""
-    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", strides=2, initializer=initializer)
-    x = conv_bn(x, 64, 3, "conv1_2_3x3", initializer=initializer)
-    x = conv_bn(x, 128, 3, "conv1_3_3x3", initializer=initializer)
+    x = conv_bn(x, 64, 3, "conv1_1_3x3_s2", starts, strides=2)
+    x = conv_bn(x, 64, 3, "conv1_2_3x3", starts)
+    x = conv_bn(x, 128, 3, "conv1_3_3x3", starts)
     return max_pool_ceil(x, "pool1_3x3_s2")
 
 
-def bottleneck(x, width, name, initializer, strides=1, dilation=1, project=False, stride_on_3x3=False):
+def bottleneck(x, width, name, starts, strides=1, dilation=1, project=False, stride_on_3x3=False):
     """Residual bottleneck `name` (e.g. conv3_1): 1x1 reduce, 3x3, 1x1 increase, plus shortcut.
 
     A strided block puts the stride on the 1x1 reduce (ResNet-50) or on the 3x3
@@ -255,15 +329,15 @@ def bottleneck(x, width, name, initializer, strides=1, dilation=1, project=False
     reduce_strides, middle_strides = (1, strides) if stride_on_3x3 else (strides, 1)
     shortcut = x
     if project:
-        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", strides=strides, relu=False, initializer=initializer)
-    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", strides=reduce_strides, initializer=initializer)
-    x = conv_bn(x, width, 3, f"{name}_3x3", strides=middle_strides, dilation=dilation, initializer=initializer)
-    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", relu=False, initializer=initializer)
+        shortcut = conv_bn(x, 4 * width, 1, f"{name}_1x1_proj", starts, strides=strides, relu=False)
+    x = conv_bn(x, width, 1, f"{name}_1x1_reduce", starts, strides=reduce_strides)
+    x = conv_bn(x, width, 3, f"{name}_3x3", starts, strides=middle_strides, dilation=dilation)
+    x = conv_bn(x, 4 * width, 1, f"{name}_1x1_increase", starts, relu=False)
     x = layers.Add(name=name)([shortcut, x])
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
-def residual_stages(x, depth, initializer):
+def residual_stages(x, depth, starts):
     """Stages conv2..conv5 of the dilated ResNet: output stride 8, dilations 2 and 4."""
     stride_on_3x3 = depth == 101
     for stage, (blocks, width, dilation) in enumerate(
@@ -274,7 +348,7 @@ def residual_stages(x, depth, initializer):
                 x,
                 width,
                 f"conv{stage}_{block}",
-                initializer,
+                starts,
                 strides=2 if stage == 3 and block == 1 else 1,
                 dilation=dilation,
                 project=block == 1,
@@ -283,7 +357,7 @@ def residual_stages(x, depth, initializer):
     return x
 
 
-def pyramid_pooling_module(x, initializer):
+def pyramid_pooling_module(x, starts):
     """conv5_3 and its pyramid: [conv5_3, pool6, pool3, pool2, pool1] branches at bin resolution.
 
     Each branch is conv5_3 average-pooled into bins x bins and passed through its
@@ -296,20 +370,20 @@ def pyramid_pooling_module(x, initializer):
         name = f"conv5_3_pool{bins}"
         kernel = side // bins
         branch = layers.AveragePooling2D(kernel, strides=kernel, name=name)(x)
-        pyramid.append(conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv", initializer=initializer))
+        pyramid.append(conv_bn(branch, PYRAMID_CHANNELS, 1, f"{name}_conv", starts))
     return pyramid
 
 
-def head(pyramid, classes, initializer):
+def head(pyramid, classes, starts):
     """conv5_4 over the pyramid, dropout, the conv6 classifier and the 8x upsampling of its logits."""
-    x = PyramidConvolution(HEAD_CHANNELS, name="conv5_4", kernel_initializer=initializer)(pyramid)
-    x = batch_norm(x, "conv5_4")
+    x = PyramidConvolution(HEAD_CHANNELS, name="conv5_4", **starts.convolution("conv5_4"))(pyramid)
+    x = batch_norm(x, "conv5_4", starts)
     x = layers.Dropout(DROPOUT_RATE, name="conv5_4_dropout")(x)
-    x = layers.Conv2D(classes, 1, name="conv6", kernel_initializer=initializer)(x)
+    x = layers.Conv2D(classes, 1, name="conv6", **starts.convolution("conv6"))(x)
     return Interp(zoom_factor=OUTPUT_STRIDE, name="conv6_interp")(x)
 
 
-def build_pspnet(model, input_size=None, precision="float32", initialized=True):
+def build_pspnet(model, input_size=None, precision="float32", initialized=True, weights=None):
     """The Keras model of `model` (a models.ModelConfig or a released model's name), returning logits.
 
     `input_size` defaults to the model's crop size (473, or 713 for Cityscapes),
@@ -320,10 +394,14 @@ def build_pspnet(model, input_size=None, precision="float32", initialized=True):
     `precision` (a key of PRECISION_POLICIES) sets the Keras dtype
     policy; the mixed ones keep float32 weights and compute in 16 bits.
 
-    With `initialized` False, every kernel starts at zero instead of Keras' random
-    initialisation, for a network whose weights are loaded next: on JAX the random
-    initialisation compiles a function per kernel shape (7 of the 9 s a PSPNet-50
-    build took on 2 cores).
+    `weights` ({layer name: [arrays]}, as keras2_weights.read_weights gives them) are
+    the starting values of the layers they name where their shapes fit (check_weights
+    says whether they all do): the network is built with its weights at once, without
+    a value to overwrite. With `initialized` False, the other kernels start at zero
+    instead of Keras' random initialisation, for a network whose weights are loaded
+    next: on JAX the random initialisation compiles a function per kernel shape (7 of
+    the 9 s a PSPNet-50 build took on 2 cores). Starting values are made in host memory
+    (HostStart), which no backend compiles anything for.
     """
     config = models.model_config(model)
     problem = runtime.precision_problem(precision)
@@ -335,14 +413,16 @@ def build_pspnet(model, input_size=None, precision="float32", initialized=True):
     keras.config.set_dtype_policy(PRECISION_POLICIES[precision])
     try:
         inputs = keras.Input((input_size, input_size, 3), name="data")
-        initializer = DEFAULT_INITIALIZER if initialized else "zeros"
-        x = stem(inputs, initializer)
-        x = residual_stages(x, config.depth, initializer)
-        x = pyramid_pooling_module(x, initializer)
-        outputs = head(x, config.classes, initializer)
-        return keras.Model(inputs, outputs, name=config.name)
+        starts = StartingWeights(weights, initialized)
+        x = stem(inputs, starts)
+        x = residual_stages(x, config.depth, starts)
+        x = pyramid_pooling_module(x, starts)
+        outputs = head(x, config.classes, starts)
+        network = keras.Model(inputs, outputs, name=config.name)
     finally:
         keras.config.set_dtype_policy(policy)
+    forget_host_starts(network)
+    return network
 
 
 def split_upsampling(model):
@@ -386,13 +466,33 @@ def load_weights(model, path, fresh=(), description=None):
     """Fills every weighted layer of `model` from the HDF5 file at `path`, by layer name.
 
     Layers named in `fresh` keep their initialisation, whatever the file holds for them
-    (a classifier trained for other classes, say). Raises WeightsError naming the file
-    and the layer when another layer of the model is missing from the file, the file
-    holds a layer the model does not have, or an array's shape does not match; naming
-    the field of `description` (the JSON file the model was built from) when that is
-    what the weights contradict.
+    (a classifier trained for other classes, say). Raises WeightsError as check_weights
+    does.
     """
     arrays = read_weights(path)
+    check_weights(model, arrays, path, fresh, description)
+    for layer in model.layers:
+        if layer.weights and layer.name not in fresh:
+            layer.set_weights(arrays[layer.name])
+
+
+def build_loaded_pspnet(model, path, precision="float32", description=None):
+    """build_pspnet's network of `model` at its crop size with the weights of the HDF5 file at `path`,
+    built with them as its starting values (what load_weights would put in, without a first value
+    to overwrite). Raises WeightsError as check_weights does."""
+    arrays = read_weights(path)
+    network = build_pspnet(model, precision=precision, initialized=False, weights=arrays)
+    check_weights(network, arrays, path, description=description)
+    return network
+
+
+def check_weights(model, arrays, path, fresh=(), description=None):
+    """Raises WeightsError unless `arrays` ({layer name: [arrays]}, read from the weights file at
+    `path`) fit every weighted layer of `model` but those named in `fresh`: naming the file and the
+    layer when another layer of the model is missing from the file, the file holds a layer the
+    model does not have, or an array's shape does not match; naming the field of `description`
+    (the JSON file the model was built from) when that is what the weights contradict.
+    """
     mismatch = description_mismatch(model, arrays, path, description) if description is not None else None
     if mismatch is not None:
         raise mismatch
@@ -407,9 +507,6 @@ def load_weights(model, path, fresh=(), description=None):
         given = [array.shape for array in arrays[name]]
         if given != shapes:
             raise WeightsError(f"{path}: layer {name} has weights of shapes {given}, {model.name} expects {shapes}")
-    for layer in model.layers:
-        if layer.weights and layer.name not in fresh:
-            layer.set_weights(arrays[layer.name])
 
 
 def save_weights(model, path):

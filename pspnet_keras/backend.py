@@ -2,7 +2,10 @@
 
 The protocol (inference.py) is written once, on keras.ops and NumPy; this module
 compiles its pieces with each backend's own compiler:
-- TensorFlow: tf.function, one trace per input shape (crop sizes passed as tensors);
+- TensorFlow: tf.function, one trace per input shape (crop sizes passed as tensors),
+  without AutoGraph: the network and the protocol's pieces have no Python control
+  flow on tensors, and converting them took half of the first call's tracing time
+  (bench/README.md, "Time to first result");
 - JAX: jax.jit, a Keras model called through `stateless_call` so that its weights
   are arguments of the compiled function rather than constants folded into it
   (keras.io, "Writing a custom training loop in JAX"); crop sizes are static
@@ -95,7 +98,7 @@ def compile_network(network, batch_shape):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(logits, input_signature=[tf.TensorSpec(batch_shape, tf.float32)])
+        return tf.function(logits, input_signature=[tf.TensorSpec(batch_shape, tf.float32)], autograph=False)
     if backend == "jax":
         import jax
 
@@ -137,7 +140,7 @@ def compile_sized(function):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        traced = tf.function(function)
+        traced = tf.function(function, autograph=False)
 
         def call(*tensors, height, width):
             return traced(*tensors, height=tf.constant(height, tf.int32), width=tf.constant(width, tf.int32))
@@ -153,6 +156,17 @@ def compile_sized(function):
             return function(*tensors, height=height, width=width)
 
     return eager
+
+
+def from_host(array):
+    """A NumPy array as a value Keras takes for a variable without compiling anything: the array
+    itself, or on JAX the array put on the default device (jax.device_put). jnp.asarray, which Keras
+    would call, compiles an identity function for each new shape (JAX 0.10)."""
+    if runtime.backend_name() != "jax":
+        return array
+    import jax
+
+    return jax.device_put(array)
 
 
 def to_numpy(tensor):

@@ -42,9 +42,9 @@ class PSPNet:
     """
 
     def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
+        from layers_builder import build_loaded_pspnet
         from layers_builder import build_pspnet
         from layers_builder import load_keras_archive
-        from layers_builder import load_weights
         from layers_builder import split_upsampling
         from pspnet_keras import backend
         from pspnet_keras.inference import Predictor
@@ -77,15 +77,14 @@ class PSPNet:
                     f"use precision float32 or the .h5 weights for {precision}"
                 )
             self.model = load_keras_archive(self.weights_path, config)
+        elif weights is not None or self.weights_path.exists():
+            described = models.description_path(self.weights_path)
+            if config.released or not os.path.lexists(described):
+                described = None
+            self.model = build_loaded_pspnet(config, self.weights_path, precision=precision, description=described)
         else:
             self.model = build_pspnet(config, precision=precision, initialized=False)
-            if weights is not None or self.weights_path.exists():
-                described = models.description_path(self.weights_path)
-                if config.released or not os.path.lexists(described):
-                    described = None
-                load_weights(self.model, self.weights_path, description=described)
-            else:
-                download_weights(self.model, config, self.weights_path, show_progress)
+            download_weights(self.model, config, self.weights_path, show_progress)
         logits, upsampling = split_upsampling(self.model)
         self.predictor = Predictor(logits, self.crop_size, self.base_size, upsampling, mean_rgb=config.mean_rgb)
 

@@ -64,7 +64,7 @@ class SampleDropout(layers.Layer):
 def auxiliary_head(x, seeds, classes):
     """The training-only classifier on stage 4's output: 3x3 conv 256 + BN + ReLU, dropout 0.1,
     1x1 conv to the classes, x8 align-corners Interp (as conv6_interp)."""
-    x = layers_builder.conv_bn(x, AUX_CHANNELS, 3, f"{AUX_PREFIX}_3x3")
+    x = layers_builder.conv_bn(x, AUX_CHANNELS, 3, f"{AUX_PREFIX}_3x3", layers_builder.StartingWeights())
     x = SampleDropout(AUX_DROPOUT_RATE, salt=1, name=f"{AUX_PREFIX}_dropout")([x, seeds])
     x = layers.Conv2D(classes, 1, name=f"{AUX_PREFIX}_conv6")(x)
     return Interp(zoom_factor=models.OUTPUT_STRIDE, name=f"{AUX_PREFIX}_interp")(x)
