@@ -336,7 +336,7 @@ def check_settings(settings, strategy):
         raise cli.CommandError(
             f"--batch {settings.batch} cannot be split over the {replicas} replicas; use a multiple of {replicas}"
         )
-    problem = runtime.precision_problem(settings.precision, backend.gpu_names())
+    problem = runtime.precision_problem(settings.precision, backend.gpu_names(), cpu_bfloat16=False)
     if problem:
         raise cli.CommandError(problem)
 

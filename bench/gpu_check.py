@@ -28,9 +28,12 @@ presented as a segmentation result):
 
 Steps that cannot run here say so in the results ({"skipped": why}) and are listed
 after the table: steps past --budget-s, and the protocol and CLI steps of a mixed
-precision where pspnet.py refuses it (runtime.precision_problem: without a GPU).
-The dry run therefore compares the mixed precisions with float32 on the crop and
-times their forward passes, on the CPU, but runs the protocols in float32 only.
+precision this process refuses (runtime.precision_problem: float16 without a GPU;
+bfloat16 without a GPU, except on TensorFlow with oneDNN on a CPU with AVX512_BF16 or
+AMX, and this check starts TensorFlow with oneDNN off, as float32 runs). The dry run
+therefore compares the mixed precisions with float32 on the crop and times their
+forward passes, on the CPU, but runs the protocols in float32 only (bench/bfloat16.py
+measures bfloat16 on such a CPU).
 It writes <out>/gpu_<device>_<backend>.json and prints a table.
 
 On a machine with PyTorch or JAX and no TensorFlow (the lent GPU machines), carry
@@ -313,12 +316,12 @@ def default_crop(config, image):
 
 
 def refusal(precision):
-    """{"skipped": why} where pspnet.py refuses `precision` here (runtime.precision_problem: a mixed
-    precision without a GPU), else None."""
+    """{"skipped": why} where this process refuses `precision` (runtime.precision_problem, as PSPNet
+    refuses it), else None."""
     from pspnet_keras import backend
 
     problem = runtime.precision_problem(precision, backend.gpu_names())
-    return {"skipped": f"pspnet.py refuses it here: {problem}"} if problem else None
+    return {"skipped": f"refused here: {problem}"} if problem else None
 
 
 def precision_report(checked, networks, plan):

@@ -25,6 +25,16 @@ AVX-512 VM one inter-op thread took a pspnet50_ade20k forward pass from 1.92-2.0
 to 1.69-1.80 s and oneDNN off to 1.61-1.64 s; on a 2-core AVX2 VM every setting
 stayed within the noise of the others (2.5-2.8 s), so the rule costs nothing there.
 
+Precision: float32 everywhere; mixed bfloat16 and float16 on a GPU. Without a GPU, float16
+is refused (the backends emulate it on the CPU, slower than float32), and so is bfloat16
+except for inference on TensorFlow on a CPU that computes it in hardware (pspnet_keras/cpu.py:
+AVX512_BF16 or AMX). There TensorFlow's bfloat16 kernels are oneDNN's, so a bfloat16 run starts
+TensorFlow with oneDNN on (`prepare_precision`; a user's own TF_ENABLE_ONEDNN_OPTS wins). Measured
+by the request's filer on a 2-core AMD EPYC with AVX512_BF16 (synthetic weights; README.md): the
+network in mixed bfloat16 took 0.94-2.0 s against 2.0-4.7 s in float32 in the same runs, with class
+ids as float32's at 98 % of the pixels and probabilities within 1.1e-2. JAX and PyTorch were not
+measured there, and refuse it. bench/bfloat16.py measures TensorFlow's bfloat16 on such a CPU.
+
 Each command parses its line, calls `configure` once (verbosity, --id), and
 imports TensorFlow only when it needs it; the library's modules that need
 TensorFlow import it through `import_tensorflow`, so that it starts the same way
@@ -40,6 +50,8 @@ import re
 import sys
 import tempfile
 
+from pspnet_keras import cpu
+
 # Keras dtype policy of each precision: weights stay float32, mixed ones compute in 16 bits.
 PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 PRECISIONS = tuple(PRECISION_POLICIES)
@@ -49,6 +61,20 @@ INTRA_OP_VARIABLE = "TF_NUM_INTRAOP_THREADS"
 INTER_OP_THREADS = 1
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 ONEDNN_OPTS = "0"
+# oneDNN for a bfloat16 network: TensorFlow's fast bfloat16 CPU kernels are oneDNN's.
+BFLOAT16_ONEDNN_OPTS = "1"
+# How TensorFlow reads TF_ENABLE_ONEDNN_OPTS (tensorflow/core/util/env_var.cc, ReadBoolFromEnvVar): these
+# values, in any case, turn oneDNN off; unset or any other value leaves its default, on for every CPU with
+# AVX512_BF16 or AMX (tensorflow/core/util/util.cc, IsMKLEnabled). It is read once, when TensorFlow starts.
+ONEDNN_OFF_VALUES = ("0", "false")
+# The one backend bfloat16 runs on without a GPU: the only one measured faster in bfloat16 than in float32
+# on a CPU (the module's docstring).
+CPU_BFLOAT16_BACKEND = "tensorflow"
+# Why each mixed precision needs a GPU, as a refusal says it: float16 in inference, and any in training.
+NO_CPU_REASONS = {
+    "float16": "the backends emulate float16 on the CPU, slower than float32",
+    "bfloat16": "training runs bfloat16 on a GPU only",
+}
 LOG_LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
 # Keras 3 reads its backend from this variable when it is imported (keras.io, "Configuring your backend"),
 # else from the "backend" field of keras.json in KERAS_HOME, by default ~/.keras (/tmp/.keras where the
@@ -79,16 +105,18 @@ START_UP_LINE = re.compile(
 
 
 # What configure() was told: whether TensorFlow's start-up lines are wanted (-v), whether --backend chose
-# the backend.
+# the backend; once TensorFlow is imported by import_tensorflow, the TF_ENABLE_ONEDNN_OPTS it started with
+# ("onednn_at_start", None where it was unset).
 _settings = {"verbose": False, "backend_option": False}
 
 
-def configure(verbose=False, gpu_id=None, backend=None):
+def configure(verbose=False, gpu_id=None, backend=None, precision="float32"):
     """Sets how Keras and its backend will start in this process, before they are imported: the
     backend `backend` (--backend, through KERAS_BACKEND; None keeps the Keras way of choosing),
     TensorFlow's start-up lines kept when `verbose`, only the GPU `gpu_id` visible (--id, through
     CUDA_VISIBLE_DEVICES, which all three backends read), and the thread pools, oneDNN and
-    allocator settings of the module's docstring unless the user set them."""
+    allocator settings of the module's docstring unless the user set them; oneDNN on for a network
+    computing in `precision` bfloat16 (`prepare_precision`)."""
     _settings["verbose"] = verbose
     if backend is not None:
         os.environ[KERAS_BACKEND_VARIABLE] = backend
@@ -98,8 +126,30 @@ def configure(verbose=False, gpu_id=None, backend=None):
     inter_op, intra_op = thread_pool_sizes()
     os.environ.setdefault(INTER_OP_VARIABLE, str(inter_op))
     os.environ.setdefault(INTRA_OP_VARIABLE, str(intra_op))
+    prepare_precision(precision)
     os.environ.setdefault(ONEDNN_VARIABLE, ONEDNN_OPTS)
     os.environ.setdefault(CPU_ALLOCATOR_VARIABLE, CPU_ALLOCATOR)
+
+
+def prepare_precision(precision):
+    """Before TensorFlow starts: turns its oneDNN on (TF_ENABLE_ONEDNN_OPTS=1) for a network computing in
+    `precision` bfloat16, whose CPU kernels are fast only through oneDNN, unless the user set the variable.
+    On a GPU oneDNN is not used, so a bfloat16 request sets it whatever the device."""
+    if precision == "bfloat16":
+        os.environ.setdefault(ONEDNN_VARIABLE, BFLOAT16_ONEDNN_OPTS)
+
+
+def onednn_setting():
+    """TensorFlow's TF_ENABLE_ONEDNN_OPTS in this process, None where unset: as it was when import_tensorflow
+    started TensorFlow, else as it is now (TensorFlow not started yet, or imported by someone else)."""
+    return _settings["onednn_at_start"] if "onednn_at_start" in _settings else os.environ.get(ONEDNN_VARIABLE)
+
+
+def onednn_on():
+    """Whether TensorFlow's oneDNN is on in this process (`onednn_setting`), read as TensorFlow reads it on
+    the CPUs that compute bfloat16 (ONEDNN_OFF_VALUES)."""
+    setting = onednn_setting()
+    return setting is None or setting.lower() not in ONEDNN_OFF_VALUES
 
 
 def wants_start_up_logs():
@@ -181,6 +231,7 @@ def import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     configure(_settings["verbose"])
+    _settings["onednn_at_start"] = os.environ.get(ONEDNN_VARIABLE)
     if wants_start_up_logs():
         import tensorflow
 
@@ -261,15 +312,43 @@ def import_keras():
     return keras
 
 
-def precision_problem(precision, gpus=None):
+def precision_problem(precision, gpus=None, cpu_bfloat16=True):
     """Why the network cannot compute in `precision`, or None: an unknown precision, or, given the
     `gpus` visible to this process (pspnet_keras.backend.gpu_names(); None leaves that unchecked), a
-    mixed one without a GPU, where the CPU kernels of the backends emulate 16-bit arithmetic slower
-    than float32."""
+    mixed one without a GPU, which the backends' CPU kernels emulate slower than float32; except
+    bfloat16 where `cpu_bfloat16` (inference; training runs it on a GPU only) and this CPU and
+    backend compute it in hardware (`cpu_bfloat16_problem`)."""
     if precision not in PRECISION_POLICIES:
         return f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-    if gpus is not None and precision != "float32" and not gpus:
-        return f"precision {precision} needs a GPU and none is visible; use float32 on the CPU"
+    if gpus is None or gpus or precision == "float32":
+        return None
+    if precision == "bfloat16" and cpu_bfloat16:
+        return cpu_bfloat16_problem()
+    reason = NO_CPU_REASONS[precision]
+    return f"precision {precision} needs a GPU and none is visible ({reason}); use float32 on the CPU"
+
+
+def cpu_bfloat16_problem():
+    """Why a bfloat16 network cannot run on this CPU, or None: the CPU lacks AVX512_BF16 and AMX
+    (pspnet_keras/cpu.py), the backend is not TensorFlow, or TensorFlow started with oneDNN off."""
+    if not cpu.computes_bfloat16():
+        return (
+            f"precision bfloat16 on the CPU needs {cpu.BFLOAT16_SETS}, and {cpu.bfloat16_absence()}; "
+            "use float32 or a GPU"
+        )
+    backend = backend_name()
+    if backend != CPU_BFLOAT16_BACKEND:
+        return (
+            f"precision bfloat16 on the CPU runs on TensorFlow only (the only backend measured faster in "
+            f"bfloat16 than in float32 on the CPU; {BACKEND_TITLES.get(backend, backend)} was not measured); "
+            "use --backend tensorflow or float32"
+        )
+    if not onednn_on():
+        return (
+            f"precision bfloat16 on the CPU needs TensorFlow's oneDNN, which was off when TensorFlow started "
+            f"({ONEDNN_VARIABLE}={onednn_setting()}); "
+            f"set {ONEDNN_VARIABLE}=1 before TensorFlow starts, or use float32"
+        )
     return None
 
 

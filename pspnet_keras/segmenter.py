@@ -32,16 +32,18 @@ class PSPNet:
     `weights/keras/<model>.h5` in the project's folder (beside pspnet.py,
     download.WEIGHTS_DIR), downloaded from the published URL when missing (`show_progress` shows that download's progress
     bar on stderr). `precision` is float32, or bfloat16 / float16 mixed
-    precision on a GPU. Raises WeightsNotFound when the weights cannot be found
+    precision on a GPU, or bfloat16 on a CPU with AVX512_BF16 or AMX on
+    TensorFlow (runtime.precision_problem). Raises WeightsNotFound when the weights cannot be found
     or downloaded, layers_builder.WeightsError when they do not fit the network,
     and ValueError (models.ModelDescriptionError among them) for an unknown
-    model, a wrong description or a mixed precision without a GPU.
+    model, a wrong description or a precision that cannot run here.
 
     It runs on the Keras backend of the process (TensorFlow, JAX or PyTorch), which Keras
     takes from KERAS_BACKEND or ~/.keras/keras.json when it is first imported.
     """
 
     def __init__(self, model=None, weights=None, show_progress=True, precision="float32"):
+        runtime.prepare_precision(precision)
         from layers_builder import build_loaded_pspnet
         from layers_builder import build_pspnet
         from layers_builder import load_keras_archive

@@ -38,6 +38,7 @@ from helpers import run_main
 from helpers import save_image
 from helpers import smooth_image
 from helpers import softmax
+from pspnet_keras import cpu
 from pspnet_keras import models
 from pspnet_keras import runtime
 from pspnet_keras import segmenter
@@ -550,16 +551,22 @@ def test_missing_gpu_is_a_warning(tmp_path):
 
 
 @pytest.mark.slow
-def test_mixed_precision_without_a_gpu_is_refused(tmp_path, weights_h5):
-    """On this CPU-only machine, bfloat16/float16 stop with one clear line and exit 1, writing nothing."""
+def test_mixed_precision_without_a_gpu_is_refused(tmp_path, weights_h5, monkeypatch):
+    """On a CPU-only machine whose CPU lacks AVX512_BF16 and AMX (as this one), bfloat16/float16 stop with
+    one clear line and exit 1, writing nothing."""
+    monkeypatch.setattr(cpu, "computes_bfloat16", lambda flags=None: False)
     source = tmp_path / "photo.png"
     Image.fromarray(smooth_image(40, 50, 3)).save(source)
-    for precision in ("bfloat16", "float16"):
+    refusals = {
+        "bfloat16": f"precision bfloat16 on the CPU needs AVX512_BF16 or AMX, and {cpu.bfloat16_absence()}; "
+                    "use float32 or a GPU",
+        "float16": "precision float16 needs a GPU and none is visible (the backends emulate float16 on the CPU, "
+                   "slower than float32); use float32 on the CPU",
+    }
+    for precision, refusal in refusals.items():
         result = run_main("-i", source, "-o", tmp_path / "out" / "photo.png", "-w", weights_h5, "--precision", precision)
         assert result.code == 1
-        assert error_lines(result.stderr) == [
-            f"pspnet.py: error: precision {precision} needs a GPU and none is visible; use float32 on the CPU"
-        ]
+        assert error_lines(result.stderr) == [f"pspnet.py: error: {refusal}"]
     assert not (tmp_path / "out").exists()
 
 

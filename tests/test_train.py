@@ -704,7 +704,8 @@ def test_bad_paths_and_runs_are_one_line_each(small_dataset, tmp_path):
         (["--resume", "--out", tmp_path / "none"], f"{tmp_path / 'none' / 'run.json'}: no such file; there is no run"),
         (["--init", tmp_path / "missing.h5", "--out", tmp_path / "a"],
          f"{tmp_path / 'missing.h5'}: no such weights file"),
-        (["--precision", "bfloat16", "--out", tmp_path / "b"], "precision bfloat16 needs a GPU and none is visible"),
+        (["--precision", "bfloat16", "--out", tmp_path / "b"],
+         "precision bfloat16 needs a GPU and none is visible (training runs bfloat16 on a GPU only)"),
         (["--dataset", "ade20k", "--out", tmp_path / "c"], f"{root} is not an ADE20K root"),
         (["--val-every", "5", "--out", tmp_path / "d", "--data", tmp_path], "no dataset layout found"),
     ]
