@@ -35,6 +35,7 @@ from pathlib import Path
 
 import utils
 from pspnet_keras import cli
+from pspnet_keras import compile_cache
 from pspnet_keras import datasets
 from pspnet_keras import download
 from pspnet_keras import metrics
@@ -538,6 +539,7 @@ def argument_parser():
     )
     cli.add_overwrite_argument(parser, "the --report file")
     cli.add_backend_argument(parser)
+    cli.add_cache_argument(parser)
     cli.add_ray_arguments(parser)
     return parser
 
@@ -548,6 +550,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_ray_arguments(parser, args)
     runtime.configure(backend=args.backend)
+    if args.no_cache:
+        compile_cache.disable()
     cli.check_backend(parser)
     return cli.run_command(PROG, run, args, error_prefix="", interrupted_suffix=" before any image was evaluated")
 

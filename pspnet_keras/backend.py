@@ -9,7 +9,8 @@ compiles its pieces with each backend's own compiler:
 - JAX: jax.jit, a Keras model called through `stateless_call` so that its weights
   are arguments of the compiled function rather than constants folded into it
   (keras.io, "Writing a custom training loop in JAX"); crop sizes are static
-  arguments, one compilation per size met;
+  arguments, one compilation per size met; compiled executables are kept between
+  runs (compile_cache.py);
 - PyTorch: eager, under torch.inference_mode (no autograd records).
 
 Devices are listed through the backend in use; each backend's out-of-memory
@@ -100,11 +101,9 @@ def compile_network(network, batch_shape):
 
         return tf.function(logits, input_signature=[tf.TensorSpec(batch_shape, tf.float32)], autograph=False)
     if backend == "jax":
-        import jax
-
         if isinstance(network, keras.Model):
             return stateless_function(network)
-        return jax.jit(logits)
+        return CachedJit(logits)
 
     def eager(batch):
         with inference_mode():
@@ -115,12 +114,12 @@ def compile_network(network, batch_shape):
 
 def stateless_function(model):
     """model(batch) as float32 under jax.jit, its weights passed in at each call (JAX only)."""
-    import jax
 
-    @jax.jit
-    def logits(trainable, non_trainable, batch):
+    def stateless_logits(trainable, non_trainable, batch):
         outputs, _ = model.stateless_call(trainable, non_trainable, batch, training=False)
         return ops.cast(outputs, "float32")
+
+    logits = CachedJit(stateless_logits)
 
     def call(batch):
         trainable = [variable.value for variable in model.trainable_variables]
@@ -128,6 +127,36 @@ def stateless_function(model):
         return logits(trainable, non_trainable, batch)
 
     return call
+
+
+class CachedJit:
+    """`jax.jit(function, static_argnames=...)` whose executables come from the persistent compilation
+    cache (compile_cache.compiled_jax): one per shape and dtype of the arguments and value of the
+    static ones, lowered and looked up once per process."""
+
+    def __init__(self, function, static_argnames=()):
+        import jax
+
+        self.jitted = jax.jit(function, static_argnames=static_argnames)
+        self.static_argnames = tuple(static_argnames)
+        self.executables = {}
+
+    def __call__(self, *arguments, **keywords):
+        import jax
+
+        from pspnet_keras import compile_cache
+
+        static = {name: keywords.pop(name) for name in self.static_argnames}
+        leaves = jax.tree_util.tree_leaves((arguments, keywords))
+        signature = (
+            jax.tree_util.tree_structure((arguments, keywords)),
+            tuple((ops.shape(leaf), str(leaf.dtype)) for leaf in leaves),
+            tuple(sorted(static.items())),
+        )
+        if signature not in self.executables:
+            lowered = self.jitted.lower(*arguments, **keywords, **static)
+            self.executables[signature] = compile_cache.compiled_jax(lowered)
+        return self.executables[signature](*arguments, **keywords)
 
 
 def compile_sized(function):
@@ -147,9 +176,7 @@ def compile_sized(function):
 
         return call
     if backend == "jax":
-        import jax
-
-        return jax.jit(function, static_argnames=("height", "width"))
+        return CachedJit(function, static_argnames=("height", "width"))
 
     def eager(*tensors, height, width):
         with inference_mode():

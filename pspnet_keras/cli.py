@@ -103,6 +103,21 @@ def run_command(prog, run, args, error_prefix="error: ", interrupted_suffix=""):
             signal.signal(signum, handler)
 
 
+def exit_process(code):
+    """Ends the process with status `code` once stdout and stderr are flushed, without tearing down
+    the interpreter (os._exit): freeing the modules of TensorFlow, JAX or PyTorch took 0.7-1.8 s after
+    a command's outputs were written (bench/README.md, "Time to first result"). A process that
+    started Ray, whose session ends in an exit handler (ray.shutdown), exits the usual way."""
+    if "ray" in sys.modules:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class _SpellingRecorder:
     """An argument group that records the long options added to it in its parser's spelling table."""
 
@@ -233,6 +248,15 @@ def add_backend_argument(parser):
         help="the Keras backend to run on, set before Keras starts (default: the KERAS_BACKEND variable, "
              "else the 'backend' of ~/.keras/keras.json, else tensorflow); jax and torch need "
              "requirements-jax.txt or requirements-torch.txt installed",
+    )
+
+
+def add_cache_argument(parser):
+    """The --no-cache option of the commands that compile the network (pspnet.py, evaluate.py)."""
+    parser.add_argument(
+        "--no-cache", action="store_true",
+        help="neither read nor keep compiled networks in the cache (on JAX: PSPNET_CACHE_DIR, default "
+             "~/.cache/pspnet-keras; PSPNET_NO_CACHE=1 does the same); a cached network gives the same results",
     )
 
 

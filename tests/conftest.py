@@ -3,6 +3,8 @@
 TensorFlow in the test process starts as the commands start it (thread pools, oneDNN,
 quiet start-up), before any test module imports Keras.
 
+Compiled networks go to a cache folder of the session's (compile_cache_folder).
+
 The tests check what the commands print, which a user's TF_CPP_MIN_LOG_LEVEL changes on
 purpose (runtime.py: TensorFlow's start-up lines are kept for a user who set it): the
 suite takes it out of its environment, and so out of every command it starts.
@@ -13,6 +15,7 @@ import signal
 
 import pytest
 
+from pspnet_keras import compile_cache
 from pspnet_keras import runtime
 
 os.environ.pop(runtime.LOG_LEVEL_VARIABLE, None)
@@ -35,6 +38,20 @@ HANG_LIMIT_S = 60
 def pytest_report_header(config):
     """The Keras backend the suite runs on (KERAS_BACKEND; tests/test_backends.py runs parts of it on each)."""
     return f"Keras backend: {runtime.backend_name()}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_folder(tmp_path_factory):
+    """The persistent compilation cache of every command the suite runs: a folder of the session's,
+    never the user's ~/.cache (pspnet_keras/compile_cache.py)."""
+    folder = tmp_path_factory.mktemp("compile_cache")
+    previous = os.environ.get(compile_cache.CACHE_DIR_VARIABLE)
+    os.environ[compile_cache.CACHE_DIR_VARIABLE] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(compile_cache.CACHE_DIR_VARIABLE, None)
+    else:
+        os.environ[compile_cache.CACHE_DIR_VARIABLE] = previous
 
 
 @pytest.fixture(scope="session")
