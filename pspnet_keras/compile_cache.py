@@ -16,8 +16,12 @@ them without the host CPU's features:
   temporary file and renamed into place (utils.write_atomic), so that a reader sees a
   whole entry or none; an entry whose digest does not match, or that XLA cannot load,
   is removed and compiled again;
-- the cache never stops a run: a folder that cannot be made or written is a run
-  without it.
+- an entry holds a pickle (JAX's serialize_executable), which can run code when it is
+  loaded: entries are read only from a folder that this user owns and that no one else
+  can write (made with mode 0700, as the XDG specification asks of the folders it makes),
+  and only where the entry is this user's and no one else's to write;
+- the cache never stops a run: a folder that cannot be made or written, or that others
+  can write, is a run without it.
 
 The folder is PSPNET_CACHE_DIR, else pspnet-keras under XDG_CACHE_HOME (~/.cache by
 default, the XDG Base Directory Specification's place for caches). PSPNET_NO_CACHE=1,
@@ -44,6 +48,10 @@ DIGEST_BYTES = hashlib.sha256().digest_size
 # Values of PSPNET_NO_CACHE that leave the cache on.
 CACHE_ON_VALUES = ("", "0", "false", "no")
 CACHE_OFF_VALUE = "1"
+FOLDER_MODE = 0o700
+ENTRY_MODE = 0o600
+# Permission bits that let the group or others write a file or folder.
+OTHERS_WRITE = 0o022
 
 
 def disable():
@@ -82,9 +90,31 @@ def jax_key(lowered):
     return digest.hexdigest()
 
 
-def read_entry(path):
-    """The payload of the entry at `path`; None when there is none or it is not whole (then it is removed)."""
+def private_folder(folder):
+    """`folder`, made with mode 0700 if missing, when this user owns it and no one else can write it
+    (nor its entries' folder); None otherwise."""
     try:
+        folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        status = folder.stat()
+    except OSError:
+        return None
+    if status.st_uid != os.getuid() or status.st_mode & OTHERS_WRITE:
+        return None
+    return folder
+
+
+def is_private_file(path):
+    """Whether the file at `path` is this user's and no one else can write it."""
+    status = path.stat()
+    return status.st_uid == os.getuid() and not status.st_mode & OTHERS_WRITE
+
+
+def read_entry(path):
+    """The payload of the entry at `path`; None when there is none, it is not whole (then it is
+    removed) or someone else could have written it."""
+    try:
+        if not is_private_file(path):
+            return None
         data = path.read_bytes()
     except OSError:
         return None
@@ -99,12 +129,12 @@ def write_entry(path, payload):
     """Writes `payload` with its digest as the entry at `path`, atomically; nothing when it cannot."""
 
     def write(temporary):
+        os.chmod(temporary, ENTRY_MODE)
         with open(temporary, "wb") as file:
             file.write(hashlib.sha256(payload).digest())
             file.write(payload)
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         utils.write_atomic(path, write)
     except (OSError, utils.OutputError):
         pass
@@ -119,20 +149,32 @@ def remove(path):
 
 
 def compiled_jax(lowered):
-    """`lowered.compile()`, loaded from the cache when it holds it, else compiled and kept there."""
+    """`lowered.compile()`, loaded from the cache when it holds it, else compiled and kept there.
+
+    The executable runs on the device jax.jit compiles for when none is named, the first
+    of jax.devices(); a loaded one is put there too (by default it would be spread over
+    every device JAX sees, and fail at its first call where there are several).
+    """
+    import jax
     from jax.experimental import serialize_executable
 
-    folder = cache_folder()
+    root = cache_folder()
+    folder = private_folder(root) and private_folder(root / JAX_FOLDER) if root is not None else None
     if folder is None:
         return lowered.compile()
-    path = folder / JAX_FOLDER / f"{jax_key(lowered)}{ENTRY_SUFFIX}"
+    path = folder / f"{jax_key(lowered)}{ENTRY_SUFFIX}"
     payload = read_entry(path)
     if payload is not None:
         try:
-            return serialize_executable.deserialize_and_load(payload, lowered.in_tree, lowered.out_tree)
+            return serialize_executable.deserialize_and_load(
+                payload, lowered.in_tree, lowered.out_tree, execution_devices=jax.devices()[:1]
+            )
         except Exception:  # noqa: BLE001 (whatever XLA raises for an entry it cannot load: compile again)
             remove(path)
     compiled = lowered.compile()
-    payload, _, _ = serialize_executable.serialize(compiled)
+    try:
+        payload, _, _ = serialize_executable.serialize(compiled)
+    except Exception:  # noqa: BLE001 (an executable XLA cannot write out is used without being kept)
+        return compiled
     write_entry(path, payload)
     return compiled
