@@ -23,6 +23,7 @@ import argparse
 import glob
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -40,8 +41,9 @@ from pspnet_keras.segment import SUMMARY_TOP_CLASSES
 from pspnet_keras.segment import output_paths
 from pspnet_keras.segment import picture_extension_problem
 from pspnet_keras.segment import read_input_image
-from pspnet_keras.segment import segment
+from pspnet_keras.segment import segmentation
 from pspnet_keras.segment import summary_lines
+from pspnet_keras.segment import write_outputs
 from pspnet_keras.segmenter import PSPNet  # noqa: F401 (the Python API: from pspnet import PSPNet)
 from pspnet_keras.segmenter import PSPNet50  # noqa: F401
 from pspnet_keras.segmenter import PSPNet101  # noqa: F401
@@ -50,6 +52,8 @@ from pspnet_keras.segmenter import load_network
 PROG = "pspnet.py"
 # The picture extension of -g outputs whose input's extension Pillow cannot write.
 FALLBACK_PICTURE_EXTENSION = ".png"
+# Images are read one at a time ahead of the network (up to two waiting: utils.in_order).
+READ_AHEAD_THREADS = 1
 
 
 def input_paths(args):
@@ -200,15 +204,68 @@ def segment_one_video(args, network_of_run, source, outputs):
     return end.cut_short is None
 
 
-def segment_one_image(args, network_of_run, source, outputs):
-    """Segments one image into its outputs with network_of_run() and prints its classes unless quiet.
-    The network is loaded once the image is read."""
-    image = read_input_image(source)
-    net = network_of_run()
-    class_ids = segment(net, image, source, outputs, cli.protocol(args), args.quiet)
-    if not args.quiet:
-        for line in summary_lines(source, utils.class_summary(class_ids, net.class_names), args.verbose):
-            tqdm.write(line, file=sys.stdout)
+def read_ahead(plan, videos):
+    """(source, outputs, image) for each input of `plan`, in order: the image read (or the
+    utils.ImageError of reading it; None for a video), the next ones read in a thread while the
+    current one is segmented."""
+
+    def read(item):
+        source, outputs = item
+        if source in videos:
+            return source, outputs, None
+        try:
+            return source, outputs, read_input_image(source)
+        except utils.ImageError as error:
+            return source, outputs, error
+
+    return utils.in_order(read, plan.items(), threads=READ_AHEAD_THREADS)
+
+
+class ImageWrites:
+    """The outputs of the segmented images, encoded and written in a thread of their own while the
+    next image goes through the network; each image's classes (unless quiet) or error printed once
+    it is written, in the order of the images. Leaving the `with` block waits for the writes."""
+
+    def __init__(self, args):
+        self.args = args
+        self.writer = ThreadPoolExecutor(1)
+        self.pending = None
+        self.failures = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.writer.shutdown(wait=True)
+        return False
+
+    def add(self, source, net, image, outputs, segmented):
+        """Writes the outputs of an image's segmentation (segment.segmentation's result), after those
+        of the image before it, which it reports."""
+        files, class_ids, confidence = segmented
+        try:
+            written = self.writer.submit(write_outputs, files, image, outputs, class_ids, confidence, net.palette)
+        except BaseException:
+            files.__exit__(None, None, None)
+            raise
+        self.finish()
+        self.pending = source, net, class_ids, written
+
+    def finish(self):
+        """Waits for the image being written, then prints its classes or its error."""
+        if self.pending is None:
+            return
+        source, net, class_ids, written = self.pending
+        self.pending = None
+        try:
+            written.result()
+        except utils.ImageError as error:
+            tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
+            self.failures += 1
+            return
+        if not self.args.quiet:
+            for line in summary_lines(source, utils.class_summary(class_ids, net.class_names), self.args.verbose):
+                tqdm.write(line, file=sys.stdout)
 
 
 def run_on_ray(args, config, plan):
@@ -256,16 +313,25 @@ def run(args):
 
     failures = 0
     unit = "file" if videos else "image"
-    for source, outputs in tqdm(plan.items(), unit=unit, disable=args.quiet or len(plan) == 1):
-        try:
-            if source in videos:
-                failures += not segment_one_video(args, network_of_run, source, outputs)
-            else:
-                segment_one_image(args, network_of_run, source, outputs)
-        except (utils.ImageError, video.VideoError) as error:
-            tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
-            failures += 1
-    return cli.EXIT_FAILURE if failures else cli.EXIT_OK
+    inputs = tqdm(read_ahead(plan, videos), total=len(plan), unit=unit, disable=args.quiet or len(plan) == 1)
+    with ImageWrites(args) as writes:
+        for source, outputs, image in inputs:
+            try:
+                if source in videos:
+                    writes.finish()
+                    failures += not segment_one_video(args, network_of_run, source, outputs)
+                    continue
+                if isinstance(image, utils.ImageError):
+                    raise image
+                net = network_of_run()
+                writes.add(source, net, image, outputs, segmentation(net, image, source, outputs, cli.protocol(args),
+                                                                     args.quiet))
+            except (utils.ImageError, video.VideoError) as error:
+                writes.finish()
+                tqdm.write(f"{PROG}: error: {error}", file=sys.stderr)
+                failures += 1
+        writes.finish()
+    return cli.EXIT_FAILURE if failures or writes.failures else cli.EXIT_OK
 
 
 def argument_parser():

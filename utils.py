@@ -8,11 +8,13 @@ place). The class names and palettes of the models are in `pspnet_keras/models.p
 `pspnet_keras/palettes.py`.
 """
 
+import collections
 import errno
 import json
 import os
 import stat
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +377,20 @@ def write_json_atomic(path, data):
     write_atomic(path, json_writer(data))
 
 
+def in_order(function, items, threads):
+    """function(item) for each item, in order, computed by `threads` threads.
+
+    At most two results per thread wait to be taken, so a slow consumer does not
+    make them pile up.
+    """
+    pool = ThreadPoolExecutor(threads)
+    try:
+        waiting = collections.deque()
+        for item in items:
+            waiting.append(pool.submit(function, item))
+            if len(waiting) >= 2 * threads:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)

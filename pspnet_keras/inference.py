@@ -13,13 +13,11 @@ reduced to the best class and its probability, so the (H, W, classes) map of the
 whole image is never held (it is written band by band only where asked for).
 """
 
-import collections
 import contextlib
 import itertools
 import math
 import os
 import typing
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -31,6 +29,7 @@ runtime.import_keras()  # before Keras: its backend chosen and started as the co
 
 from keras import ops
 
+import utils
 from pspnet_keras import backend
 from pspnet_keras.models import RELEASE_MEAN_RGB
 
@@ -229,25 +228,6 @@ def band_height(width, classes, band_bytes):
     return min(MAX_BAND_ROWS, max(1, band_bytes // (width * classes * FLOAT32_BYTES)))
 
 
-def in_order(function, items, threads):
-    """function(item) for each item, in order, computed by `threads` threads.
-
-    At most two results per thread wait to be taken, so a slow consumer does not
-    make them pile up.
-    """
-    pool = ThreadPoolExecutor(threads)
-    try:
-        waiting = collections.deque()
-        for item in items:
-            waiting.append(pool.submit(function, item))
-            if len(waiting) >= 2 * threads:
-                yield waiting.popleft().result()
-        while waiting:
-            yield waiting.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 def average_of_resized(maps, height, width, probabilities, band_bytes, threads):
     """The best class and its probability at every pixel of the mean of `maps` resized to (height, width).
 
@@ -275,7 +255,7 @@ def average_of_resized(maps, height, width, probabilities, band_bytes, threads):
     class_ids = np.empty((height, width), dtype=np.uint8)
     best_probabilities = np.empty((height, width), dtype=np.float32)
     with threadpool_limits(limits=BLAS_THREADS_PER_BAND, user_api="blas"):
-        for top, bottom, best, best_probability, mean in in_order(band, range(0, height, rows), threads):
+        for top, bottom, best, best_probability, mean in utils.in_order(band, range(0, height, rows), threads):
             class_ids[top:bottom] = best
             best_probabilities[top:bottom] = best_probability
             if mean is not None:

@@ -88,16 +88,19 @@ def probabilities_file(files, path, shape):
     return probabilities
 
 
-def segment(net, image, source, outputs, protocol, quiet=False):
-    """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
-    ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
-    a long image unless `quiet`."""
-    # imports TensorFlow: only once a network is there
+def segmentation(net, image, source, outputs, protocol, quiet=False):
+    """The protocol ({"sliding", "flip", "multi_scale"}) run on one image, the first half of `segment`:
+    (files, class ids, their probabilities), where `files` (utils.AtomicFiles, to be completed by
+    write_outputs) holds the temporary _probs.npy filled with the image's probabilities where
+    `outputs` ({kind: path}) asks for one. A progress bar counts the forward passes of a long image
+    unless `quiet`. Raises utils.ImageError naming `source` where memory runs out."""
+    # imports Keras: only once a network is there
     from pspnet_keras.inference import OutOfMemory
 
     height, width = image.shape[:2]
     passes = net.forward_count(height, width, **protocol)
-    with utils.AtomicFiles() as files:
+    files = utils.AtomicFiles()
+    try:
         probabilities = None
         if "probs_npy" in outputs:
             probabilities = probabilities_file(files, outputs["probs_npy"], (height, width, net.classes))
@@ -112,7 +115,18 @@ def segment(net, image, source, outputs, protocol, quiet=False):
         if probabilities is not None:
             probabilities.flush()
             del probabilities
-        colour = utils.colorize(class_ids, net.palette)
+    except BaseException:
+        files.__exit__(None, None, None)
+        raise
+    return files, class_ids, confidence
+
+
+def write_outputs(files, image, outputs, class_ids, confidence, palette):
+    """The second half of `segment`: the pictures of an image's class ids and their probabilities
+    written beside the temporary files of `files` (segmentation's), then all of them renamed onto
+    `outputs` at once; none of them where writing fails (utils.OutputError)."""
+    with files:
+        colour = utils.colorize(class_ids, palette)
         pictures = {
             "seg": colour,
             "seg_blended": utils.blend(image, colour),
@@ -122,4 +136,12 @@ def segment(net, image, source, outputs, protocol, quiet=False):
         for kind, array in pictures.items():
             files.write(outputs[kind], utils.image_writer(outputs[kind], array))
         files.commit()
+
+
+def segment(net, image, source, outputs, protocol, quiet=False):
+    """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
+    ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
+    a long image unless `quiet`."""
+    files, class_ids, confidence = segmentation(net, image, source, outputs, protocol, quiet)
+    write_outputs(files, image, outputs, class_ids, confidence, net.palette)
     return class_ids

@@ -3,7 +3,7 @@
 PyAV (FFmpeg's libraries, pyav.org) reads any container and codec FFmpeg reads
 and writes H.264. Decoding runs in a thread of its own, the network in the
 caller's, the resize of each frame's probabilities to the frame in a third
-(inference.in_order), and colouring and encoding in a fourth; the queues between
+(utils.in_order), and colouring and encoding in a fourth; the queues between
 them are bounded, so memory grows with the batch and the frame size, never with
 the length of the video.
 
@@ -632,7 +632,6 @@ def segmented_frames(net, reader, protocol, every=1, batch_size=1):
     resized to the frame in a thread of their own while the network runs on the next. The
     reader's End is left in `reader.end`.
     """
-    from pspnet_keras.inference import in_order
 
     last = {}
 
@@ -649,7 +648,7 @@ def segmented_frames(net, reader, protocol, every=1, batch_size=1):
             last["result"] = net.predictor.best_classes(maps, *frame.rgb.shape[:2])
         return (frame, *last["result"])
 
-    yield from in_order(best_classes, network_maps(net, frames(), protocol, every, batch_size), threads=1)
+    yield from utils.in_order(best_classes, network_maps(net, frames(), protocol, every, batch_size), threads=1)
 
 
 def segment_video(net, source, outputs, protocol, every=1, start=0.0, duration=None, batch_size=None,

@@ -7,12 +7,15 @@ the Keras network called directly (not through inference.py). Argument, file
 and progress handling is checked quickly with a stand-in network.
 """
 
+import errno
 import io
 import os
 import struct
 import subprocess
 import sys
+import threading
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -362,6 +365,61 @@ def test_quiet_prints_nothing(tmp_path, stand_in):
     save_image(tmp_path / "b.png", sky_and_person())
     result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out", "-ms", "-q")
     assert (result.code, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_an_image_is_written_while_the_next_goes_through_the_network(tmp_path, stand_in, monkeypatch):
+    """The outputs of a.png are written once b.png is in the network: a's writer waits (up to 10 s) for
+    b's prediction, which a run writing each image before segmenting the next would never reach."""
+    for name in ("a", "b", "c"):
+        save_image(tmp_path / f"{name}.png", sky_and_person())
+    second_prediction = threading.Event()
+    predict = StandInNetwork.class_map
+
+    def class_map(self, img, **protocol):
+        if len(StandInNetwork.predictions) == 1:
+            second_prediction.set()
+        return predict(self, img, **protocol)
+
+    writer = utils.image_writer
+    waits = []
+
+    def image_writer(path, array):
+        if Path(path).name.startswith("a_"):
+            waits.append(second_prediction.wait(timeout=10))
+        return writer(path, array)
+
+    monkeypatch.setattr(StandInNetwork, "class_map", class_map)
+    monkeypatch.setattr(utils, "image_writer", image_writer)
+    result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert waits == [True] * 4
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        str(tmp_path / f"{name}.png") for name in ("a", "b", "c")
+    ]
+
+
+def test_an_image_whose_outputs_cannot_be_written_is_reported_in_its_turn(tmp_path, stand_in, monkeypatch):
+    for name in ("a", "b", "c"):
+        save_image(tmp_path / f"{name}.png", sky_and_person())
+    writer = utils.image_writer
+
+    def full_disk(temporary):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def image_writer(path, array):
+        return full_disk if Path(path).name == "b_seg_blended.png" else writer(path, array)
+
+    monkeypatch.setattr(utils, "image_writer", image_writer)
+    result = run_main("-g", tmp_path / "*.png", "-o", tmp_path / "out")
+    assert result.code == 1
+    assert error_lines(result.stderr) == [
+        f"pspnet.py: error: {tmp_path / 'out' / 'b_seg_blended.png'}: cannot write (No space left on device)"
+    ]
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [
+        str(tmp_path / "a.png"), str(tmp_path / "c.png")
+    ]
+    expected = [path.name for stem in ("a", "c") for path in output_files(stem, ".png", probs=False).values()]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(expected)
 
 
 def test_progress_counts_images_and_forward_passes(tmp_path, stand_in):
