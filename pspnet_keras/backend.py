@@ -2,10 +2,11 @@
 
 The protocol (inference.py) is written once, on keras.ops and NumPy; this module
 compiles its pieces with each backend's own compiler:
-- TensorFlow: tf.function, one trace per input shape (crop sizes passed as tensors),
-  without AutoGraph: the network and the protocol's pieces have no Python control
-  flow on tensors, and converting them took half of the first call's tracing time
-  (bench/README.md, "Time to first result");
+- TensorFlow: the network under tf.function, without AutoGraph (it has no Python
+  control flow on tensors, and converting it took half of the first call's tracing
+  time); the protocol's pieces of a crop (upsampling, softmax) eagerly: traced, they
+  cost 0.4 s at the first call and ran no faster, 0.07-0.09 s a call either way, with
+  the same results to the bit (bench/README.md, "Time to first result");
 - JAX: jax.jit, a Keras model called through `stateless_call` so that its weights
   are arguments of the compiled function rather than constants folded into it
   (keras.io, "Writing a custom training loop in JAX"); crop sizes are static
@@ -160,22 +161,11 @@ class CachedJit:
 
 
 def compile_sized(function):
-    """function(*tensors, height, width), compiled; `height` and `width` are Python ints.
+    """function(*tensors, height, width) as each backend runs it best; `height` and `width` are Python ints.
 
-    TensorFlow traces it once per input shape with the sizes as int32 tensors; JAX
-    compiles it once per (shape, height, width) met; PyTorch runs it eagerly.
+    JAX compiles it once per (shape, height, width) met; TensorFlow and PyTorch run it eagerly.
     """
-    backend = runtime.backend_name()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        traced = tf.function(function, autograph=False)
-
-        def call(*tensors, height, width):
-            return traced(*tensors, height=tf.constant(height, tf.int32), width=tf.constant(width, tf.int32))
-
-        return call
-    if backend == "jax":
+    if runtime.backend_name() == "jax":
         return CachedJit(function, static_argnames=("height", "width"))
 
     def eager(*tensors, height, width):
