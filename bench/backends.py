@@ -323,7 +323,7 @@ def run_rounds(files, args, work_dir):
         order = rotated(RUNTIMES, round_number)
         figures = {}
         for name in order:
-            progress(f"round {round_number + 1}/{args.rounds}: {name}")
+            measure.progress(PROG, f"round {round_number + 1}/{args.rounds}: {name}")
             figures[name] = measuring_process(name, files, round_number == 0, args, work_dir)
             if name != PEER:
                 figures[name] |= cli_run(name, files, work_dir)
@@ -559,11 +559,6 @@ def report_text(results):
 # Command line
 
 
-def progress(message):
-    """A progress line on stderr."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 def argument_parser():
     """The benchmark's command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -620,7 +615,7 @@ def results_path(args, machine):
 def run_benchmark(args, work_dir):
     """Prepares the inputs, runs the rounds; returns the results."""
     machine = measure.machine_info(PACKAGES)
-    progress(f"synthetic weights, the ONNX graph and OpenCV's logits at crop {args.crop}")
+    measure.progress(PROG, f"synthetic weights, the ONNX graph and OpenCV's logits at crop {args.crop}")
     files = prepared_inputs(args, work_dir)
     (Path(work_dir) / "cli").mkdir()
     rounds, orders = run_rounds(files, args, work_dir)

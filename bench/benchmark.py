@@ -56,6 +56,7 @@ from bench.synthetic_caffe import synthetic_weights  # noqa: E402
 from bench.synthetic_caffe import write_caffemodel  # noqa: E402
 from pspnet_keras import caffe_net  # noqa: E402
 from pspnet_keras import cli  # noqa: E402
+from pspnet_keras import segment  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
@@ -292,10 +293,10 @@ def measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args):
     figures taken together.
     """
     cli_args = cli_arguments(net.model_name, net.weights_path, image_path, output_dir / f"{mode}.png", CLI_MODES[mode])
-    (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
+    (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args), videos=set()).values()
 
     def segment_image():
-        pspnet.segment(net, utils.read_image(image_path), image_path, outputs, cli.protocol(cli_args), cli_args.quiet)
+        segment.segment(net, utils.read_image(image_path), image_path, outputs, cli.protocol(cli_args), cli_args.quiet)
 
     crop_call = "ours_flip_pair" if cli_args.flip else "ours_crop_function"
     calls = {"cli": segment_image, "forward": forward_calls["ours"], "crop_call": forward_calls[crop_call]}
@@ -332,7 +333,7 @@ def measure_cli(net, image_path, work_dir, args):
     forward_calls = our_calls(net, synthetic_image(net.crop_size, INPUT_SEED)[0])
     modes = {}
     for mode in args.cli_modes:
-        progress(f"{net.model_name}: CLI mode {mode}")
+        measure.progress(PROG, f"{net.model_name}: CLI mode {mode}")
         modes[mode] = measure_cli_mode(net, image_path, output_dir, mode, forward_calls, args)
     return {"image": str(image_path), "image_size": [width, height], "modes": modes}
 
@@ -382,11 +383,6 @@ def measure_memory(weights, image_path, work_dir):
 def machine_info(args):
     """The machine, the package versions and the load average at the start, with the thread count."""
     return measure.machine_info(PACKAGES) | {"threads": args.threads}
-
-
-def progress(message):
-    """A progress line on stderr."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def runtime_label(name, forward):
@@ -588,14 +584,14 @@ def run_benchmark(args, work_dir):
     cityscapes = args.cityscapes_image or (cityscapes_image(args.image, work_dir) if needs_cityscapes_image else None)
     weights = {}
     for model_name in args.models:
-        progress(f"{model_name}: synthetic weights")
+        measure.progress(PROG, f"{model_name}: synthetic weights")
         synthetic = SyntheticModel(model_name, args.caffe_dir, work_dir)
         weights[model_name] = synthetic.h5
         start = time.perf_counter()
         net = pspnet.PSPNet(model_name, weights=synthetic.h5, show_progress=False)
         load_time = time.perf_counter() - start
         if not args.skip_forward:
-            progress(f"{model_name}: forward passes")
+            measure.progress(PROG, f"{model_name}: forward passes")
             forward = measure_forward(model_name, synthetic, net, args)
             forward["cli_net_load_s"] = load_time
             results["forward"][model_name] = forward
@@ -607,9 +603,9 @@ def run_benchmark(args, work_dir):
         gc.collect()
     if not args.skip_memory:
         if CITYSCAPES_MODEL not in weights:
-            progress(f"{CITYSCAPES_MODEL}: synthetic weights")
+            measure.progress(PROG, f"{CITYSCAPES_MODEL}: synthetic weights")
             weights[CITYSCAPES_MODEL] = SyntheticModel(CITYSCAPES_MODEL, args.caffe_dir, work_dir).h5
-        progress(f"{CITYSCAPES_MODEL}: peak memory of pspnet.py {' '.join(MEMORY_FLAGS)} (minutes)")
+        measure.progress(PROG, f"{CITYSCAPES_MODEL}: peak memory of pspnet.py {' '.join(MEMORY_FLAGS)} (minutes)")
         results["memory"] = measure_memory(weights[CITYSCAPES_MODEL], cityscapes, work_dir)
     results["machine"]["loadavg_end"] = os.getloadavg()
     return results

@@ -205,7 +205,7 @@ def run_rounds(files, args, work_dir):
         order = backends.rotated(RUNTIMES, round_number)
         figures = {}
         for name in order:
-            progress(f"round {round_number + 1}/{args.rounds}: {name}")
+            measure.progress(PROG, f"round {round_number + 1}/{args.rounds}: {name}")
             figures[name] = measuring_process(name, files, round_number == 0, args, work_dir)
         rounds.append(figures)
         orders.append(order)
@@ -265,7 +265,7 @@ def run_benchmark(args, work_dir):
     machine = measure.machine_info(PACKAGES)
     if not args.dry_run and not cpu.computes_bfloat16():
         return nothing_measured(machine)
-    progress(f"synthetic weights and the ONNX graph at crop {args.crop}")
+    measure.progress(PROG, f"synthetic weights and the ONNX graph at crop {args.crop}")
     files = backends.prepared_inputs(args, work_dir)
     rounds, orders = run_rounds(files, args, work_dir)
     machine |= {"date_end": datetime.now(timezone.utc).isoformat(timespec="seconds"), "loadavg_end": os.getloadavg()}
@@ -345,11 +345,6 @@ def report_text(results):
 
 # --------------------------------------------------------------------------------------
 # Command line
-
-
-def progress(message):
-    """A progress line on stderr."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def argument_parser():

@@ -63,6 +63,7 @@ def child(args):
     from bench.benchmark import cli_arguments
     from bench.synthetic_caffe import synthetic_image
     from pspnet_keras import cli
+    from pspnet_keras import segment
 
     net = pspnet.PSPNet(args.model, weights=args.h5, show_progress=False)
     crop = synthetic_image(net.crop_size, 1)
@@ -75,10 +76,10 @@ def child(args):
             image_path
         )
         cli_args = cli_arguments(net.model_name, args.h5, image_path, Path(work) / "out.png", ["--no-flip"])
-        (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args)).values()
+        (outputs,) = pspnet.output_plan(cli_args, pspnet.input_paths(cli_args), videos=set()).values()
         calls = {
             "network": lambda: network(crop)[0].numpy(),
-            "cli_noflip": lambda: pspnet.segment(
+            "cli_noflip": lambda: segment.segment(
                 net, utils.read_image(image_path), image_path, outputs, cli.protocol(cli_args), cli_args.quiet
             ),
             "onnxruntime": lambda: session.run(None, feed)[0],

@@ -112,6 +112,11 @@ def onnxruntime_session(path, threads):
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
+def progress(prog, message):
+    """A progress line of the benchmark `prog` on stderr."""
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
 def run_in_temporary_folder(prog, run_benchmark, args, results_path, report_text):
     """Runs run_benchmark(args, work folder) in a temporary folder, removed after it (SIGTERM ends the
     run as an exit does, 143), and publishes its results at results_path(args, machine); returns 0."""

@@ -269,7 +269,7 @@ def run_pipeline(net, clip, stem):
     """`video.segment_video` on `clip` into the outputs of `stem`, as pspnet.py runs it on a CPU; its End."""
     end, _ = video.segment_video(
         net, clip, video.output_paths(stem, ".mp4", False), dict(PROTOCOL), batch_size=video.CPU_BATCH,
-        quiet=True, warn=progress,
+        quiet=True, warn=lambda line: measure.progress(PROG, line),
     )
     return end
 
@@ -311,7 +311,7 @@ def run_rounds(calls, rounds):
         order = list(TURNS[shift:] + TURNS[:shift])
         figures = {}
         for turn in order:
-            progress(f"round {round_number + 1} of {rounds}: {turn}")
+            measure.progress(PROG, f"round {round_number + 1} of {rounds}: {turn}")
             figures[turn] = calls[turn]()
         results.append(figures)
         orders.append(order)
@@ -363,7 +363,7 @@ def measure_memory(h5, size, lengths, work_dir):
     weights = user_model(h5, MEMORY_CROP, MEMORY_BASE_SIZE, work_dir)
     runs = []
     for seconds in lengths:
-        progress(f"memory: pspnet.py on a {seconds}-second clip")
+        measure.progress(PROG, f"memory: pspnet.py on a {seconds}-second clip")
         clip = write_clip(Path(work_dir) / f"clip_{seconds}s.mp4", *size, seconds * FRAME_RATE)
         runs.append(memory_run(weights, clip, seconds, work_dir))
     growth = runs[-1]["peak_rss_mib"] - runs[0]["peak_rss_mib"]
@@ -504,11 +504,6 @@ def report_text(results):
 # Command line
 
 
-def progress(message):
-    """A progress line on stderr."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-
-
 def argument_parser():
     """The benchmark's command line."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -567,10 +562,10 @@ def run_benchmark(args, work_dir):
 
     machine = measure.machine_info(PACKAGES)
     work_dir = Path(work_dir)
-    progress("synthetic weights, converted by weight_converter.py")
+    measure.progress(PROG, "synthetic weights, converted by weight_converter.py")
     h5 = synthetic_h5(work_dir)
     memory = measure_memory(h5, args.clip_size, args.memory_seconds, work_dir)
-    progress(f"clips of {args.frames} and {WARMUP_FRAMES} frames, {args.clip_size[0]}x{args.clip_size[1]}")
+    measure.progress(PROG, f"clips of {args.frames} and {WARMUP_FRAMES} frames, {args.clip_size[0]}x{args.clip_size[1]}")
     clip = write_clip(work_dir / "clip.mp4", *args.clip_size, args.frames)
     warmup_clip = write_clip(work_dir / "warmup.mp4", *args.clip_size, WARMUP_FRAMES)
     runtime.import_keras()
@@ -583,7 +578,7 @@ def run_benchmark(args, work_dir):
     passes_per_frame = net.forward_count(*frames[0].shape[:2], **PROTOCOL)
     (work_dir / "pipeline").mkdir()
     stem = work_dir / "pipeline" / "clip"
-    progress("warm-up: the network at every batch, the pipeline on the short clip")
+    measure.progress(PROG, "warm-up: the network at every batch, the pipeline on the short clip")
     warm_up(net, windows, warmup_clip, stem)
     rounds, orders = run_rounds(turn_calls(net, windows, clip, stem, len(frames)), args.rounds)
     outputs = video.output_paths(stem, ".mp4", False)
