@@ -79,8 +79,7 @@ def keras_network(config, h5, precision):
     import layers_builder
     from pspnet_keras import inference
 
-    model = layers_builder.build_pspnet(config, precision=precision, initialized=False)
-    layers_builder.load_weights(model, h5)
+    model = layers_builder.build_loaded_pspnet(config, h5, precision=precision)
     logits_model, upsampling = layers_builder.split_upsampling(model)
     mean_rgb = config.mean_rgb
     return model, inference.Predictor(logits_model, config.crop_size, config.base_size, upsampling, mean_rgb=mean_rgb)
