@@ -51,7 +51,9 @@ def test_a_dry_run_measures_every_runtime_and_step_and_checks_their_logits(tmp_p
         assert figures["framework"].startswith(backends.RUNTIME_TITLES[name] + " ")
         assert figures["import_project_s"] > 0
         cli = summary["cli_noflip"]
-        assert cli["wall"]["p50_s"] > cli["bare_import"]["p50_s"] > 0
+        # Not more than the bare import necessarily: at crop 41 the pass is short, and pspnet.py skips the
+        # interpreter's teardown at exit (cli.exit_process), which a bare `import keras` pays.
+        assert cli["wall"]["p50_s"] > 0 and cli["bare_import"]["p50_s"] > 0
         assert cli["wall_minus_bare_import"]["p50_s"] == cli["wall"]["p50_s"] - cli["bare_import"]["p50_s"]
         assert cli["peak_rss_mib"] > 0
     assert results["agreement"]["onnxruntime"]["vs_onnxruntime"]["max_abs_diff"] == 0
