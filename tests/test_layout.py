@@ -28,6 +28,7 @@ EXTRA_COMMAND_USES = {
     "tests/test_export.py": {"export"},
     "bench/benchmark.py": {"pspnet"},  # times the CLI's work per image
     "bench/cpu_threads.py": {"pspnet"},  # times the CLI's work per image
+    "bench/startup.py": {"pspnet"},  # times `import pspnet`, the command's first stage
     "bench/export_bench.py": {"export"},
 }
 
