@@ -240,15 +240,16 @@ class ImageWrites:
         return False
 
     def add(self, source, net, image, outputs, segmented):
-        """Writes the outputs of an image's segmentation (segment.segmentation's result), after those
-        of the image before it, which it reports."""
+        """Writes the outputs of an image's segmentation (segment.segmentation's result) once the image
+        before it is written and reported; nothing of it where that report stops the run (a reader of
+        stdout gone, Ctrl-C)."""
         files, class_ids, confidence = segmented
         try:
+            self.finish()
             written = self.writer.submit(write_outputs, files, image, outputs, class_ids, confidence, net.palette)
         except BaseException:
             files.__exit__(None, None, None)
             raise
-        self.finish()
         self.pending = source, net, class_ids, written
 
     def finish(self):
