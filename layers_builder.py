@@ -218,9 +218,9 @@ class HostStart(keras.initializers.Initializer):
 
     Keras' own "zeros" and "ones" are backend ops, which JAX compiles once per weight shape
     (about 1.3 s for a PSPNet-50 on 2 cores); a NumPy array is copied in as it is
-    (backend.from_host). Only
-    build_pspnet uses it, and puts Keras' own initializers back in the layers afterwards
-    (forget_host_starts), so that a saved model's configuration holds no arrays.
+    (backend.from_host). Only build_pspnet uses it, and puts Keras' own initializers back
+    in the layers afterwards (forget_host_starts), so that a saved model's configuration
+    holds no arrays.
     """
 
     def __init__(self, array=None, fill=0.0):
