@@ -3,8 +3,8 @@
 `segment` runs the protocol on an image and writes its outputs: class colours
 (_seg), their 50/50 blend with the image (_seg_blended), the maximum probability
 as grey levels (_probs), the class ids (_seg_read.png) and, when asked, the
-(H, W, classes) probabilities (_probs.npy, streamed to disk). pspnet.py and its
-Ray workers (ray_pool.py) call it for every image.
+(H, W, classes) probabilities (_probs.npy, streamed to disk). pspnet.py, its
+Ray workers (ray_pool.py) and the web page of demo.py (page.py) call it for every image.
 """
 
 import io
@@ -88,12 +88,13 @@ def probabilities_file(files, path, shape):
     return probabilities
 
 
-def segmentation(net, image, source, outputs, protocol, quiet=False):
+def segmentation(net, image, source, outputs, protocol, quiet=False, progress=None):
     """The protocol ({"sliding", "flip", "multi_scale"}) run on one image, the first half of `segment`:
     (files, class ids, their probabilities), where `files` (utils.AtomicFiles, to be completed by
     write_outputs) holds the temporary _probs.npy filled with the image's probabilities where
     `outputs` ({kind: path}) asks for one. A progress bar counts the forward passes of a long image
-    unless `quiet`. Raises utils.ImageError naming `source` where memory runs out."""
+    unless `quiet`; `progress`, when given, is called with the number of passes done after each crop.
+    Raises utils.ImageError naming `source` where memory runs out."""
     # imports Keras: only once a network is there
     from pspnet_keras.inference import OutOfMemory
 
@@ -108,8 +109,14 @@ def segmentation(net, image, source, outputs, protocol, quiet=False):
             total=passes, unit="pass", desc="forward passes", leave=False,
             disable=quiet or passes < FORWARD_BAR_MIN_PASSES,
         ) as bar:
+
+            def advance(passes):
+                bar.update(passes)
+                if progress is not None:
+                    progress(passes)
+
             try:
-                class_ids, confidence = net.class_map(image, progress=bar.update, probabilities=probabilities, **protocol)
+                class_ids, confidence = net.class_map(image, progress=advance, probabilities=probabilities, **protocol)
             except OutOfMemory as error:
                 raise utils.ImageError(f"{source}: {error}") from None
         if probabilities is not None:
@@ -138,10 +145,10 @@ def write_outputs(files, image, outputs, class_ids, confidence, palette):
         files.commit()
 
 
-def segment(net, image, source, outputs, protocol, quiet=False):
+def segment(net, image, source, outputs, protocol, quiet=False, progress=None):
     """Predicts one image with `protocol` ({"sliding", "flip", "multi_scale"}) and writes its `outputs`
     ({kind: path}), all or none; returns the class-id map. A progress bar counts the forward passes of
-    a long image unless `quiet`."""
-    files, class_ids, confidence = segmentation(net, image, source, outputs, protocol, quiet)
+    a long image unless `quiet`; `progress` is segmentation's."""
+    files, class_ids, confidence = segmentation(net, image, source, outputs, protocol, quiet, progress)
     write_outputs(files, image, outputs, class_ids, confidence, net.palette)
     return class_ids
