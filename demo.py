@@ -87,10 +87,7 @@ def run(args):
         photos = sorted(path for path in EXAMPLE_PHOTOS_DIR.iterdir() if path.suffix in EXAMPLE_SUFFIXES)
         demo = page.build_page(choices, run_root, photos)
         try:
-            _, url, _ = demo.launch(
-                server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
-                ssr_mode=False, css=page.CSS, allowed_paths=[str(EXAMPLE_PHOTOS_DIR)],
-            )
+            url = page.launch(demo, args.host, args.port, allowed_paths=[EXAMPLE_PHOTOS_DIR])
         except OSError as error:
             raise cli.CommandError(
                 f"{args.host}:{args.port}: cannot serve there ({str(error).split('.')[0]}); "

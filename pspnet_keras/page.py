@@ -53,7 +53,72 @@ CSS = """
 #legend td.share { text-align: right; font-variant-numeric: tabular-nums; }
 #legend .swatch { display: inline-block; width: 1.4em; height: 1em; border: 1px solid #0004; }
 #status .error { color: #b00020; font-weight: 600; }
+#region-name { position: absolute; z-index: 1000; pointer-events: none; padding: 2px 8px; border-radius: 4px;
+               background: #000c; color: #fff; font-size: 14px; }
 """
+# Names the class under the pointer in the hover view (#annotated). gr.AnnotatedImage highlights a class
+# when the pointer is on its legend button; this script finds the class mask that covers the pointer (its
+# alpha there, read through a canvas: MDN, CanvasRenderingContext2D.getImageData), hovers that button
+# (a bubbling mouseover, as Gradio's own listener receives it) and shows the class name by the pointer.
+REGION_NAMES_JS = """
+(() => {
+  const alphas = new WeakMap();
+  let hovered = null;
+  function alphaAt(mask, x, y) {
+    let cached = alphas.get(mask);
+    if (!cached || cached.src !== mask.src) {
+      const canvas = document.createElement("canvas");
+      canvas.width = mask.naturalWidth;
+      canvas.height = mask.naturalHeight;
+      const context = canvas.getContext("2d");
+      context.drawImage(mask, 0, 0);
+      cached = {src: mask.src, pixels: context.getImageData(0, 0, canvas.width, canvas.height)};
+      alphas.set(mask, cached);
+    }
+    return cached.pixels.data[(y * cached.pixels.width + x) * 4 + 3];
+  }
+  function nameTag() {
+    let tag = document.getElementById("region-name");
+    if (!tag) {
+      tag = document.createElement("div");
+      tag.id = "region-name";
+      document.body.appendChild(tag);
+    }
+    return tag;
+  }
+  function hover(button, event) {
+    if (hovered && hovered !== button) hovered.dispatchEvent(new MouseEvent("mouseout", {bubbles: true}));
+    if (button && hovered !== button) button.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+    hovered = button;
+    const tag = nameTag();
+    tag.hidden = !button;
+    if (button) {
+      tag.textContent = button.textContent;
+      tag.style.left = `${event.pageX + 12}px`;
+      tag.style.top = `${event.pageY + 12}px`;
+    }
+  }
+  document.addEventListener("mousemove", (event) => {
+    const view = event.target.closest ? event.target.closest("#annotated .image-container") : null;
+    if (!view) {
+      if (hovered) hover(null, event);
+      return;
+    }
+    const buttons = [...view.parentElement.querySelectorAll(".legend-item")];
+    for (const [index, mask] of [...view.querySelectorAll("img.mask")].entries()) {
+      const box = mask.getBoundingClientRect();
+      const x = Math.floor((event.clientX - box.left) / box.width * mask.naturalWidth);
+      const y = Math.floor((event.clientY - box.top) / box.height * mask.naturalHeight);
+      if (x >= 0 && y >= 0 && x < mask.naturalWidth && y < mask.naturalHeight && alphaAt(mask, x, y) > 0) {
+        hover(buttons[index], event);
+        return;
+      }
+    }
+    hover(null, event);
+  });
+})();
+"""
+HEAD = f"<script>{REGION_NAMES_JS}</script>"
 WEIGHTS_NOTE = (
     "Each model loads once, on its first photo, and is kept. Runs are queued, one at a time. "
     "The outputs are those of `pspnet.py -i PHOTO -o OUT.png` with the same protocol."
@@ -285,3 +350,14 @@ def build_page(choices, run_root, example_photos=()):
         )
     page.queue(default_concurrency_limit=1)
     return page
+
+
+def launch(page, host, port, allowed_paths=()):
+    """Serves `page` (build_page) on host:port in a thread of Gradio's, with the page's style and script,
+    files under `allowed_paths` served too (the example photos); returns its URL. OSError where the
+    address cannot be served."""
+    _, url, _ = page.launch(
+        server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+        css=CSS, head=HEAD, allowed_paths=[str(path) for path in allowed_paths],
+    )
+    return url
