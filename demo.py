@@ -25,6 +25,8 @@ from pspnet_keras import runtime
 PROG = "demo.py"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# The largest TCP port number (RFC 793).
+MAX_PORT = 65535
 EXAMPLE_PHOTOS_DIR = Path(__file__).resolve().parent / "example_images"
 EXAMPLE_SUFFIXES = {".jpg", ".png"}
 # The requirements file that installs Gradio, named where it is missing.
@@ -61,28 +63,27 @@ def argument_parser():
     return parser
 
 
-def page_choices(args):
-    """The page's model menu (page.model_choices) of the command line's -m and -w."""
-    from pspnet_keras import page
-
+def command_line_model(args):
+    """(ModelConfig, weights path or None) of the command line's -m and -w, checked before Gradio loads."""
     try:
         config = models.resolve_model(args.model, args.weights)
     except models.ModelDescriptionError as error:
         raise cli.CommandError(str(error)) from None
     if args.weights is not None and not os.path.lexists(args.weights):
         raise cli.CommandError(f"{args.weights}: no such weights file")
-    return page.model_choices(config, args.weights)
+    return config, args.weights
 
 
 def run(args):
     """Serves the page until interrupted; returns the exit code."""
+    config, weights = command_line_model(args)
     try:
         from pspnet_keras import page
     except ImportError as error:
         raise cli.CommandError(
             f"the page needs Gradio ({error}): python -m pip install -r {GRADIO_REQUIREMENTS}"
         ) from None
-    choices = page_choices(args)
+    choices = page.model_choices(config, weights)
     with tempfile.TemporaryDirectory(prefix="pspnet-page-") as run_root:
         photos = sorted(path for path in EXAMPLE_PHOTOS_DIR.iterdir() if path.suffix in EXAMPLE_SUFFIXES)
         demo = page.build_page(choices, run_root, photos)
@@ -90,8 +91,7 @@ def run(args):
             url = page.launch(demo, args.host, args.port, allowed_paths=[EXAMPLE_PHOTOS_DIR])
         except OSError as error:
             raise cli.CommandError(
-                f"{args.host}:{args.port}: cannot serve there ({str(error).split('.')[0]}); "
-                "choose another --port, or a --host of this machine"
+                f"{args.host}:{args.port}: cannot serve there ({error.strerror or error}); choose another --port or --host"
             ) from None
         print(f"{PROG}: serving {next(iter(choices))} and the released models on {url} (Ctrl-C stops)",
               file=sys.stderr, flush=True)
@@ -105,6 +105,8 @@ def main(argv=None):
     """Runs the command line; returns the exit status."""
     parser = argument_parser()
     args = parser.parse_args(argv)
+    if args.port > MAX_PORT:
+        parser.error(f"argument --port: must be at most {MAX_PORT}, got {args.port}")
     runtime.configure(False, None, args.backend)
     cli.check_backend(parser)
     return cli.run_command(PROG, run, args)

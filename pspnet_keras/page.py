@@ -16,6 +16,8 @@ the page, and the server goes on serving.
 
 import html
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -258,8 +260,10 @@ def status_html(text, error=False):
 def segment_photo(networks, folders, photo, label, mode, flip, progress=None):
     """Segments the uploaded photo (uploaded_photo's (path, name)) with the model `label`, the protocol
     `mode` (MODES) and `flip`, as pspnet.py does, into a new folder of `folders`. Returns (status
-    line, class ids, image, network, {kind: output path}); `progress(done, total)` counts forward
-    passes. Raises PageError with the line to show."""
+    line with the seconds the run took, the model's loading included; class ids; image; network;
+    {kind: output path}); `progress(done, total)` counts forward passes. Raises PageError with the
+    line to show."""
+    started = time.monotonic()
     if photo is None:
         raise PageError("no photo: drop one on the photo box, paste one, or click the box to choose one")
     path, name = photo
@@ -285,7 +289,10 @@ def segment_photo(networks, folders, photo, label, mode, flip, progress=None):
         class_ids = segment.segment(net, image, name, outputs, protocol, quiet=True, progress=advance)
     except utils.ImageError as error:
         raise PageError(str(error)) from None
-    status = f"{name}: {width} x {height}, {net.model_name}, {mode}{', flipped' if flip else ''}, {total} forward passes"
+    status = (
+        f"{name}: {width} x {height}, {net.model_name}, {mode}{', flipped' if flip else ''}: {total} forward passes, "
+        f"{time.monotonic() - started:.1f} s"
+    )
     return status, class_ids, image, net, outputs
 
 
@@ -355,9 +362,19 @@ def build_page(choices, run_root, example_photos=()):
 def launch(page, host, port, allowed_paths=()):
     """Serves `page` (build_page) on host:port in a thread of Gradio's, with the page's style and script,
     files under `allowed_paths` served too (the example photos); returns its URL. OSError where the
-    address cannot be served."""
+    address cannot be served, found by binding a socket to it first (the server's own failure there
+    is a log line and Gradio's message about a range of ports)."""
+    check_address(host, port)
     _, url, _ = page.launch(
         server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
         css=CSS, head=HEAD, allowed_paths=[str(path) for path in allowed_paths],
     )
     return url
+
+
+def check_address(host, port):
+    """Raises OSError where a TCP server cannot listen on host:port (taken, or not this machine's)."""
+    family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
