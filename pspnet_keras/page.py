@@ -15,6 +15,7 @@ the page, and the server goes on serving.
 """
 
 import html
+import itertools
 import shutil
 import socket
 import time
@@ -121,7 +122,7 @@ REGION_NAMES_JS = """
 })();
 """
 HEAD = f"<script>{REGION_NAMES_JS}</script>"
-WEIGHTS_NOTE = (
+INTRODUCTION = (
     "Each model loads once, on its first photo, and is kept. Runs are queued, one at a time. "
     "The outputs are those of `pspnet.py -i PHOTO -o OUT.png` with the same protocol."
 )
@@ -251,10 +252,11 @@ def legend_html(found, class_names, palette):
     )
 
 
-def status_html(text, error=False):
-    """The page's status line: `text`, marked as an error when `error`."""
+def status_html(text, error=False, run_number=0):
+    """The page's status line: `text`, marked as an error when `error`, and with the number of the run
+    it ends (data-run), by which a script tells two runs of the same line apart."""
     css_class = "error" if error else "done"
-    return f'<p class="{css_class}" role="status">{html.escape(text)}</p>'
+    return f'<p class="{css_class}" role="status" data-run="{run_number}">{html.escape(text)}</p>'
 
 
 def segment_photo(networks, folders, photo, label, mode, flip, progress=None):
@@ -296,17 +298,17 @@ def segment_photo(networks, folders, photo, label, mode, flip, progress=None):
     return status, class_ids, image, net, outputs
 
 
-def page_outputs(networks, folders, photo, label, mode, flip, progress=None):
-    """The values of the page's outputs for a run (segment_photo): status, blended image, hover view,
-    legend, confidence map, downloads; on a PageError its line and empty outputs."""
+def page_outputs(networks, folders, photo, label, mode, flip, progress=None, run_number=0):
+    """The values of the page's outputs for run `run_number` (segment_photo): status, blended image,
+    hover view, legend, confidence map, downloads; on a PageError its line and empty outputs."""
     try:
         status, class_ids, image, net, outputs = segment_photo(networks, folders, photo, label, mode, flip, progress)
     except PageError as error:
-        return status_html(str(error), error=True), None, None, "", None, None
+        return status_html(str(error), True, run_number), None, None, "", None, None
     found = utils.class_summary(class_ids, net.class_names)
     view, colours = annotated_view(image, class_ids, found, net.class_names, net.palette)
     return (
-        status_html(status),
+        status_html(status, False, run_number),
         str(outputs["seg_blended"]),
         gr.AnnotatedImage(value=view, color_map=colours),
         legend_html(found, net.class_names, net.palette),
@@ -321,15 +323,17 @@ def build_page(choices, run_root, example_photos=()):
     as examples."""
     networks = Networks(choices)
     folders = RunFolders(run_root)
+    run_numbers = itertools.count(1)
 
     def run(photo, label, mode, flip, progress=gr.Progress()):
         def passes_done(done, total):
             progress((done, total), desc="forward passes", unit="passes")
 
-        return page_outputs(networks, folders, uploaded_photo(photo), label, mode, flip, passes_done)
+        return page_outputs(networks, folders, uploaded_photo(photo), label, mode, flip, passes_done,
+                            next(run_numbers))
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(CACHE_AGE_S, CACHE_AGE_S)) as page:
-        gr.Markdown(f"# {TITLE}: semantic segmentation of a photo\n{WEIGHTS_NOTE}")
+        gr.Markdown(f"# {TITLE}: semantic segmentation of a photo\n{INTRODUCTION}")
         with gr.Row():
             with gr.Column():
                 photo = gr.Image(

@@ -184,7 +184,7 @@ class Page:
 
     def run(self, photo, mode="one crop", flip=True, model=None):
         """Uploads `photo`, sets the protocol and the model, clicks Segment and waits for the status line
-        to change (the tests never run twice in a row what gives the same line)."""
+        of the run (its data-run, the run's number, changes)."""
         self.page.set_input_files("#photo input[type=file]", str(photo))
         self.page.wait_for_selector("#photo img")
         if model is not None:
@@ -192,11 +192,11 @@ class Page:
             self.page.get_by_role("option", name=model).click()
         self.page.get_by_label(mode).check()
         self.page.locator("#flip input[type=checkbox]").set_checked(flip)
-        previous = self.page.inner_text("#status")
+        previous = self.page.eval_on_selector("#status", "status => status.querySelector('p')?.dataset.run ?? ''")
         self.page.click("#segment")
         self.page.wait_for_function(
             "previous => { const status = document.querySelector('#status p');"
-            " return status !== null && status.innerText !== previous; }",
+            " return status !== null && status.dataset.run !== previous; }",
             arg=previous, timeout=RUN_TIMEOUT_MS, polling=50,
         )
 
