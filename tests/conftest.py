@@ -12,6 +12,7 @@ suite takes it out of its environment, and so out of every command it starts.
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,7 @@ if runtime.backend_name() == "torch":
     # torch.set_grad_enabled).
     torch.set_grad_enabled(False)
 
+from helpers import OPENCV_REFERENCES_VARIABLE  # noqa: E402
 from helpers import SyntheticModel  # noqa: E402
 from helpers import converter_process  # noqa: E402
 
@@ -65,6 +67,14 @@ def synthetic_model(tmp_path_factory):
         return synthetic_models[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def opencv_references(tmp_path_factory):
+    """The folder of OpenCV's reference logits (test_parity.py): the one a parent pytest process names in
+    OPENCV_REFERENCES_VARIABLE (test_backends.py), else a folder of the session's."""
+    inherited = os.environ.get(OPENCV_REFERENCES_VARIABLE)
+    return Path(inherited) if inherited else tmp_path_factory.mktemp("opencv_references")
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,9 @@ ADE20K_CLASSES = 150
 MEAN_RGB = np.array([123.68, 116.779, 103.939])
 # A few ADE20K palette entries (color150.mat of the MIT Scene Parsing benchmark), 0-based class id -> colour.
 ADE20K_COLOURS = {0: (120, 120, 120), 2: (6, 230, 230), 12: (150, 5, 61), 149: (92, 0, 255)}
+# The folder of OpenCV's reference logits of test_parity.py, shared by the suite with the pytest processes
+# test_backends.py starts on the other backends, so that each reference is computed once (conftest.py).
+OPENCV_REFERENCES_VARIABLE = "PSPNET_TEST_OPENCV_REFERENCES"
 EVERY_FLAG = (
     "-m", "--model", "-w", "--weights", "-i", "--input_path", "-g", "--glob_path", "-o", "--output_path",
     "--id", "-s", "--sliding", "-ms", "--multi_scale", "-f", "--flip", "--no-flip", "--save-probs",

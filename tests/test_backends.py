@@ -3,7 +3,8 @@
 A process runs one Keras backend, chosen when Keras is imported (KERAS_BACKEND). This suite runs
 on the backend its environment names (TensorFlow by default); for each other backend, the tests
 that hold on every backend run again in a pytest process of their own: the parity of each model
-family with OpenCV's Caffe (test_parity.py), the protocol against the MATLAB reference
+family with OpenCV's Caffe (test_parity.py: PSPNet-50 at crop 473, PSPNet-101 at 713; the third
+model, PSPNet-101 at 473, adds no layer and no crop size to them), the protocol against the MATLAB reference
 (test_inference.py), pspnet.py's outputs end to end and its GPU and precision checks
 (test_pspnet.py). Then pspnet.py on each backend is compared with pspnet.py on TensorFlow on a
 photo, at full size; and the commands that need TensorFlow refuse another backend in one line.
@@ -19,13 +20,15 @@ import numpy as np
 import pytest
 
 from helpers import MODEL
+from helpers import OPENCV_REFERENCES_VARIABLE
 from helpers import PROJECT_ROOT
 from helpers import decoded
 from pspnet_keras import runtime
 
 OTHER_BACKENDS = ("jax", "torch")
 TESTS_ON_EVERY_BACKEND = (
-    "tests/test_parity.py",
+    "tests/test_parity.py::test_keras_model_matches_caffe_reference[pspnet50_ade20k]",
+    "tests/test_parity.py::test_keras_model_matches_caffe_reference[pspnet101_cityscapes]",
     "tests/test_inference.py",
     "tests/test_pspnet.py::test_batch_outputs_follow_the_saved_probabilities",
     "tests/test_pspnet.py::test_crop_sized_image_gets_the_plain_network_softmax",
@@ -52,11 +55,14 @@ def backend_environment(backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", OTHER_BACKENDS)
-def test_tests_of_every_backend_pass_on(backend):
+def test_tests_of_every_backend_pass_on(backend, opencv_references):
+    """Each run reads OpenCV's reference logits from the suite's folder, where the first run to need one
+    computes it."""
+    environment = backend_environment(backend) | {OPENCV_REFERENCES_VARIABLE: str(opencv_references)}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
          *TESTS_ON_EVERY_BACKEND],
-        capture_output=True, text=True, cwd=PROJECT_ROOT, env=backend_environment(backend), timeout=1800,
+        capture_output=True, text=True, cwd=PROJECT_ROOT, env=environment, timeout=1800,
     )
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

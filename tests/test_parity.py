@@ -4,7 +4,9 @@ Reference: OpenCV's dnn module (its Caffe importer) running the deploy prototxt 
 rendering of the release's file), with the fork's BN layers expressed as BVLC BatchNorm +
 Scale, on synthetic weights. The Keras side goes through the whole chain: caffemodel ->
 weight_converter.py -> .h5 -> layers_builder.build_pspnet + load_weights. On a mismatch the failure names the first
-layer (in Caffe order) whose output differs.
+layer (in Caffe order) whose output differs. OpenCV's logits do not depend on the Keras backend:
+each is computed once, kept in a folder of the suite's and read by the runs on the other backends
+(test_backends.py).
 """
 
 import numpy as np
@@ -72,12 +74,22 @@ def first_divergent_layer(prototxt, weights, model, image):
     return None
 
 
+def reference_logits(synthetic, image, folder):
+    """OpenCV's logits of the synthetic model on `image`, computed where `folder` lacks them and kept there
+    (written under a temporary name, then renamed)."""
+    path = folder / f"{synthetic.name}_{image.shape[1]}_{IMAGE_SEED}.npy"
+    if not path.exists():
+        partial = path.with_name(f"{path.stem}.partial.npy")
+        np.save(partial, opencv_logits(opencv_net(synthetic.prototxt, synthetic.weights), image))
+        partial.replace(path)
+    return np.load(path)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_keras_model_matches_caffe_reference(name, synthetic_model):
+def test_keras_model_matches_caffe_reference(name, synthetic_model, opencv_references):
     synthetic = synthetic_model(name)
     image = synthetic_image(INPUT_SIZES[name], IMAGE_SEED)
-    net = opencv_net(synthetic.prototxt, synthetic.weights)
-    reference = opencv_logits(net, image)
+    reference = reference_logits(synthetic, image, opencv_references)
     assert_useful_spread(reference)
 
     model = layers_builder.build_pspnet(name)
