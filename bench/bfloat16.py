@@ -29,7 +29,7 @@ weight_converter.py: no output here is a segmentation result.
 
 The results file is bfloat16_<model>_<cpu kind>.json (bench/measure.py's kind). --dry-run
 runs every step at crop 41 on any CPU (bfloat16 emulated, slowly, where the CPU lacks it),
-one call per runtime: it checks the script and measures nothing.
+one call per runtime, the parity on one photo (rocket.jpg): it checks the script and measures nothing.
 """
 
 import argparse
@@ -66,6 +66,7 @@ CALLS = 3
 DRY_RUN_CROP = 41
 DRY_RUN_CALLS = 1
 PHOTOS = tuple(sorted(path for path in (PROJECT_ROOT / "example_images").iterdir() if path.suffix in {".jpg", ".png"}))
+DRY_RUN_PHOTOS = (PROJECT_ROOT / "example_images" / "rocket.jpg",)
 PACKAGES = ("keras", "tensorflow", "numpy", "onnx", "onnxruntime", "h5py", "pillow")
 
 
@@ -85,15 +86,15 @@ def keras_network(config, h5, precision):
     return model, inference.Predictor(logits_model, config.crop_size, config.base_size, upsampling, mean_rgb=mean_rgb)
 
 
-def photo_parity(config, h5, predictor):
-    """pspnet.py's default protocol on each example photo through `predictor` (bfloat16) against a float32
+def photo_parity(config, h5, predictor, photos):
+    """pspnet.py's default protocol on each of `photos` through `predictor` (bfloat16) against a float32
     network of this process: per photo and over all of them, the share of pixels of the same class and
     the largest and mean |delta p|."""
     import utils
 
     _, reference = keras_network(config, h5, "float32")
     per_photo = {}
-    for path in PHOTOS:
+    for path in photos:
         image = utils.read_image(path)
         probabilities, expected = predictor.predict(image), reference.predict(image)
         difference = np.abs(probabilities - expected)
@@ -114,7 +115,7 @@ def photo_parity(config, h5, predictor):
 
 def tensorflow_child(args):
     """The network of the run args.child on the synthetic crop, timed in this process; with args.parity,
-    also its parity with float32 on the photos."""
+    also its parity with float32 on those photos."""
     precision, _ = TENSORFLOW_RUNS[args.child]
     runtime.configure(backend="tensorflow", precision=precision)
     runtime.import_keras()
@@ -136,7 +137,7 @@ def tensorflow_child(args):
         "forward_times_s": times["forward"],
     }
     if args.parity:
-        figures["parity_vs_float32"] = photo_parity(config, args.h5, predictor)
+        figures["parity_vs_float32"] = photo_parity(config, args.h5, predictor, args.parity)
     return logits[0], figures
 
 
@@ -179,7 +180,7 @@ def environment_of(name):
 
 def measuring_process(name, files, first_round, args, work_dir):
     """Runs the --child process of runtime `name`: its figures and wall time; in the first round it also
-    writes its logits and, for bfloat16, compares the photos with float32."""
+    writes its logits and, for bfloat16, compares the photos with float32 (one photo in a dry run)."""
     result_path = Path(work_dir) / f"{name}.json"
     command = [
         sys.executable, "-m", "bench.bfloat16", "--child", name, "--h5", str(files["h5"]),
@@ -189,7 +190,7 @@ def measuring_process(name, files, first_round, args, work_dir):
     if first_round:
         command += ["--logits", str(backends.logits_path(work_dir, name))]
         if name == "bfloat16":
-            command.append("--parity")
+            command += ["--parity", *map(str, DRY_RUN_PHOTOS if args.dry_run else PHOTOS)]
     process = backends.Process(command, environment_of(name), work_dir)
     process.check(f"the measuring process of {name}")
     figures = json.loads(result_path.read_text())
@@ -363,7 +364,7 @@ def argument_parser():
     parser.add_argument("--onnx", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--logits", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--parity", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parity", nargs="+", type=Path, help=argparse.SUPPRESS)
     return parser
 
 

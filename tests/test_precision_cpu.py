@@ -288,7 +288,8 @@ def test_the_benchmark_measures_nothing_on_an_avx2_cpu_and_says_why(tmp_path, mo
 @pytest.mark.slow
 def test_a_dry_run_measures_every_runtime_and_compares_bfloat16_with_float32(tmp_path):
     """The benchmark's every step at crop 41, on any CPU (bfloat16 emulated here): each runtime timed in its
-    own process with its oneDNN setting, the same network in each, bfloat16's parity on the photos."""
+    own process with its oneDNN setting, the same network in each, bfloat16's parity on a photo (one in a
+    dry run; the four are test_bfloat16_on_a_bfloat16_cpu_agrees_with_float32_on_the_photos's)."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.bfloat16", "--dry-run", "--rounds", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=600,
@@ -310,6 +311,6 @@ def test_a_dry_run_measures_every_runtime_and_compares_bfloat16_with_float32(tmp
     assert logits["float32"]["relative_diff"] < 1e-4 and logits["float32_onednn"]["relative_diff"] < 1e-4
     assert 1e-4 < logits["bfloat16"]["relative_diff"] < 0.1
     parity = results["parity_vs_float32"]
-    assert set(parity["photos"]) == {path.name for path in PHOTOS}
+    assert set(parity["photos"]) == {"rocket.jpg"}
     assert parity["argmax_agreement"] >= MIN_ARGMAX_AGREEMENT and parity["max_abs_dp"] <= MAX_ABS_DP
     assert MIN_MEAN_ABS_DP <= parity["mean_abs_dp"] <= MAX_MEAN_ABS_DP
