@@ -185,6 +185,11 @@ class Page:
     def run(self, photo, mode="one crop", flip=True, model=None):
         """Uploads `photo`, sets the protocol and the model, clicks Segment and waits for the status line
         of the run (its data-run, the run's number, changes)."""
+        self.wait_for_run(self.start_run(photo, mode, flip, model))
+
+    def start_run(self, photo, mode="one crop", flip=True, model=None):
+        """Uploads `photo`, sets the protocol and the model, clicks Segment; returns the run number the
+        status line showed before."""
         self.page.set_input_files("#photo input[type=file]", str(photo))
         self.page.wait_for_selector("#photo img")
         if model is not None:
@@ -194,6 +199,10 @@ class Page:
         self.page.locator("#flip input[type=checkbox]").set_checked(flip)
         previous = self.page.eval_on_selector("#status", "status => status.querySelector('p')?.dataset.run ?? ''")
         self.page.click("#segment")
+        return previous
+
+    def wait_for_run(self, previous):
+        """Waits for the status line of a run after the one numbered `previous`."""
         self.page.wait_for_function(
             "previous => { const status = document.querySelector('#status p');"
             " return status !== null && status.dataset.run !== previous; }",
@@ -334,6 +343,26 @@ def test_multi_scale_shows_forward_passes_and_gives_pspnet_py_s_ids(photo_run, s
     result = run_cli("-w", small_weights, "-i", photo, "-o", tmp_path / "cli" / "scene.png", "-s", "-ms", "--no-flip", "-q")
     assert result.returncode == 0, result.stderr
     assert photo_run.downloads()["scene_seg_read.png"] == (tmp_path / "cli" / "scene_seg_read.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_users_at_once_are_queued(photo_run, browser, server, tmp_path):
+    """A second tab's run waits in Gradio's queue while the first tab's multi-scale run goes on."""
+    photo = tmp_path / "large.png"
+    save_image(photo, smooth_image(400, 520, seed=9))
+    other = Page(browser, server.url)
+    first = photo_run.start_run(photo, mode="multi-scale (-s -ms)")
+    photo_run.page.wait_for_function("() => document.querySelector('#blended').innerText.includes('passes')",
+                                     timeout=RUN_TIMEOUT_MS, polling=50)
+    second = other.start_run(PHOTO)
+    other.page.wait_for_function("() => /queue: 1\\/1/.test(document.querySelector('#blended').innerText)",
+                                 timeout=RUN_TIMEOUT_MS, polling=50)
+    photo_run.wait_for_run(first)
+    other.wait_for_run(second)
+    runs = [int(tab.page.eval_on_selector("#status p", "line => line.dataset.run")) for tab in (photo_run, other)]
+    assert runs[1] == runs[0] + 1
+    assert not photo_run.status()[1] and not other.status()[1]
+    other.page.close()
 
 
 @pytest.mark.slow
