@@ -13,9 +13,10 @@ with Playwright (headless, as tests/test_demo.py does), timing:
    from handing the file to the photo box to the status line of the result;
 3. beside it, the peer: `pspnet.py -m pspnet50_ade20k -w H5 -i rocket.jpg -o OUT.png -q`, the same
    photo and protocol from the command line, wall seconds;
-4. a 12-MP photo (4000 x 3000 JPEG, bench/memory.py's synthetic photo): upload to result on the page,
-   and the peak resident memory of the server process (VmHWM, proc(5)) after it, against the peak
-   of pspnet.py on the same photo (os.wait4's ru_maxrss).
+4. a 12-MP photo (4000 x 3000 JPEG, bench/memory.py's synthetic photo): upload to result on the page;
+   the peak resident memory of the server process (VmHWM, proc(5)) before and after it, against the
+   peaks of pspnet.py on rocket.jpg and on the 12-MP photo (os.wait4's ru_maxrss). What the 12-MP
+   photo adds to each peak is its cost: the page's against the command line's.
 
 A screenshot of the page after the first rocket run is written beside the results (it shows the
 output of synthetic weights, not a segmentation). Reported: p50 over rounds; the CPU flags, the
@@ -59,8 +60,12 @@ FIGURES = {
     "later_result_s": "upload to result, later photos (p50)",
     "cli_s": "pspnet.py on the same photo (peer)",
     "large_result_s": "upload to result, 12-MP photo",
-    "server_peak_mib": "demo.py's peak memory after the 12-MP photo, MiB",
+    "server_peak_mib": "demo.py's peak memory before the 12-MP photo, MiB",
+    "server_large_peak_mib": "demo.py's peak memory after the 12-MP photo, MiB",
+    "cli_peak_mib": "pspnet.py's peak memory on rocket.jpg, MiB",
     "cli_large_peak_mib": "pspnet.py's peak memory on the 12-MP photo, MiB",
+    "server_large_cost_mib": "the 12-MP photo's cost on the page (after - before), MiB",
+    "cli_large_cost_mib": "the 12-MP photo's cost in pspnet.py (12-MP - rocket), MiB",
 }
 
 
@@ -143,18 +148,20 @@ def run_round(browser, h5, large_photo, work_dir, screenshot):
     environment = {**os.environ, "GRADIO_TEMP_DIR": str(Path(work_dir) / "gradio")}
     started = time.perf_counter()
     server = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "demo.py"), "-m", MODEL, "-w", str(h5), "--port",
-                               str(port)], stderr=subprocess.DEVNULL, env=environment)
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
     try:
         page, first_page_s = first_page_seconds(browser, url, started, server)
         results = [run_on_page(page, PHOTO) for _ in range(PHOTO_RUNS)]
         if screenshot is not None:
             page.screenshot(path=screenshot, full_page=True)
-        large_result_s = run_on_page(page, large_photo)
         server_peak = peak_rss_mib(server.pid)
+        large_result_s = run_on_page(page, large_photo)
+        server_large_peak = peak_rss_mib(server.pid)
+        page.close()
     finally:
         server.terminate()
         server.wait()
-    cli_s, _ = cli_run(h5, PHOTO, Path(work_dir) / "cli" / "rocket.png")
+    cli_s, cli_peak = cli_run(h5, PHOTO, Path(work_dir) / "cli" / "rocket.png")
     _, cli_large_peak = cli_run(h5, large_photo, Path(work_dir) / "cli" / "large.png")
     return {
         "first_page_s": first_page_s,
@@ -163,7 +170,11 @@ def run_round(browser, h5, large_photo, work_dir, screenshot):
         "cli_s": cli_s,
         "large_result_s": large_result_s,
         "server_peak_mib": server_peak,
+        "server_large_peak_mib": server_large_peak,
+        "cli_peak_mib": cli_peak,
         "cli_large_peak_mib": cli_large_peak,
+        "server_large_cost_mib": server_large_peak - server_peak,
+        "cli_large_cost_mib": cli_large_peak - cli_peak,
     }
 
 
@@ -229,7 +240,7 @@ def report_text(results):
     ]
     machine = results["machine"]
     return "\n".join([
-        f"{PROG}: {results['model']}, {results['protocol']}; {machine['cpu']} ({', '.join(machine['simd'])}), "
+        f"{PROG}: {results['model']}, {results['protocol']}; {machine['cpu']} ({machine['simd']}), "
         f"{machine['cores']} cores; synthetic weights",
         measure.markdown_table(["figure (seconds unless MiB)", "p50", "rounds"], rows),
     ])
