@@ -50,6 +50,8 @@ VIEW_LONG_SIDE = 768
 # of the files it shows from its own cache, which the page empties of files older than CACHE_AGE_S.
 KEPT_RUNS = 4
 CACHE_AGE_S = 3600
+# The largest upload the server takes (Gradio's max_file_size): a 48-MP PNG is about 100 MB.
+MAX_UPLOAD = "200mb"
 CSS = """
 #legend table { border-collapse: collapse; }
 #legend td, #legend th { padding: 2px 10px; text-align: left; }
@@ -371,7 +373,7 @@ def launch(page, host, port, allowed_paths=()):
     check_address(host, port)
     _, url, _ = page.launch(
         server_name=host, server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-        css=CSS, head=HEAD, allowed_paths=[str(path) for path in allowed_paths],
+        css=CSS, head=HEAD, allowed_paths=[str(path) for path in allowed_paths], max_file_size=MAX_UPLOAD,
     )
     return url
 
