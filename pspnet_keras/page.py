@@ -294,7 +294,7 @@ def segment_photo(networks, folders, photo, label, mode, flip, progress=None):
     except utils.ImageError as error:
         raise PageError(str(error)) from None
     status = (
-        f"{name}: {width} x {height}, {net.model_name}, {mode}{', flipped' if flip else ''}: {total} forward passes, "
+        f"{name}: {width} x {height}, {net.model_name}, {mode}{', flipped' if flip else ''}: {total} forward pass{'' if total == 1 else 'es'}, "
         f"{time.monotonic() - started:.1f} s"
     )
     return status, class_ids, image, net, outputs

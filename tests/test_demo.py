@@ -8,7 +8,6 @@ the class ids and colours byte for byte, the legend's shares against the ids cou
 request may leave 127.0.0.1. A screenshot of the page is saved beside the test's files.
 """
 
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,6 @@ from helpers import decoded
 from helpers import run_cli
 from helpers import save_image
 from helpers import smooth_image
-from pspnet_keras import models
 from pspnet_keras import palettes
 
 DEMO = PROJECT_ROOT / "demo.py"
@@ -43,7 +41,6 @@ VIEWPORT = {"width": 1400, "height": 1800}
 # A port nothing listens on: released weights that are missing are "downloaded" from it and fail at once.
 CLOSED_PORT_URL = "http://127.0.0.1:9"
 SHARE_PATTERN = re.compile(r"^([\d.]+) %$")
-SMALL_CROP = {"crop_size": 41, "base_size": 48}
 ADE20K_NAMES = [name for name, _ in palettes.ADE20K_CLASSES]
 
 
@@ -82,17 +79,6 @@ def test_without_gradio_the_line_says_what_to_install(tmp_path):
         "demo.py: error: the page needs Gradio (No module named 'gradio'): "
         "python -m pip install -r requirements-demo.txt\n"
     )
-
-
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory, synthetic_model):
-    """The synthetic pspnet50_ade20k weights as a user model with 41-pixel crops (<stem>.json beside)."""
-    folder = tmp_path_factory.mktemp("demo_model")
-    weights = folder / "small.h5"
-    weights.symlink_to(synthetic_model("pspnet50_ade20k").converted_h5)
-    released = models.RELEASED_MODELS["pspnet50_ade20k"]
-    weights.with_suffix(".json").write_text(json.dumps({**released.description(), **SMALL_CROP}))
-    return weights
 
 
 def free_port():
