@@ -10,6 +10,7 @@ purpose (runtime.py: TensorFlow's start-up lines are kept for a user who set it)
 suite takes it out of its environment, and so out of every command it starts.
 """
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pspnet_keras import compile_cache
+from pspnet_keras import models
 from pspnet_keras import runtime
 
 os.environ.pop(runtime.LOG_LEVEL_VARIABLE, None)
@@ -29,10 +31,13 @@ if runtime.backend_name() == "torch":
     # torch.set_grad_enabled).
     torch.set_grad_enabled(False)
 
+from helpers import MODEL  # noqa: E402
 from helpers import OPENCV_REFERENCES_VARIABLE  # noqa: E402
 from helpers import SyntheticModel  # noqa: E402
 from helpers import converter_process  # noqa: E402
 
+# The crop and base size of the small user model (small_weights).
+SMALL_CROP = {"crop_size": 41, "base_size": 48}
 # Seconds after which a test that blocks (a FIFO opened, say) fails instead of hanging the suite.
 HANG_LIMIT_S = 60
 
@@ -75,6 +80,17 @@ def opencv_references(tmp_path_factory):
     OPENCV_REFERENCES_VARIABLE (test_backends.py), else a folder of the session's."""
     inherited = os.environ.get(OPENCV_REFERENCES_VARIABLE)
     return Path(inherited) if inherited else tmp_path_factory.mktemp("opencv_references")
+
+
+@pytest.fixture(scope="session")
+def small_weights(tmp_path_factory, synthetic_model):
+    """small.h5, the synthetic pspnet50_ade20k weights, with small.json beside it: a user model of the same
+    layers with 41-pixel crops, quick to run (the page's tests)."""
+    weights = tmp_path_factory.mktemp("small_model") / "small.h5"
+    weights.symlink_to(synthetic_model(MODEL).converted_h5)
+    description = {**models.RELEASED_MODELS[MODEL].description(), **SMALL_CROP}
+    weights.with_suffix(".json").write_text(json.dumps(description))
+    return weights
 
 
 @pytest.fixture(scope="session")

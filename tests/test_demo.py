@@ -236,7 +236,8 @@ def cli_outputs(small_weights, tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo_cli")
     result = run_cli("-w", small_weights, "-i", PHOTO, "-o", folder / "chelsea.png", "-q")
     assert result.returncode == 0, result.stderr
-    return {suffix: folder / f"chelsea{suffix}" for suffix in ("_seg.png", "_seg_blended.png", "_seg_read.png")}
+    return {suffix: folder / f"chelsea{suffix}" for suffix in ("_seg.png", "_seg_blended.png", "_seg_read.png",
+                                                               "_probs.png")}
 
 
 @pytest.fixture(scope="module")
@@ -252,14 +253,17 @@ def photo_run(page, tmp_path_factory):
 
 @pytest.mark.slow
 def test_photo_gives_pspnet_py_s_files(photo_run, cli_outputs):
+    """The downloads (ids, colours), the blended image and the confidence map the page shows are the files
+    pspnet.py writes for the photo."""
     text, error = photo_run.status()
     assert not error and re.fullmatch(r"chelsea.png: 451 x 300, small, one crop, flipped: 2 forward passes, [\d.]+ s", text)
     downloads = photo_run.downloads()
     assert sorted(downloads) == ["chelsea_seg.png", "chelsea_seg_read.png"]
     for name, content in downloads.items():
         assert content == cli_outputs[name.removeprefix("chelsea")].read_bytes(), name
-    blended = photo_run.page.query_selector("#blended img").get_attribute("src")
-    assert photo_run.fetched(blended) == cli_outputs["_seg_blended.png"].read_bytes()
+    for element, suffix in (("#blended", "_seg_blended.png"), ("#confidence", "_probs.png")):
+        shown = photo_run.page.query_selector(f"{element} img").get_attribute("src")
+        assert photo_run.fetched(shown) == cli_outputs[suffix].read_bytes(), element
 
 
 @pytest.mark.slow
