@@ -222,6 +222,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_every_image_written_once(
     assert files_of(tmp_path) == files_of(single_process_outputs.out)
 
 
+@pytest.mark.slow
 def test_skip_existing_makes_no_forward_pass_when_every_output_exists(tmp_path, ray_session, photos, weights,
                                                                      single_process_outputs):
     for path in single_process_outputs.out.iterdir():
