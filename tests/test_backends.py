@@ -4,8 +4,8 @@ A process runs one Keras backend, chosen when Keras is imported (KERAS_BACKEND).
 on the backend its environment names (TensorFlow by default); for each other backend, the tests
 that hold on every backend run again in a pytest process of their own: the parity of each model
 family with OpenCV's Caffe (test_parity.py: PSPNet-50 at crop 473, PSPNet-101 at 713; the third
-model, PSPNet-101 at 473, adds no layer and no crop size to them), the protocol against the MATLAB reference
-(test_inference.py), pspnet.py's outputs end to end and its GPU and precision checks
+model, PSPNet-101 at 473, adds no layer and no crop size to them), the protocol against the MATLAB
+reference (test_inference.py), pspnet.py's outputs end to end and its GPU and precision checks
 (test_pspnet.py). Then pspnet.py on each backend is compared with pspnet.py on TensorFlow on a
 photo, at full size; and the commands that need TensorFlow refuse another backend in one line.
 """
