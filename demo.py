@@ -15,7 +15,7 @@ import pspnet_keras.startup  # noqa: F401 (first: Ctrl-C while the rest imports 
 import os
 import sys
 import tempfile
-import threading
+import time
 from pathlib import Path
 
 from pspnet_keras import cli
@@ -29,6 +29,10 @@ DEFAULT_PORT = 7860
 MAX_PORT = 65535
 EXAMPLE_PHOTOS_DIR = Path(__file__).resolve().parent / "example_images"
 EXAMPLE_SUFFIXES = {".jpg", ".png"}
+# Seconds between the main thread's checks for Ctrl-C and SIGTERM while the server's threads work: a signal
+# the kernel delivers to another thread runs its Python handler only once the main thread runs Python code
+# (Python's docs, signal module, "Signals and threads"); a wait without end would never see it.
+SIGNAL_POLL_S = 0.5
 # The requirements file that installs Gradio, named where it is missing.
 GRADIO_REQUIREMENTS = "requirements-demo.txt"
 
@@ -96,7 +100,8 @@ def run(args):
         print(f"{PROG}: serving {next(iter(choices))} and the released models on {url} (Ctrl-C stops)",
               file=sys.stderr, flush=True)
         try:
-            threading.Event().wait()
+            while True:
+                time.sleep(SIGNAL_POLL_S)
         finally:
             demo.close()
 

@@ -50,6 +50,7 @@ JPEG_QUALITY = 92
 PACKAGES = ("gradio", "playwright", "keras", "tensorflow", "numpy", "pillow")
 SERVE_TIMEOUT_S = 300
 RUN_TIMEOUT_MS = 600_000
+STOP_TIMEOUT_S = 60
 # Debian's Chromium headless as root in a closed network (tests/test_demo.py's arguments).
 CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run")
@@ -160,7 +161,11 @@ def run_round(browser, h5, large_photo, work_dir, screenshot):
         page.close()
     finally:
         server.terminate()
-        server.wait()
+        try:
+            server.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise RuntimeError(f"demo.py did not stop within {STOP_TIMEOUT_S} s of SIGTERM") from None
     cli_s, cli_peak = cli_run(h5, PHOTO, Path(work_dir) / "cli" / "rocket.png")
     _, cli_large_peak = cli_run(h5, large_photo, Path(work_dir) / "cli" / "large.png")
     return {

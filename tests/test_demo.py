@@ -386,8 +386,9 @@ def test_the_page_fetches_nothing_beyond_the_server(photo_run):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_server(server):
-    server.process.send_signal(signal.SIGINT)
-    assert server.process.wait(timeout=60) == 130
-    assert server.stderr[-1] == "demo.py: interrupted\n"
+def test_sigterm_stops_the_server(server):
+    """As Ctrl-C does (130, "interrupted"), through the same handler of cli.run_command."""
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 143
+    assert server.stderr[-1] == "demo.py: terminated\n"
     assert not any("Traceback" in line for line in server.stderr)
