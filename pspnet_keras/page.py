@@ -240,7 +240,7 @@ def annotated_view(image, class_ids, found, class_names, palette):
     return (photo, masks), colours
 
 
-def legend_html(found, class_names, palette):
+def legend_html(found, palette):
     """An HTML table of the classes `found` (utils.class_summary), largest share first: a swatch of
     the class's colour, its id, its name and its share of the pixels in per cent."""
     rows = "".join(
@@ -313,7 +313,7 @@ def page_outputs(networks, folders, photo, label, mode, flip, progress=None, run
         status_html(status, False, run_number),
         str(outputs["seg_blended"]),
         gr.AnnotatedImage(value=view, color_map=colours),
-        legend_html(found, net.class_names, net.palette),
+        legend_html(found, net.palette),
         str(outputs["probs"]),
         [str(outputs["seg_read"]), str(outputs["seg"])],
     )

@@ -110,10 +110,10 @@ def segmentation(net, image, source, outputs, protocol, quiet=False, progress=No
             disable=quiet or passes < FORWARD_BAR_MIN_PASSES,
         ) as bar:
 
-            def advance(passes):
-                bar.update(passes)
+            def advance(done):
+                bar.update(done)
                 if progress is not None:
-                    progress(passes)
+                    progress(done)
 
             try:
                 class_ids, confidence = net.class_map(image, progress=advance, probabilities=probabilities, **protocol)

@@ -235,7 +235,7 @@ def test_the_legend_lists_the_classes_by_share_with_their_colours_and_escaped_na
     palette = np.random.default_rng(1).integers(0, 256, (150, 3), dtype=np.uint8)
     pixels = np.repeat([7, 3, 0, 149, 42], [660, 500, 400, 400, 1])
     class_ids = np.random.default_rng(2).permutation(pixels).astype(np.uint8).reshape(37, 53)
-    markup = page.legend_html(utils.class_summary(class_ids, names), names, palette)
+    markup = page.legend_html(utils.class_summary(class_ids, names), palette)
 
     counts = np.bincount(class_ids.ravel(), minlength=150)
     rows = legend_rows(markup)
@@ -280,7 +280,7 @@ def test_the_hover_view_is_the_photo_and_its_ids_at_most_the_view_size(height, w
     for (class_id, _, _), (mask, _) in zip(found, masks):
         np.testing.assert_array_equal(mask, view_ids == class_id)
     assert colours == {labels[class_id]: hex_of(palette[class_id]) for class_id, _, _ in found}
-    legend = legend_rows(page.legend_html(found, names, palette))
+    legend = legend_rows(page.legend_html(found, palette))
     assert [(class_id, swatch) for class_id, swatch, _ in legend] == [
         (class_id, colours[labels[class_id]]) for class_id, _, _ in found
     ]
