@@ -645,10 +645,7 @@ def main(argv=None):
     if args.prepare is not None:
         prepare(args)
         return 0
-    if args.from_json is not None:
-        print(report_text(json.loads(args.from_json.read_text())))
-        return 0
-    return measure.run_in_temporary_folder(PROG, run_benchmark, args, results_path, report_text)
+    return measure.reprint_or_run(PROG, run_benchmark, args, results_path, report_text)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ names the kind (`cpu_kind`), and every report prints the SIMD flags it ran with.
 """
 
 import importlib.metadata
+import json
 import os
 import platform
 import signal
@@ -125,6 +126,15 @@ def run_in_temporary_folder(prog, run_benchmark, args, results_path, report_text
         results = run_benchmark(args, work_dir)
     publish(prog, results_path(args, results["machine"]), results, report_text(results))
     return 0
+
+
+def reprint_or_run(prog, run_benchmark, args, results_path, report_text):
+    """The `main` of a benchmark with --from-json: prints the report of the saved run args.from_json, or
+    runs the benchmark (run_in_temporary_folder); returns 0."""
+    if args.from_json is not None:
+        print(report_text(json.loads(Path(args.from_json).read_text())))
+        return 0
+    return run_in_temporary_folder(prog, run_benchmark, args, results_path, report_text)
 
 
 def publish(prog, path, results, report_text):

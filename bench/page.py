@@ -26,7 +26,6 @@ values, and no output here is a segmentation result.
 """
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -263,12 +262,9 @@ def argument_parser():
 def main(argv=None):
     """Runs the benchmark or a reprint (--from-json); returns the exit status."""
     args = argument_parser().parse_args(argv)
-    if args.from_json is not None:
-        print(report_text(json.loads(args.from_json.read_text())))
-        return 0
     from bench import measure
 
-    return measure.run_in_temporary_folder(PROG, run_benchmark, args, results_path, report_text)
+    return measure.reprint_or_run(PROG, run_benchmark, args, results_path, report_text)
 
 
 if __name__ == "__main__":

@@ -623,10 +623,7 @@ def run_benchmark(args, work_dir):
 def main(argv=None):
     """Runs the benchmark or reprints a saved one (--from-json); returns the exit status."""
     args = checked_arguments(argv)
-    if args.from_json is not None:
-        print(report_text(json.loads(args.from_json.read_text())))
-        return 0
-    return measure.run_in_temporary_folder(PROG, run_benchmark, args, results_path, report_text)
+    return measure.reprint_or_run(PROG, run_benchmark, args, results_path, report_text)
 
 
 if __name__ == "__main__":
