@@ -25,7 +25,6 @@ from helpers import PROJECT_ROOT
 from helpers import folder_snapshot
 from pspnet_keras import compile_cache
 from pspnet_keras import cpu
-from pspnet_keras import models
 
 SCALE = 2.5
 OTHER_SCALE = 3.5
@@ -44,8 +43,6 @@ CORRUPTIONS = ("empty", "digest only", "truncated", "byte flipped", "garbage wit
 ON_VALUES = ("0", "", "false", "no", " No ")
 OFF_VALUES = ("1", "true", "yes")
 
-# A user model of the synthetic pspnet50_ade20k weights with 41-pixel crops, small enough for a quick run.
-SMALL_CROP = {"crop_size": 41, "base_size": 48}
 PHOTO = PROJECT_ROOT / "example_images" / "chelsea.png"
 RUN_TIMEOUT_S = 300
 # Installed in the commands of the slow test (PYTHONPATH): logs each read of an entry (hit or miss) and each
@@ -422,18 +419,14 @@ def file_identities(paths):
 
 
 @pytest.mark.slow
-def test_pspnet_on_jax_loads_the_second_run_from_the_cache_and_no_cache_keeps_nothing(tmp_path, synthetic_model):
-    weights = tmp_path / "small.h5"
-    weights.symlink_to(synthetic_model("pspnet50_ade20k").converted_h5)
-    description = {**models.RELEASED_MODELS["pspnet50_ade20k"].description(), **SMALL_CROP}
-    weights.with_suffix(".json").write_text(json.dumps(description))
+def test_pspnet_on_jax_loads_the_second_run_from_the_cache_and_no_cache_keeps_nothing(tmp_path, small_weights):
     cache, other_cache = tmp_path / "cache", tmp_path / "other_cache"
     other_cache.mkdir()
 
     def run(name, folder, *flags):
         """(output files, cache events) of a run of pspnet.py, which must succeed and print nothing."""
         out, log = tmp_path / name, tmp_path / f"{name}.log"
-        result = pspnet_on_jax(weights, out, folder, log, *flags)
+        result = pspnet_on_jax(small_weights, out, folder, log, *flags)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout == ""
         return folder_snapshot(out), logged_events(log)

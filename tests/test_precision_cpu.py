@@ -20,11 +20,9 @@ from helpers import error_lines
 from helpers import save_image
 from helpers import smooth_image
 from pspnet_keras import cpu
-from pspnet_keras import models
 from pspnet_keras import runtime
 from pspnet_keras.segmenter import PSPNet
 
-SMALL_CROP = {"crop_size": 41, "base_size": 48}
 PHOTOS = sorted(path for path in (PROJECT_ROOT / "example_images").iterdir() if path.suffix in {".jpg", ".png"})
 ON_TENSORFLOW = pytest.mark.skipif(
     runtime.backend_name() != "tensorflow", reason="bfloat16 runs on the CPU on TensorFlow only"
@@ -47,17 +45,6 @@ FLOAT16_REFUSAL = (
     "float32); use float32 on the CPU"
 )
 ONEDNN_LINE = "oneDNN custom operations are on"
-
-
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory, synthetic_model):
-    """The synthetic pspnet50_ade20k weights as a user model with 41-pixel crops (a link and its JSON)."""
-    folder = tmp_path_factory.mktemp("model")
-    link = folder / "small.h5"
-    link.symlink_to(synthetic_model("pspnet50_ade20k").converted_h5)
-    description = {**models.RELEASED_MODELS["pspnet50_ade20k"].description(), **SMALL_CROP}
-    link.with_suffix(".json").write_text(json.dumps(description))
-    return link
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ gives for the same frame, decoded from the source: the class ids exactly, the co
 H.264's loss. Timing is compared with the source's, frame by frame and for the sound.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -21,14 +20,12 @@ from PIL import Image
 from helpers import PROJECT_ROOT
 from helpers import error_lines
 from helpers import run_main
-from pspnet_keras import models
 from pspnet_keras.segmenter import PSPNet
 
 WIDTH, HEIGHT = 320, 240
 FRAME_RATE = 24
 FRAMES = 24
 SAMPLE_RATE = 48000
-SMALL_CROP = {"crop_size": 41, "base_size": 48}
 # H.264's loss on top of yuv420p's (colour at half resolution, which blurs the edges between classes
 # by up to 3 grey levels on average with these class maps): a decoded frame is compared with the
 # expected one converted to yuv420p and back by FFmpeg's swscale. Mean absolute error per channel in
@@ -103,16 +100,6 @@ def stream_facts(path):
         video = container.streams.video[0]
         audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
         return video.codec_context.name, video.codec_context.pix_fmt, video.average_rate, audio
-
-
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory, synthetic_model):
-    """The synthetic pspnet50_ade20k weights as a user model with 41-pixel crops (a link and its JSON)."""
-    folder = tmp_path_factory.mktemp("model")
-    link = folder / "small.h5"
-    link.symlink_to(synthetic_model("pspnet50_ade20k").converted_h5)
-    link.with_suffix(".json").write_text(json.dumps({**models.RELEASED_MODELS["pspnet50_ade20k"].description(), **SMALL_CROP}))
-    return link
 
 
 @pytest.fixture(scope="module")
