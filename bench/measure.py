@@ -164,12 +164,14 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def peak_rss_mib():
-    """This process's peak resident memory since it started its program (VmHWM, proc(5)), MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def peak_rss_mib(pid="self"):
+    """The peak resident memory of process `pid` (default: this one) since it started its program
+    (VmHWM, proc(5)), MiB."""
+    status = Path(f"/proc/{pid}/status")
+    for line in status.read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / KIB
-    raise RuntimeError("/proc/self/status has no VmHWM line")
+    raise RuntimeError(f"{status} has no VmHWM line")
 
 
 def machine_info(packages):

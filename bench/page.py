@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import measure
+
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
 
@@ -71,8 +73,6 @@ FIGURES = {
 
 def progress(message):
     """A progress line on stderr."""
-    from bench import measure
-
     measure.progress(PROG, message)
 
 
@@ -81,14 +81,6 @@ def free_port():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def peak_rss_mib(pid):
-    """The peak resident memory of process `pid` so far (VmHWM, proc(5)), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/{pid}/status has no VmHWM line")
 
 
 def cli_run(h5, photo, out):
@@ -154,9 +146,9 @@ def run_round(browser, h5, large_photo, work_dir, screenshot):
         results = [run_on_page(page, PHOTO) for _ in range(PHOTO_RUNS)]
         if screenshot is not None:
             page.screenshot(path=screenshot, full_page=True)
-        server_peak = peak_rss_mib(server.pid)
+        server_peak = measure.peak_rss_mib(server.pid)
         large_result_s = run_on_page(page, large_photo)
-        server_large_peak = peak_rss_mib(server.pid)
+        server_large_peak = measure.peak_rss_mib(server.pid)
         page.close()
     finally:
         server.terminate()
@@ -197,7 +189,6 @@ def run_benchmark(args, work_dir):
     """Makes the weights and the 12-MP photo, runs the rounds; returns the results."""
     from playwright.sync_api import sync_playwright
 
-    from bench import measure
     from bench.synthetic_caffe import SyntheticModel
 
     machine = measure.machine_info(PACKAGES)
@@ -236,8 +227,6 @@ def results_path(args, machine):
 
 def report_text(results):
     """The report of a run: one line per figure, p50 and each round."""
-    from bench import measure
-
     rows = [
         [label, f"{results['p50'][figure]:.2f}", ", ".join(f"{figures[figure]:.2f}" for figures in results["rounds_figures"])]
         for figure, label in FIGURES.items()
@@ -262,8 +251,6 @@ def argument_parser():
 def main(argv=None):
     """Runs the benchmark or a reprint (--from-json); returns the exit status."""
     args = argument_parser().parse_args(argv)
-    from bench import measure
-
     return measure.reprint_or_run(PROG, run_benchmark, args, results_path, report_text)
 
 
